@@ -1,0 +1,135 @@
+"""One HTTP session per run: a page request in, a parsed page or a classified error out."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import orjson
+
+from crawler.config import Target
+from crawler.endpoint import Cursor, CursorEndpoint, Page
+from crawler.errors import (
+    AuthError,
+    CreditsExhausted,
+    RateLimited,
+    ServerError,
+    TargetError,
+)
+
+
+class ApiClient:
+    """Sends page requests with the key in a header; errors carry status and a message, no headers.
+
+    Use as ``async with ApiClient(...) as client``: the session lives exactly as long as the block.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        concurrency: int,
+        timeout_seconds: float,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, trust_env=False, raise_for_status=False
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def __repr__(self) -> str:
+        return f"ApiClient({self._base_url!r})"  # never the headers: they hold the key
+
+    async def fetch(self, endpoint: CursorEndpoint, target: Target, cursor: Cursor) -> Page:
+        """One request. Raises a RetryableError, TargetError or RunStopped subclass on failure."""
+        if self._session is None:
+            raise RuntimeError("ApiClient used outside 'async with'")
+        url = self._base_url + endpoint.path
+        params = endpoint.params(target, cursor)
+        try:
+            async with self._session.get(
+                url, params=params, headers=self._headers, allow_redirects=False
+            ) as response:
+                body = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError:
+            raise ServerError("timed out") from None
+        except aiohttp.ClientError as exc:
+            # the exception's repr may carry request headers; keep only its class name
+            raise ServerError(f"network fault ({type(exc).__name__})") from None
+        return _classify(endpoint, status, body, retry_after)
+
+
+def _classify(endpoint: CursorEndpoint, status: int, body: bytes, retry_after: str | None) -> Page:
+    if status == 200:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ServerError("truncated or non-JSON body", status=200) from None
+        if not isinstance(doc, dict):
+            raise ServerError("body is not a JSON object", status=200)
+        if doc.get("code") != 0:
+            raise ServerError(f"API code {doc.get('code')!r}: {_message(doc)}", status=200)
+        return endpoint.parse(doc)
+    message = _message_of(body)
+    if status == 429:
+        raise RateLimited(f"429 rate limited{message}", retry_after=parse_retry_after(retry_after))
+    if status in (401, 403):
+        what = "missing or invalid API key" if status == 401 else "key not allowed on this endpoint"
+        raise AuthError(f"{status} {what}{message}", status=status)
+    if status == 402:
+        raise CreditsExhausted(f"402 credits exhausted{message}", status=status)
+    if status >= 500:
+        raise ServerError(f"{status} server error{message}", status=status)
+    raise TargetError(f"{status} refused{message}", status=status)
+
+
+def _message(doc: dict[str, object]) -> str:
+    return str(doc.get("message", ""))[:200]
+
+
+def _message_of(body: bytes) -> str:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    return f": {_message(doc)}" if isinstance(doc, dict) and doc.get("message") else ""
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+

@@ -1,0 +1,166 @@
+"""The exact set of review ids already written, compact in memory and persisted append-only.
+
+Review ids are decimal numbers below 2**64, so the set is an open-addressing hash table of
+unsigned 64-bit integers in one ``array('Q')``: about 8 bytes / load factor per id, against about
+90 for a ``set`` of str. Ids that are not such numbers (the contract never shows one) go to an
+ordinary set, so the set stays exact for any id. Nothing here is probabilistic.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from pathlib import Path
+
+_EMPTY = 0  # id 0 is kept in the fallback set, so 0 can mark an empty slot
+_MULT = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads ids whose low bits are alike
+_MASK64 = (1 << 64) - 1
+_MAX_LOAD = 0.7
+_GROWTH = 1.5  # a smaller step than doubling keeps the bytes per id near 8 / 0.55 after a resize
+
+
+def as_u64(review_id: str) -> int | None:
+    """The id as a table key, or None when it must go to the fallback set."""
+    if not review_id.isdigit() or len(review_id) > 20 or review_id[0] == "0":
+        return None
+    value = int(review_id)
+    return value if 0 < value <= _MASK64 else None
+
+
+class SeenIds:
+    """An exact set of review ids."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._other: set[str] = set()
+        self._count = 0
+        self._allocate(max(16, int(capacity / _MAX_LOAD) + 1))
+
+    def _allocate(self, slots: int) -> None:
+        self._slots = slots
+        self._table = array("Q", bytes(8 * slots))
+        self._limit = int(slots * _MAX_LOAD)
+
+    def __len__(self) -> int:
+        return self._count + len(self._other)
+
+    def add(self, review_id: str) -> bool:
+        """Add an id; True when it was not there before."""
+        key = as_u64(review_id)
+        if key is None:
+            if review_id in self._other:
+                return False
+            self._other.add(review_id)
+            return True
+        return self.add_u64(key)
+
+    def add_u64(self, key: int) -> bool:
+        table, slots = self._table, self._slots
+        i = ((key * _MULT) & _MASK64) % slots
+        while True:
+            found = table[i]
+            if found == _EMPTY:
+                break
+            if found == key:
+                return False
+            i += 1
+            if i == slots:
+                i = 0
+        table[i] = key
+        self._count += 1
+        if self._count > self._limit:
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self._table
+        self._allocate(int(self._slots * _GROWTH))
+        self._count = 0
+        add = self.add_u64
+        for key in old:
+            if key != _EMPTY:
+                add(key)
+
+    def add_many_u64(self, keys: array[int]) -> None:
+        needed = int((self._count + len(keys)) / _MAX_LOAD) + 1
+        if needed > self._slots:
+            old = self._table
+            self._allocate(needed)
+            self._count = 0
+            for key in old:
+                if key != _EMPTY:
+                    self.add_u64(key)
+        add = self.add_u64
+        for key in keys:
+            add(key)
+
+
+class SeenLog:
+    """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line).
+
+    Only the first ``count`` ids and ``other_bytes`` bytes are committed; the rest is a crash's
+    leftover and is cut off on open.
+    """
+
+    def __init__(self, ids_path: Path, other_path: Path, count: int, other_bytes: int) -> None:
+        self.seen = SeenIds(capacity=count)
+        self._ids_fd = _open_at(ids_path, count * 8)
+        self._other_fd = _open_at(other_path, other_bytes)
+        self.count = count
+        self.other_bytes = other_bytes
+        keys = array("Q")
+        keys.frombytes(os.pread(self._ids_fd, count * 8, 0))
+        if len(keys) != count:
+            raise ValueError(f"{ids_path}: holds {len(keys)} ids, state says {count}")
+        self.seen.add_many_u64(keys)
+        other = os.pread(self._other_fd, other_bytes, 0).decode()
+        for review_id in other.splitlines():
+            self.seen.add(review_id)
+        self._pending_ids = array("Q")
+        self._pending_other: list[str] = []
+
+    def add(self, review_id: str) -> bool:
+        """True when new; the id is then queued for the next ``write``."""
+        key = as_u64(review_id)
+        if key is None:
+            if not self.seen.add(review_id):
+                return False
+            self._pending_other.append(review_id + "\n")
+            return True
+        if not self.seen.add_u64(key):
+            return False
+        self._pending_ids.append(key)
+        return True
+
+    def write(self) -> None:
+        """Append queued ids and fsync; ``count`` and ``other_bytes`` are then the new lengths."""
+        if self._pending_ids:
+            _write_all(self._ids_fd, self._pending_ids.tobytes())
+            os.fsync(self._ids_fd)
+            self.count += len(self._pending_ids)
+            self._pending_ids = array("Q")
+        if self._pending_other:
+            data = "".join(self._pending_other).encode()
+            _write_all(self._other_fd, data)
+            os.fsync(self._other_fd)
+            self.other_bytes += len(data)
+            self._pending_other = []
+
+    def close(self) -> None:
+        os.close(self._ids_fd)
+        os.close(self._other_fd)
+
+
+def _open_at(path: Path, length: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if os.fstat(fd).st_size < length:
+        os.close(fd)
+        raise ValueError(f"{path}: shorter than the saved state says ({length} bytes)")
+    os.ftruncate(fd, length)
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

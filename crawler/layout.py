@@ -1,0 +1,103 @@
+"""Where each file of a job lives inside its output folder, and how to remove exactly those."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_PATTERN = re.compile(r"reviews-(\d{6,})\.jsonl(\.gz|\.zst)?")
+SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def journal(self, generation: int) -> Path:
+        return self.state_dir / f"journal-{generation:06d}.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / "lock"
+
+    @property
+    def seen_ids(self) -> Path:
+        return self.state_dir / "seen.u64"
+
+    @property
+    def seen_other(self) -> Path:
+        return self.state_dir / "seen-other.txt"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard(self, name: str) -> Path:
+        return self.shards_dir / name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "run-report.json"
+
+    def shard_files(self) -> list[Path]:
+        if not self.shards_dir.is_dir():
+            return []
+        return sorted(p for p in self.shards_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+
+    def remove_job_files(self) -> list[Path]:
+        """Delete what this job wrote, and nothing else a user may have put beside it."""
+        removed: list[Path] = []
+        candidates = [*self.shard_files(), self.manifest, self.report, self.snapshot]
+        candidates += [self.seen_ids, self.seen_other]
+        if self.state_dir.is_dir():
+            candidates += sorted(self.state_dir.glob("journal-*.log"))
+            candidates += sorted(self.state_dir.glob("*.tmp"))
+        for path in candidates:
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        for folder in (self.shards_dir,):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed
+
+
+def shard_name(sequence: int, compression: str) -> str:
+    return f"reviews-{sequence:06d}.jsonl{SUFFIX[compression]}"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename over, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

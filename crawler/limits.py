@@ -1,0 +1,78 @@
+"""The rate gate shared by every walker on one API key: smooth rate, shared 429 pause, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from aiolimiter import AsyncLimiter
+
+# aiolimiter admits a request when the bucket's level is at most max_rate - 1. With max_rate 1 the
+# bucket must be empty, so every late timer wake-up (asyncio rounds waits up to the millisecond) is
+# time lost for good: 20% of the rate at 500/s. A capacity of 1.5 absorbs lateness up to half an
+# interval, while two requests are never closer than half an interval: a smooth rate, no burst.
+_SLACK = 1.5
+_SLOWDOWN = 0.5  # rate factor per 429 episode
+_FLOOR = 0.05  # never below this share of the configured rate
+_RECOVERY_PER_SECOND = 0.1  # share of the configured rate won back per quiet second
+_DEFAULT_PAUSE = 1.0  # seconds to pause on a 429 without Retry-After
+
+log = structlog.get_logger("crawler.limits")
+
+
+class RateGate:
+    """Admits requests at the configured rate; after a 429, pauses everyone and climbs back."""
+
+    def __init__(self, rate: float, *, clock: Callable[[], float] | None = None) -> None:
+        self.configured = rate
+        self.current = rate
+        self.episodes = 0
+        self._clock = clock or asyncio.get_running_loop().time
+        self._limiter = self._make_limiter(rate)
+        self._resume_at = 0.0
+        self._last_change = self._clock()
+
+    @staticmethod
+    def _make_limiter(rate: float) -> AsyncLimiter:
+        return AsyncLimiter(_SLACK, _SLACK / rate)
+
+    async def acquire(self) -> None:
+        """Wait for the shared pause to end, then for a slot at the current rate."""
+        while (wait := self._resume_at - self._clock()) > 0:
+            await asyncio.sleep(wait)
+        self._recover()
+        await self._limiter.acquire()
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """A 429 answer: pause every walker; halve the rate once per episode, not per answer."""
+        now = self._clock()
+        pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)
+        new_episode = now >= self._resume_at
+        self._resume_at = max(self._resume_at, now + pause)
+        if new_episode:
+            self.episodes += 1
+            self._set_rate(max(self.configured * _FLOOR, self.current * _SLOWDOWN), now)
+            log.warning(
+                "rate limited: pausing every walker",
+                pause_seconds=round(pause, 3),
+                rate=round(self.current, 3),
+                episode=self.episodes,
+            )
+
+    def _recover(self) -> None:
+        if self.current >= self.configured:
+            return
+        now = self._clock()
+        quiet = now - max(self._last_change, self._resume_at)
+        if quiet >= 1.0:
+            step = self.configured * _RECOVERY_PER_SECOND * quiet
+            self._set_rate(min(self.configured, self.current + step), now)
+            if self.current == self.configured:
+                log.info("rate recovered", rate=self.current)
+
+    def _set_rate(self, rate: float, now: float) -> None:
+        self.current = rate
+        self._last_change = now
+        # waiters already queued on the old limiter pass at the old pace; they are few (<= concurrency)
+        self._limiter = self._make_limiter(rate)

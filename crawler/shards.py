@@ -1,0 +1,141 @@
+"""Shard files: append committed batches, roll over, seal with sha256, and the manifest.
+
+With compression each batch is its own gzip member or zstd frame. Concatenated members are one
+valid stream, and every committed length falls on a member boundary, so a crash's partial batch is
+cut off cleanly and no shard ever ends in a partial line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from crawler.errors import StateError
+from crawler.layout import SHARD_PATTERN, Layout, write_atomically
+from crawler.state import JobState, ShardInfo
+
+
+def compressor(kind: str) -> Callable[[bytes], bytes]:
+    if kind == "gzip":
+        return lambda data: gzip.compress(data, compresslevel=6, mtime=0)
+    if kind == "zstd":
+        return zstandard.ZstdCompressor(level=3).compress
+    return lambda data: data
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a shard, whatever its compression."""
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as stream:
+            yield from stream
+    elif path.name.endswith(".zst"):
+        with path.open("rb") as raw:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            buffer = b""
+            while chunk := reader.read(1 << 20):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    yield line + b"\n"
+            if buffer:
+                yield buffer
+    else:
+        with path.open("rb") as stream:
+            yield from stream
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OpenShard:
+    """The shard being appended to; its committed length comes from the saved state."""
+
+    def __init__(self, path: Path, info: ShardInfo) -> None:
+        self.path = path
+        self.info = info
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(fd).st_size < info.bytes:
+            os.close(fd)
+            raise ValueError(f"{path}: shorter than the saved state says ({info.bytes} bytes)")
+        os.ftruncate(fd, info.bytes)  # cut a crash's uncommitted tail
+        os.lseek(fd, 0, os.SEEK_END)
+        self._fd = fd
+        self.bytes = info.bytes
+        self.records = info.records
+
+    def append(self, data: bytes, records: int) -> None:
+        """Write and fsync a batch; called off the event loop."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
+        self.bytes += len(data)
+        self.records += records
+
+    def seal(self) -> dict[str, Any]:
+        """Close for good; the event that records it in the state."""
+        os.close(self._fd)
+        self._fd = -1
+        return {
+            "e": "S",
+            "file": self.info.file,
+            "rec": self.records,
+            "bytes": self.bytes,
+            "sha256": sha256_of(self.path),
+        }
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def remove_uncommitted(layout: Layout, state: JobState) -> list[Path]:
+    """Delete shard files a crash left between creating them and recording them.
+
+    Only names at or past the next sequence number can be such leftovers; any other unknown
+    shard is not ours to touch, and the job refuses to run beside it.
+    """
+    known = {s.file for s in state.shards}
+    if state.open_shard is not None:
+        known.add(state.open_shard.file)
+    stray = []
+    for path in layout.shard_files():
+        if path.name in known:
+            continue
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match is None or int(match.group(1)) < state.next_shard:
+            raise StateError(
+                f"{path}: a shard this job's state does not know; move it away or use "
+                "another output.dir"
+            )
+        stray.append(path)
+    for path in stray:
+        path.unlink()
+    return stray
+
+
+def write_manifest(layout: Layout, state: JobState) -> None:
+    shards = [
+        {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
+        for s in state.shards
+    ]
+    doc = {
+        "version": 1,
+        "records": sum(s.records for s in state.shards),
+        "shards": shards,
+        "open_shard": None if state.open_shard is None else f"shards/{state.open_shard.file}",
+    }
+    write_atomically(layout.manifest, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
