@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,9 @@ from crawler.verify import verify
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    opened = logs.configure(log_format=args.log_format, level=args.log_level, log_file=args.log_file)
+    opened = logs.configure(
+        log_format=args.log_format, level=args.log_level, log_file=args.log_file
+    )
     try:
         status: int = args.handler(args)
         return status
@@ -45,24 +48,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crawler", description=__doc__)
-    parser.add_argument("--log-format", choices=("console", "json"), default=None,
-                        help="default: console on a terminal, json otherwise")
-    parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=None,
+        help="default: console on a terminal, json otherwise",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     parser.add_argument("--log-file", type=Path, default=None, help="write logs here (JSON)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run or resume a job")
     run.add_argument("job", type=Path)
-    run.add_argument("--fresh", action="store_true",
-                     help="start over: remove this job's shards and state first")
+    run.add_argument(
+        "--fresh", action="store_true", help="start over: remove this job's shards and state first"
+    )
     run.add_argument("--no-progress", action="store_true", help="no live display")
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser("plan", help="check a job and estimate pages, credits and time")
     plan.add_argument("job", type=Path)
-    plan.add_argument("--probe", action="store_true",
-                      help="fetch page 1 of each target (counted, and kept as part of the crawl)")
+    plan.add_argument(
+        "--probe",
+        action="store_true",
+        help="fetch page 1 of each target (counted, and kept as part of the crawl)",
+    )
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
 
@@ -79,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8700, help="0: any free port")
     sandbox.add_argument("--page-size", type=int, default=10)
-    sandbox.add_argument("--keys", default=None, help="comma-separated keys accepted (default any sk_...)")
+    sandbox.add_argument(
+        "--keys", default=None, help="comma-separated keys accepted (default any sk_...)"
+    )
     sandbox.add_argument("--forbidden-keys", default="", help="keys answered with 403")
     sandbox.add_argument("--credits", type=int, default=None, help="balance of each key")
     sandbox.add_argument("--charge-failures", action="store_true")
@@ -114,8 +128,10 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
     )
     for row in doc["targets"]:
         if row.get("reason") and row["status"] != "pending":
-            print(f"  {row['product_id']} {row['region']}: {row['status']}: {row['reason']}",
-                  file=sys.stderr)
+            print(
+                f"  {row['product_id']} {row['region']}: {row['status']}: {row['reason']}",
+                file=sys.stderr,
+            )
     refused = doc.get("run", {}).get("refused")
     if refused:
         print(f"  the API refused the run: {refused}", file=sys.stderr)
@@ -136,8 +152,13 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     table = Table("product_id", "region", "reviews", "pages done", "pages left")
     for row in doc["targets"]:
-        table.add_row(row["product_id"], row["region"], _n(row["review_count"]),
-                      str(row["pages_done"]), _n(row["pages_left"]))
+        table.add_row(
+            row["product_id"],
+            row["region"],
+            _n(row["review_count"]),
+            str(row["pages_done"]),
+            _n(row["pages_left"]),
+        )
     console = Console()
     console.print(table)
     covers = {None: "unknown (run plan --probe)", True: "yes", False: "NO"}[doc["budget_covers"]]
@@ -160,17 +181,40 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return 0
-    table = Table("product_id", "region", "status", "pages", "reviews", "dups", "credits",
-                  "retries", "429s", title=f"{job.path}: {state.runs} runs")
+    table = Table(
+        "product_id",
+        "region",
+        "status",
+        "pages",
+        "reviews",
+        "dups",
+        "credits",
+        "retries",
+        "429s",
+        title=f"{job.path}: {state.runs} runs",
+    )
     for row in doc["targets"]:
         status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-        table.add_row(row["product_id"], row["region"], status, *(str(row[k]) for k in (
-            "pages", "records", "duplicates", "credits", "retries", "rate_limited")))
+        table.add_row(
+            row["product_id"],
+            row["region"],
+            status,
+            *(
+                str(row[k])
+                for k in ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
+            ),
+        )
     totals = doc["totals"]
     table.add_section()
-    table.add_row("total", "", ", ".join(f"{n} {s}" for s, n in doc["targets_by_status"].items()),
-                  *(str(totals[k]) for k in ("pages", "records", "duplicates", "credits",
-                                             "retries", "rate_limited")))
+    table.add_row(
+        "total",
+        "",
+        ", ".join(f"{n} {s}" for s, n in doc["targets_by_status"].items()),
+        *(
+            str(totals[k])
+            for k in ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
+        ),
+    )
     Console(width=120).print(table)
     return 0
 
@@ -189,8 +233,10 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for problem in verdict.problems:
         print(f"problem: {problem}")
-    print(f"{verdict.shards} shards, {verdict.records:,} reviews: "
-          f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}")
+    print(
+        f"{verdict.shards} shards, {verdict.records:,} reviews: "
+        f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}"
+    )
     return 0 if verdict.ok else 1
 
 
@@ -200,16 +246,22 @@ def _sandbox(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         keys=frozenset(args.keys.split(",")) if args.keys else None,
         forbidden_keys=frozenset(k for k in args.forbidden_keys.split(",") if k),
-        credits=args.credits, charge_failures=args.charge_failures, rate=args.rate,
-        burst=args.burst, fault_rate=args.fault_rate,
+        credits=args.credits,
+        charge_failures=args.charge_failures,
+        rate=args.rate,
+        burst=args.burst,
+        fault_rate=args.fault_rate,
         faults=tuple(k for k in args.faults.split(",") if k),
         slow_seconds=args.slow_seconds,
-        latency=(float(low) / 1000, float(high or low) / 1000), seed=args.seed,
+        latency=(float(low) / 1000, float(high or low) / 1000),
+        seed=args.seed,
     )
     unknown = set(options.faults) - set(FAULT_KINDS)
     if unknown:
-        print(f"crawler sandbox: unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}",
-              file=sys.stderr)
+        print(
+            f"crawler sandbox: unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
     async def serve_forever() -> None:
@@ -217,10 +269,8 @@ def _sandbox(args: argparse.Namespace) -> int:
             print(f"sandbox listening on {base_url}", flush=True)
             await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

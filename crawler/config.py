@@ -15,7 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from crawler.errors import ConfigError
 
-REGIONS = ("US", "GB", "DE", "FR", "IT", "ID", "MY", "MX", "PH", "SG", "ES", "TH", "VN", "BR", "JP", "IE")
+REGIONS = (
+    "US",
+    "GB",
+    "DE",
+    "FR",
+    "IT",
+    "ID",
+    "MY",
+    "MX",
+    "PH",
+    "SG",
+    "ES",
+    "TH",
+    "VN",
+    "BR",
+    "JP",
+    "IE",
+)
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
 
@@ -49,7 +66,9 @@ class ApiSettings(_Model):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"'{url}' is not an http(s) URL (or the word 'sandbox')")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError(f"'{url}' must use https: the API key must not cross a network in clear")
+            raise ValueError(
+                f"'{url}' must use https: the API key must not cross a network in clear"
+            )
         return url.rstrip("/")
 
     @property
@@ -236,6 +255,10 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
         message = f"unknown key '{loc[-1]}'"
     elif err["type"] == "missing":
         message = "required key is missing"
-    elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
+    elif (
+        "input" in err
+        and err["type"] not in ("value_error",)
+        and not isinstance(err["input"], dict)
+    ):
         message = f"{message} (got {err['input']!r})"
     return f"{where}: {field or 'job'}: {message}"

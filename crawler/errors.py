@@ -38,7 +38,7 @@ class StateError(JobError):
     """Saved state is unreadable or does not fit the job."""
 
 
-class BudgetExhausted(CrawlerError):  # noqa: N818 -- a stop condition, named for what happened
+class BudgetExhausted(CrawlerError):
     """The next request would pass a credit ceiling; it was not sent."""
 
     def __init__(self, message: str, *, job_wide: bool) -> None:
@@ -58,7 +58,7 @@ class RetryableError(ApiError):
     """The same request may succeed if sent again after a pause."""
 
 
-class RateLimited(RetryableError):  # noqa: N818 -- mirrors the HTTP reason phrase
+class RateLimited(RetryableError):
     """429: every walker on the key pauses."""
 
     def __init__(self, message: str, *, retry_after: float | None) -> None:
@@ -82,5 +82,5 @@ class AuthError(RunStopped):
     """401 or 403: the API refused the key."""
 
 
-class CreditsExhausted(RunStopped):  # noqa: N818 -- mirrors the API's own wording
+class CreditsExhausted(RunStopped):
     """402: the account's balance is spent; resumable after a top-up."""

@@ -39,7 +39,8 @@ class RateGate:
 
     async def acquire(self) -> None:
         """Wait for the shared pause to end, then for a slot at the current rate."""
-        while (wait := self._resume_at - self._clock()) > 0:
+        # the pause can be pushed later while we sleep, so re-check rather than wait on an event
+        while (wait := self._resume_at - self._clock()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
         self._recover()
         await self._limiter.acquire()
@@ -74,5 +75,5 @@ class RateGate:
     def _set_rate(self, rate: float, now: float) -> None:
         self.current = rate
         self._last_change = now
-        # waiters already queued on the old limiter pass at the old pace; they are few (<= concurrency)
+        # waiters queued on the old limiter pass at the old pace; they are few (<= concurrency)
         self._limiter = self._make_limiter(rate)

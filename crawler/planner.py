@@ -24,10 +24,15 @@ def estimate(job: Job, state: JobState | None) -> dict[str, Any]:
             unknown += 1
         else:
             known_pages += left
-        rows.append({
-            "product_id": target.product_id, "region": target.region,
-            "review_count": saved.review_count, "pages_done": saved.pages, "pages_left": left,
-        })
+        rows.append(
+            {
+                "product_id": target.product_id,
+                "region": target.region,
+                "review_count": saved.review_count,
+                "pages_done": saved.pages,
+                "pages_left": left,
+            }
+        )
     cost = job.budget.credits_per_request
     spent = state.credits if state else 0
     credits_needed = known_pages * cost

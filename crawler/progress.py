@@ -84,10 +84,17 @@ class Progress:
 
     def summary(self, f: Figures) -> dict[str, object]:
         return {
-            "targets_done": f.targets_done, "targets_total": f.targets_total, "pages": f.pages,
-            "reviews": f.records, "duplicates": f.duplicates, "credits": f.credits,
-            "max_credits": f.max_credits, "rate": round(self.rate(), 2),
-            "rate_limited": f.rate_limited, "retries": f.retries, "failed": f.failed,
+            "targets_done": f.targets_done,
+            "targets_total": f.targets_total,
+            "pages": f.pages,
+            "reviews": f.records,
+            "duplicates": f.duplicates,
+            "credits": f.credits,
+            "max_credits": f.max_credits,
+            "rate": round(self.rate(), 2),
+            "rate_limited": f.rate_limited,
+            "retries": f.retries,
+            "failed": f.failed,
             "eta_seconds": self.eta(f),
         }
 

@@ -11,7 +11,9 @@ from crawler.state import JobState, TargetState
 
 def target_status(job_target_max_pages: int | None, saved: TargetState) -> str:
     """A target's status as far as the saved state tells (a run may know more: budget stops)."""
-    if saved.exhausted or (job_target_max_pages is not None and saved.pages >= job_target_max_pages):
+    if saved.exhausted or (
+        job_target_max_pages is not None and saved.pages >= job_target_max_pages
+    ):
         return "done"
     if saved.failed:
         return "failed"

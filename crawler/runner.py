@@ -1,4 +1,4 @@
-"""Wires one run: state, client, gate, budget, writer and walkers in one TaskGroup; stops in two steps."""
+"""Wires one run: state, client, gate, budget, writer and walkers in a TaskGroup; stops in 2 steps."""
 
 from __future__ import annotations
 
@@ -89,10 +89,15 @@ async def run_job(
         store.state.runs += 1
         store.compact()
         started = time.time()
-        async with _api_base(job) as base_url, ApiClient(
-            base_url, api_key, concurrency=job.api.concurrency,
-            timeout_seconds=job.api.timeout_seconds,
-        ) as client:
+        async with (
+            _api_base(job) as base_url,
+            ApiClient(
+                base_url,
+                api_key,
+                concurrency=job.api.concurrency,
+                timeout_seconds=job.api.timeout_seconds,
+            ) as client,
+        ):
             run = _prepare(job, store, seen, client, max_pages, retry_policy)
             with _signals(run, enabled=handle_signals):
                 try:
@@ -124,7 +129,7 @@ async def _api_base(job: Job) -> AsyncIterator[str]:
         yield base_url
 
 
-def _prepare(
+def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
     job: Job,
     store: FileStateStore,
     seen: SeenLog,
@@ -134,20 +139,30 @@ def _prepare(
 ) -> _Run:
     door = Door()
     writer = Writer(
-        store.layout, store, seen, REVIEWS,
+        store.layout,
+        store,
+        seen,
+        REVIEWS,
         compression=job.output.compression,
         shard_max_records=job.output.shard_max_records,
         commit_every_pages=job.output.commit_every_pages,
         queue_size=max(16, 2 * job.api.concurrency),
     )
     walker = Walker(
-        endpoint=REVIEWS, client=client, gate=RateGate(job.api.requests_per_second),
-        budget=Budget(job.budget, store), door=door, writer=writer, counters=RunCounters(),
-        policy=retry_policy or RetryPolicy.from_settings(job.api.retry), max_pages=max_pages,
+        endpoint=REVIEWS,
+        client=client,
+        gate=RateGate(job.api.requests_per_second),
+        budget=Budget(job.budget, store),
+        door=door,
+        writer=writer,
+        counters=RunCounters(),
+        policy=retry_policy or RetryPolicy.from_settings(job.api.retry),
+        max_pages=max_pages,
     )
     limit_of = {t.key: (max_pages if max_pages is not None else t.max_pages) for t in job.targets}
     pending = deque(
-        t for t in job.targets
+        t
+        for t in job.targets
         if report.target_status(limit_of[t.key], store.state.target(t.key)) != "done"
     )
     return _Run(job, store, walker, door, asyncio.Event(), pending)
@@ -161,8 +176,13 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
 async def _crawl(run: _Run, *, live_progress: bool) -> None:
     workers_count = min(run.job.api.concurrency, len(run.pending))
     progress = Progress(lambda: _figures(run), live=live_progress)
-    log.info("run started", targets=len(run.job.targets), pending=len(run.pending),
-             credits_spent=run.store.state.credits, max_credits=run.job.budget.max_credits)
+    log.info(
+        "run started",
+        targets=len(run.job.targets),
+        pending=len(run.pending),
+        credits_spent=run.store.state.credits,
+        max_credits=run.job.budget.max_credits,
+    )
     async with asyncio.TaskGroup() as group:
         writer = run.walker.writer
         writer_task = group.create_task(writer.run())
@@ -212,8 +232,11 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
 
     def on_signal(name: str) -> None:
         if run.door.open:
-            log.warning("stopping: finishing requests in flight", signal=name,
-                        grace_seconds=run.job.api.shutdown_grace_seconds)
+            log.warning(
+                "stopping: finishing requests in flight",
+                signal=name,
+                grace_seconds=run.job.api.shutdown_grace_seconds,
+            )
             run.door.close("interrupted")
         else:
             log.warning("stopping now", signal=name)
@@ -243,13 +266,18 @@ def _figures(run: _Run) -> Figures:
             pages_left += max(0, round(saved.review_count / items_per_page) - saved.pages)
     counters = run.walker.counters
     return Figures(
-        targets_done=done, targets_total=len(run.job.targets),
+        targets_done=done,
+        targets_total=len(run.job.targets),
         pages=sum(t.pages for t in state.targets.values()),
         records=sum(t.records for t in state.targets.values()),
         duplicates=sum(t.duplicates for t in state.targets.values()),
-        credits=state.credits, max_credits=run.job.budget.max_credits,
-        requests=counters.requests, rate_limited=counters.rate_limited,
-        retries=counters.retries, failed=failed, pages_left=pages_left if per_page else None,
+        credits=state.credits,
+        max_credits=run.job.budget.max_credits,
+        requests=counters.requests,
+        rate_limited=counters.rate_limited,
+        retries=counters.retries,
+        failed=failed,
+        pages_left=pages_left if per_page else None,
     )
 
 
@@ -259,9 +287,13 @@ def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
     status = _exit_status(run)
     counters = run.walker.counters
     run_info = {
-        "started_at": started, "finished_at": time.time(), "exit_status": status,
-        "stop_reason": run.door.reason, "requests": counters.requests,
-        "retries": counters.retries, "rate_limited": counters.rate_limited,
+        "started_at": started,
+        "finished_at": time.time(),
+        "exit_status": status,
+        "stop_reason": run.door.reason,
+        "requests": counters.requests,
+        "retries": counters.retries,
+        "rate_limited": counters.rate_limited,
         "rate_limit_episodes": run.walker.gate.episodes,
     }
     if run.fatal is not None:
@@ -286,4 +318,3 @@ def _exit_status(run: _Run) -> int:
     if Outcome.FAILED in outcomes:
         return EXIT_FAILED_TARGETS
     return EXIT_OK
-

@@ -209,8 +209,7 @@ def load(layout: Layout, *, output_if_new: dict[str, Any] | None = None) -> tupl
     if data is None:
         if output_if_new is None or layout.journal(0).exists():
             raise StateError(
-                f"{layout.snapshot}: missing, but the job has other state; "
-                "start over with --fresh"
+                f"{layout.snapshot}: missing, but the job has other state; start over with --fresh"
                 if output_if_new is not None
                 else f"{layout.root}: no saved state (the job has not run yet)"
             )
@@ -249,5 +248,3 @@ def _diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
 
 def output_fingerprint(shard_max_records: int, compression: str) -> dict[str, Any]:
     return {"shard_max_records": shard_max_records, "compression": compression}
-
-

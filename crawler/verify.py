@@ -74,6 +74,8 @@ def _check_shard(path: Path, entry: dict[str, object] | None, seen: SeenIds, v: 
     if entry["records"] != records:
         v.problems.append(f"{path}: {records} records, the manifest says {entry['records']}")
     if entry["bytes"] != path.stat().st_size:
-        v.problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        v.problems.append(
+            f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        )
     if entry["sha256"] != sha256_of(path):
         v.problems.append(f"{path}: sha256 differs from the manifest")

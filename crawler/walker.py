@@ -55,13 +55,13 @@ class RunCounters:
     rate_limited: int = 0
 
 
-class _GiveUp(Exception):  # noqa: N818 -- internal signal, never leaves this module
+class _GiveUp(Exception):
     def __init__(self, reason: str, retries: int, rate_limited: int) -> None:
         super().__init__(reason)
         self.reason, self.retries, self.rate_limited = reason, retries, rate_limited
 
 
-class _Stopped(Exception):  # noqa: N818 -- internal signal, never leaves this module
+class _Stopped(Exception):
     pass
 
 
@@ -79,7 +79,9 @@ class Walker:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def walk(self, target: Target, saved: TargetState) -> tuple[Outcome, str | None]:
+    async def walk(  # noqa: PLR0911 -- one return per way a walk can end
+        self, target: Target, saved: TargetState
+    ) -> tuple[Outcome, str | None]:
         """Walk from the last committed cursor. RunStopped (401/402/403) propagates."""
         log = structlog.get_logger("crawler.walker").bind(
             product_id=target.product_id, region=target.region
@@ -103,14 +105,25 @@ class Walker:
             except _Stopped:
                 return Outcome.PENDING, None
             except _GiveUp as exc:
-                await self.writer.put(TargetFailed(target, exc.reason, exc.retries, exc.rate_limited))
+                await self.writer.put(
+                    TargetFailed(target, exc.reason, exc.retries, exc.rate_limited)
+                )
                 log.warning("target failed", reason=exc.reason)
                 return Outcome.FAILED, exc.reason
             stuck = page.has_more and page.next_cursor == cursor
-            await self.writer.put(PageDone(
-                target, page.items, page.next_cursor if page.has_more else cursor,
-                not page.has_more, page.total, _now(), retries, rate_limited, seconds,
-            ))
+            await self.writer.put(
+                PageDone(
+                    target,
+                    page.items,
+                    page.next_cursor if page.has_more else cursor,
+                    not page.has_more,
+                    page.total,
+                    _now(),
+                    retries,
+                    rate_limited,
+                    seconds,
+                )
+            )
             pages += 1
             if stuck:
                 reason = f"the API gave the same cursor {cursor!r} again"

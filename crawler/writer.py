@@ -132,8 +132,15 @@ class Writer:
         page_events: list[Event] = []
         for work in batch:
             if isinstance(work, TargetFailed):
-                page_events.append({"e": "F", "k": work.target.key, "why": work.reason,
-                                    "r": work.retries, "q": work.rate_limited})
+                page_events.append(
+                    {
+                        "e": "F",
+                        "k": work.target.key,
+                        "why": work.reason,
+                        "r": work.retries,
+                        "q": work.rate_limited,
+                    }
+                )
             else:
                 page_events.append(self._add_page(work, lines))
         segments, shard_events = self._plan(lines)
@@ -158,18 +165,34 @@ class Writer:
             if not self._seen.add(review_id):
                 dups += 1
                 continue
-            lines.append(orjson.dumps({
-                "review_id": review_id, "product_id": target.product_id, "region": target.region,
-                "fetched_at": work.fetched_at, "item": item,
-            }, option=orjson.OPT_APPEND_NEWLINE))
+            lines.append(
+                orjson.dumps(
+                    {
+                        "review_id": review_id,
+                        "product_id": target.product_id,
+                        "region": target.region,
+                        "fetched_at": work.fetched_at,
+                        "item": item,
+                    },
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
             new += 1
         self.counters.records += new
         self.counters.duplicates += dups
         self.counters.pages += 1
         return {
-            "e": "P", "k": target.key, "cur": work.next_cursor, "x": work.exhausted,
-            "i": len(work.items), "n": new, "d": dups, "r": work.retries,
-            "q": work.rate_limited, "t": round(work.seconds, 3), "tot": work.total,
+            "e": "P",
+            "k": target.key,
+            "cur": work.next_cursor,
+            "x": work.exhausted,
+            "i": len(work.items),
+            "n": new,
+            "d": dups,
+            "r": work.retries,
+            "q": work.rate_limited,
+            "t": round(work.seconds, 3),
+            "tot": work.total,
         }
 
     def _plan(self, lines: list[bytes]) -> tuple[list[tuple[OpenShard, list[bytes]]], list[Event]]:

@@ -1,4 +1,4 @@
-"""The API emulator as an aiohttp.web application: auth, parameters, paging, ledger, limit, faults."""
+"""The API emulator as an aiohttp.web app: auth, parameters, paging, ledger, limit, faults."""
 
 from __future__ import annotations
 

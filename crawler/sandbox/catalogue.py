@@ -1,4 +1,4 @@
-"""The emulator's deterministic catalogue: every product/region has its reviews, derived from its id.
+"""The emulator's deterministic catalogue: each product/region's reviews, derived from its id.
 
 Nothing is random: the same product id gives the same reviews, pages and duplicates in every
 process, so tests can ask the sandbox for the full set of ids a crawl must produce.

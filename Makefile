@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with only python3 and pip: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean lock
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/crawler run configs/demo.yaml
+	$(BIN)/crawler status configs/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check crawler tests bench
+	$(BIN)/ruff format --check crawler tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# refresh the pins after changing pyproject.toml's ranges
+lock:
+	rm -rf /tmp/crawler-lock && $(PYTHON) -m venv /tmp/crawler-lock
+	/tmp/crawler-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/crawler-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,92 @@
+"""Shared test parts: a sandbox served over loopback, job files in a temp dir, output readers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from crawler.layout import Layout
+from crawler.sandbox import Sandbox, SandboxOptions, serve
+from crawler.shards import read_lines
+
+KEY = "sk_test_alpha"
+ENV = {"KEYAPI_API_KEY": KEY}
+# sandbox products: between them, targets with 0 to 600 reviews and one sharing reviews across regions
+PRODUCTS = [str(1729679758111249333 + i) for i in range(8)]
+
+SandboxFactory = Callable[..., AbstractAsyncContextManager[tuple[str, Sandbox]]]
+
+
+@pytest.fixture
+def sandbox() -> SandboxFactory:
+    """``async with sandbox(rate=..., ...) as (base_url, state)``: a real server on 127.0.0.1."""
+
+    def start(**options: Any) -> AbstractAsyncContextManager[tuple[str, Sandbox]]:
+        return serve(SandboxOptions(**options))
+
+    return start
+
+
+def write_job(
+    folder: Path,
+    base_url: str,
+    targets: Iterable[dict[str, Any]],
+    *,
+    api: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
+) -> Path:
+    doc = {
+        "api": {
+            "base_url": base_url,
+            "requests_per_second": 500,
+            "concurrency": 8,
+            "timeout_seconds": 5,
+            "retry": {"max_attempts": 8, "base_seconds": 0.01, "cap_seconds": 0.05},
+            "shutdown_grace_seconds": 2,
+            **(api or {}),
+        },
+        "budget": {"max_credits": 100_000, **(budget or {})},
+        "output": {"dir": "out", "shard_max_records": 500, **(output or {})},
+        "targets": list(targets),
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def expected_ids(state: Sandbox, targets: Iterable[tuple[str, str]]) -> set[str]:
+    ids: set[str] = set()
+    for product_id, region in targets:
+        ids.update(state.catalogue.ids(product_id, region))
+    return ids
+
+
+def output_ids(out_dir: Path) -> list[str]:
+    """Every review id in every shard, in order, duplicates kept (so tests can count them)."""
+    ids = []
+    for path in Layout(out_dir).shard_files():
+        ids.extend(orjson.loads(line)["review_id"] for line in read_lines(path))
+    return ids
+
+
+def crawler_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "crawler", *args]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **ENV, **extra}
+
+
+@pytest.fixture
+async def served(sandbox: SandboxFactory) -> AsyncIterator[tuple[str, Sandbox]]:
+    async with sandbox() as pair:
+        yield pair

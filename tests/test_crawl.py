@@ -1,0 +1,105 @@
+"""End to end over loopback: a job against the sandbox writes exactly the sandbox's review ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from crawler import load_job, run_job
+from crawler.layout import Layout
+from crawler.verify import verify
+from tests.conftest import ENV, PRODUCTS, SandboxFactory, expected_ids, output_ids, write_job
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:6]]
+PAIRS = [(p, r) for p in PRODUCTS[:6] for r in ("US", "GB", "DE")]
+
+
+async def test_crawl_writes_every_review_exactly_once(tmp_path: Path, sandbox: SandboxFactory):
+    async with sandbox() as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected_ids(box, PAIRS)
+    # the catalogue repeats reviews across pages and regions: dropping them must have happened
+    assert result.report["totals"]["duplicates"] > 0
+    assert verify(Layout(job.output.dir)).ok
+
+
+async def test_record_shape(tmp_path: Path, served):
+    url, _ = served
+    job = load_job(write_job(tmp_path, url, [{"product_id": PRODUCTS[0], "region": "US"}]))
+    await run_job(job, environ=ENV)
+    first = next(iter((job.output.dir / "shards").iterdir())).read_bytes().splitlines()[0]
+    record = orjson.loads(first)
+    assert list(record) == ["review_id", "product_id", "region", "fetched_at", "item"]
+    assert record["review_id"] == record["item"]["review"]["review_id"]
+    assert record["product_id"] == PRODUCTS[0] and record["region"] == "US"
+    assert record["fetched_at"].endswith("Z")
+
+
+async def test_shards_roll_over_and_are_listed(tmp_path: Path, served):
+    url, box = served
+    targets = [{"product_id": PRODUCTS[0], "region": "GB"}]
+    job = load_job(write_job(tmp_path, url, targets, output={"shard_max_records": 100}))
+    await run_job(job, environ=ENV)
+    manifest = orjson.loads((job.output.dir / "manifest.json").read_bytes())
+    total = len(expected_ids(box, [(PRODUCTS[0], "GB")]))
+    assert [s["records"] for s in manifest["shards"]] == [100] * (total // 100) + [total % 100]
+    names = [s["file"] for s in manifest["shards"]]
+    assert names == sorted(names)
+
+
+async def test_a_bad_target_fails_alone(tmp_path: Path, served):
+    url, box = served
+    targets = [*TARGETS[:2], {"product_id": "123", "region": "US"}]  # the sandbox answers 400
+    job = load_job(write_job(tmp_path, url, targets))
+    result = await run_job(job, environ=ENV)
+    assert result.exit_status == 1
+    failed = [t for t in result.report["targets"] if t["status"] == "failed"]
+    assert [(t["product_id"], t["reason"][:3]) for t in failed] == [("123", "400")]
+    pairs = [(p, r) for p in PRODUCTS[:2] for r in ("US", "GB", "DE")]
+    assert set(output_ids(job.output.dir)) == expected_ids(box, pairs)
+    assert box.ledgers and sum(b.statuses["400"] for b in box.ledgers.values()) == 1  # no retry
+
+
+async def test_refused_key_stops_the_run(tmp_path: Path, sandbox: SandboxFactory):
+    async with sandbox(keys=frozenset({"sk_other"})) as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 4
+    assert "401" in result.report["run"]["refused"]
+    # every walker stops: at most the requests already in flight were sent
+    assert sum(b.requests for b in box.ledgers.values()) <= job.api.concurrency
+
+
+async def test_forbidden_key_stops_the_run(tmp_path: Path, sandbox: SandboxFactory):
+    async with sandbox(forbidden_keys=frozenset({ENV["KEYAPI_API_KEY"]})) as (url, _):
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 4
+    assert "403" in result.report["run"]["refused"]
+
+
+async def test_compressed_shards(tmp_path: Path, served):
+    url, box = served
+    for kind in ("gzip", "zstd"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        job = load_job(write_job(folder, url, TARGETS[:2], output={"compression": kind}))
+        assert (await run_job(job, environ=ENV)).exit_status == 0
+        ids = output_ids(job.output.dir)
+        pairs = [(p, r) for p in PRODUCTS[:2] for r in ("US", "GB", "DE")]
+        assert sorted(ids) == sorted(expected_ids(box, pairs))
+        assert verify(Layout(job.output.dir)).ok
+
+
+async def test_max_pages_caps_a_target(tmp_path: Path, served):
+    url, _ = served
+    targets = [{"product_id": PRODUCTS[0], "region": "GB", "max_pages": 3}]
+    job = load_job(write_job(tmp_path, url, targets))
+    result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0
+    assert result.report["targets"][0]["pages"] == 3
