@@ -253,6 +253,8 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = f"unknown key '{loc[-1]}'"
+    elif err["type"] == "too_short" and loc == ("targets",):
+        message = "no targets; list at least one {product_id, region}"
     elif err["type"] == "missing":
         message = "required key is missing"
     elif (

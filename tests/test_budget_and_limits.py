@@ -1,0 +1,126 @@
+"""Credits never pass the ceiling; 429s pause everyone; faults are retried; refusals stop the run."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from crawler import load_job, run_job
+from crawler.limits import RateGate
+from crawler.sandbox import key_fingerprint
+from tests.conftest import ENV, KEY, PRODUCTS, SandboxFactory, expected_ids, output_ids, write_job
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
+PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
+
+
+def charged(box) -> int:
+    return box.ledgers[key_fingerprint(KEY)].charged
+
+
+async def test_budget_is_a_hard_ceiling_and_raising_it_carries_on(tmp_path, sandbox):
+    async with sandbox(fault_rate=0.2, faults=("500", "code"), charge_failures=True) as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS, budget={"max_credits": 61}))
+        first = await run_job(job, environ=ENV)
+        assert first.exit_status == 3
+        assert charged(box) <= 61
+        assert first.report["totals"]["credits_charged"] <= 61
+        assert first.report["targets_by_status"].get("pending", 0) > 0
+        again = await run_job(job, environ=ENV)  # same ceiling: not one more request
+        assert again.exit_status == 3
+        assert box.ledgers[key_fingerprint(KEY)].requests == first.report["run"]["requests"]
+        raised = load_job(write_job(tmp_path, url, TARGETS, budget={"max_credits": 100_000}))
+        last = await run_job(raised, environ=ENV)
+    assert last.exit_status == 0
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+    assert charged(box) == last.report["totals"]["credits_charged"]
+
+
+async def test_per_target_cap(tmp_path, served):
+    url, box = served
+    targets = [{"product_id": PRODUCTS[0], "region": "GB"}, {"product_id": PRODUCTS[0], "region": "US"}]
+    job = load_job(write_job(tmp_path, url, targets, budget={"max_credits_per_target": 10}))
+    result = await run_job(job, environ=ENV)
+    assert result.exit_status == 3
+    by_region = {t["region"]: t for t in result.report["targets"]}
+    assert by_region["GB"]["status"] == "stopped_budget" and by_region["GB"]["credits"] == 10
+    assert by_region["US"]["status"] == "done"  # 13 reviews: 2 pages, under its cap
+
+
+async def test_402_stops_everything_and_resumes_after_top_up(tmp_path, sandbox):
+    async with sandbox(credits=40) as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS, api={"base_url": url}))
+        result = await run_job(job, environ=ENV)
+        assert result.exit_status == 4
+        assert "402" in result.report["run"]["refused"]
+        book = box.ledgers[key_fingerprint(KEY)]
+        assert book.charged <= 40
+        assert book.statuses["402"] <= job.api.concurrency  # only what was in flight
+    async with sandbox() as (url2, box2):  # the account topped up
+        job2 = load_job(write_job(tmp_path, url2, TARGETS))
+        assert (await run_job(job2, environ=ENV)).exit_status == 0
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box2, PAIRS)
+
+
+async def test_429_pauses_every_walker_and_the_crawl_recovers(tmp_path, sandbox):
+    async with sandbox(rate=40, burst=2) as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS[:2], api={"requests_per_second": 120}))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0
+    run = result.report["run"]
+    assert run["rate_limited"] > 0
+    # one episode per burst of 429s, not one per answer
+    assert run["rate_limit_episodes"] < run["rate_limited"]
+    pairs = [(p, r) for p in PRODUCTS[:2] for r in ("US", "GB", "DE")]
+    assert set(output_ids(job.output.dir)) == expected_ids(box, pairs)
+
+
+async def test_no_429_at_or_below_the_allowed_rate(tmp_path, sandbox):
+    async with sandbox(rate=50, burst=2) as (url, box):
+        targets = [{"product_id": PRODUCTS[0], "region": "GB"}, {"product_id": PRODUCTS[7], "region": "US"}]
+        job = load_job(write_job(tmp_path, url, targets, api={"requests_per_second": 50}))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await run_job(job, environ=ENV)
+        seconds = loop.time() - started
+    assert result.exit_status == 0
+    assert box.ledgers[key_fingerprint(KEY)].statuses["429"] == 0
+    requests = result.report["run"]["requests"]
+    assert requests > 100
+    assert requests / seconds > 0.9 * 50  # start-up and the last page are in the time too
+
+
+async def test_every_retryable_fault_is_retried(tmp_path, sandbox):
+    async with sandbox(fault_rate=0.3, slow_seconds=1.0, seed=7) as (url, box):
+        api = {"timeout_seconds": 0.3, "retry": {"max_attempts": 12, "base_seconds": 0.01}}
+        job = load_job(write_job(tmp_path, url, TARGETS, api=api))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0, result.report["targets"]
+    assert result.report["run"]["retries"] > 10
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+
+
+async def test_retries_are_capped_then_the_target_fails(tmp_path, sandbox):
+    async with sandbox(fault_rate=1.0, faults=("500",)) as (url, box):
+        api = {"retry": {"max_attempts": 3, "base_seconds": 0.01}}
+        targets = [{"product_id": PRODUCTS[0], "region": "GB"}]
+        job = load_job(write_job(tmp_path, url, targets, api=api))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 1
+    target = result.report["targets"][0]
+    assert target["status"] == "failed" and "gave up after 3 attempts" in target["reason"]
+    assert box.ledgers[key_fingerprint(KEY)].requests == 3
+
+
+async def test_gate_pause_holds_every_walker():
+    gate = RateGate(1000)
+    loop = asyncio.get_running_loop()
+    gate.on_rate_limited(0.3)
+    gate.on_rate_limited(0.1)  # same episode: the pause is not shortened, the rate not halved again
+    assert gate.episodes == 1 and gate.current == 500
+    started = loop.time()
+    await asyncio.gather(*(gate.acquire() for _ in range(5)))
+    assert loop.time() - started >= 0.29
