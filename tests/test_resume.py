@@ -1,0 +1,165 @@
+"""Kill it anywhere, run it again: exactly the reviews of an uninterrupted run, within budget."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from crawler import StateError, load_job, run_job
+from crawler.journal import encode
+from crawler.layout import Layout
+from crawler.sandbox import key_fingerprint
+from crawler.verify import verify
+from tests.conftest import (
+    ENV,
+    KEY,
+    PRODUCTS,
+    crawler_command,
+    expected_ids,
+    output_ids,
+    subprocess_env,
+    write_job,
+)
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
+PAIRS = [(p, r) for p in PRODUCTS for r in ("US", "GB", "DE")]
+
+
+async def _start(job: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *crawler_command("--log-level", "warning", "run", "--no-progress", str(job)),
+        env=subprocess_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+BIG = [{"product_id": str(1729679758111249333 + i), "regions": ["US", "GB", "DE", "FR"]}
+       for i in range(20)]
+BIG_PAIRS = [(t["product_id"], r) for t in BIG for r in t["regions"]]
+
+
+async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, sandbox):
+    rng = random.Random(20261124)
+    ceiling = 2400  # the whole job needs more: the ceiling is met somewhere among the kills
+
+    def job_file(max_credits: int) -> Path:
+        # small shards put kills inside shard seals and checkpoint writes too
+        return write_job(tmp_path, url, BIG, api={"requests_per_second": 250},
+                         budget={"max_credits": max_credits}, output={"shard_max_records": 150})
+
+    async with sandbox(latency=(0.002, 0.01), fault_rate=0.05, charge_failures=True) as (url, box):
+        job = job_file(ceiling)
+        kills, ceiling_met = 0, False
+        for _ in range(80):
+            process = await _start(job)
+            await asyncio.sleep(rng.uniform(0.3, 1.5))
+            if process.returncode is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+            await process.wait()
+            if process.returncode == 3:
+                assert box.ledgers[key_fingerprint(KEY)].charged <= ceiling
+                ceiling_met = True
+                job_file(1_000_000)  # raise it, as a user would
+            if kills >= 20 and ceiling_met:
+                break
+        assert kills >= 20 and ceiling_met
+        process = await _start(job)
+        _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    out = load_job(job).output.dir
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected_ids(box, BIG_PAIRS)
+    verdict = verify(Layout(out))
+    assert verdict.ok, verdict.problems
+
+
+async def test_sigint_stops_cleanly_and_resumes(tmp_path, sandbox):
+    async with sandbox(latency=(0.01, 0.02)) as (url, box):
+        job = write_job(tmp_path, url, TARGETS, api={"requests_per_second": 100})
+        process = await _start(job)
+        await asyncio.sleep(1.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = await process.communicate()
+        assert process.returncode == 130, stderr.decode()
+        out = load_job(job).output.dir
+        report = (out / "run-report.json").read_text()
+        assert '"pending"' in report
+        assert verify(Layout(out)).ok  # every shard sealed, no partial line
+        before = box.ledgers[key_fingerprint(KEY)].requests
+        process = await _start(job)
+        _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+    # the resumed run did not start over: the whole job needs more pages than it sent
+    total = box.ledgers[key_fingerprint(KEY)].requests
+    assert total - before < total
+
+
+async def test_finished_targets_are_not_fetched_again(tmp_path, served):
+    url, box = served
+    job = load_job(write_job(tmp_path, url, TARGETS[:2]))
+    assert (await run_job(job, environ=ENV)).exit_status == 0
+    sent = box.ledgers[key_fingerprint(KEY)].requests
+    assert (await run_job(job, environ=ENV)).exit_status == 0
+    assert box.ledgers[key_fingerprint(KEY)].requests == sent
+
+
+async def test_targets_added_later_are_harvested(tmp_path, served):
+    url, box = served
+    job = load_job(write_job(tmp_path, url, TARGETS[:1]))
+    await run_job(job, environ=ENV)
+    bigger = load_job(write_job(tmp_path, url, TARGETS[:3]))
+    assert (await run_job(bigger, environ=ENV)).exit_status == 0
+    pairs = [(p, r) for p in PRODUCTS[:3] for r in ("US", "GB", "DE")]
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, pairs)
+
+
+async def test_changed_output_settings_are_refused(tmp_path, served):
+    url, _ = served
+    job = load_job(write_job(tmp_path, url, TARGETS[:1]))
+    await run_job(job, environ=ENV)
+    changed = load_job(write_job(tmp_path, url, TARGETS[:1], output={"compression": "gzip"}))
+    with pytest.raises(StateError, match="output settings changed"):
+        await run_job(changed, environ=ENV)
+
+
+async def test_corrupt_state_is_an_error_and_fresh_starts_over(tmp_path, served):
+    url, box = served
+    job = load_job(write_job(tmp_path, url, TARGETS[:1]))
+    await run_job(job, environ=ENV)
+    layout = Layout(job.output.dir)
+    shards = layout.shard_files()
+    layout.snapshot.write_bytes(b"{not json")
+    with pytest.raises(StateError, match="unreadable state"):
+        await run_job(job, environ=ENV)
+    assert layout.shard_files() == shards  # nothing overwritten
+    keep = job.output.dir / "notes.txt"
+    keep.write_text("mine")
+    assert (await run_job(job, environ=ENV, fresh=True)).exit_status == 0
+    assert keep.read_text() == "mine"
+    pairs = [(PRODUCTS[0], r) for r in ("US", "GB", "DE")]
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, pairs)
+
+
+async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
+    url, _ = served
+    job = write_job(tmp_path, url, TARGETS[:1])
+    await run_job(load_job(job), environ=ENV)
+    journal = next(Layout(load_job(job).output.dir).state_dir.glob("journal-*.log"))
+    good = encode({"e": "R", "k": f"{PRODUCTS[0]}:US", "c": 2})
+    journal.write_bytes(b"00000000 {}\n" + good)  # a bad line with a good one after it
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command("run", str(job)), env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"corrupt" in stderr and b"Traceback" not in stderr
