@@ -1,4 +1,4 @@
-"""Wires one run: state, client, gate, budget, writer and walkers in a TaskGroup; stops in 2 steps."""
+"""Wires one run: state, client, gate, budget, writer, walkers in a TaskGroup; stops in 2 steps."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from crawler.shards import read_lines
 
 KEY = "sk_test_alpha"
 ENV = {"KEYAPI_API_KEY": KEY}
-# sandbox products: between them, targets with 0 to 600 reviews and one sharing reviews across regions
+# sandbox products: targets of 0 to 600 reviews, one product sharing reviews across regions
 PRODUCTS = [str(1729679758111249333 + i) for i in range(8)]
 
 SandboxFactory = Callable[..., AbstractAsyncContextManager[tuple[str, Sandbox]]]
@@ -72,7 +72,7 @@ def expected_ids(state: Sandbox, targets: Iterable[tuple[str, str]]) -> set[str]
 
 def output_ids(out_dir: Path) -> list[str]:
     """Every review id in every shard, in order, duplicates kept (so tests can count them)."""
-    ids = []
+    ids: list[str] = []
     for path in Layout(out_dir).shard_files():
         ids.extend(orjson.loads(line)["review_id"] for line in read_lines(path))
     return ids

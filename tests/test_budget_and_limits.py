@@ -1,20 +1,19 @@
-"""Credits never pass the ceiling; 429s pause everyone; faults are retried; refusals stop the run."""
+"""Credits never pass the ceiling; 429s pause all walkers; faults are retried; refusals stop."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from crawler import load_job, run_job
 from crawler.limits import RateGate
-from crawler.sandbox import key_fingerprint
-from tests.conftest import ENV, KEY, PRODUCTS, SandboxFactory, expected_ids, output_ids, write_job
+from crawler.sandbox import Sandbox, key_fingerprint
+from tests.conftest import ENV, KEY, PRODUCTS, expected_ids, output_ids, write_job
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
 PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
 
 
-def charged(box) -> int:
+def charged(box: Sandbox) -> int:
     return box.ledgers[key_fingerprint(KEY)].charged
 
 
@@ -38,8 +37,11 @@ async def test_budget_is_a_hard_ceiling_and_raising_it_carries_on(tmp_path, sand
 
 
 async def test_per_target_cap(tmp_path, served):
-    url, box = served
-    targets = [{"product_id": PRODUCTS[0], "region": "GB"}, {"product_id": PRODUCTS[0], "region": "US"}]
+    url, _ = served
+    targets = [
+        {"product_id": PRODUCTS[0], "region": "GB"},
+        {"product_id": PRODUCTS[0], "region": "US"},
+    ]
     job = load_job(write_job(tmp_path, url, targets, budget={"max_credits_per_target": 10}))
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 3
@@ -79,7 +81,10 @@ async def test_429_pauses_every_walker_and_the_crawl_recovers(tmp_path, sandbox)
 
 async def test_no_429_at_or_below_the_allowed_rate(tmp_path, sandbox):
     async with sandbox(rate=50, burst=2) as (url, box):
-        targets = [{"product_id": PRODUCTS[0], "region": "GB"}, {"product_id": PRODUCTS[7], "region": "US"}]
+        targets = [
+            {"product_id": PRODUCTS[0], "region": "GB"},
+            {"product_id": PRODUCTS[7], "region": "US"},
+        ]
         job = load_job(write_job(tmp_path, url, targets, api={"requests_per_second": 50}))
         loop = asyncio.get_running_loop()
         started = loop.time()

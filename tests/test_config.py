@@ -52,7 +52,10 @@ CASES = {
         GOOD.replace("max_credits: 100", "max_credits: -5"),
         ":5: budget.max_credits: Input should be greater than 0 (got -5)",
     ),
-    "no targets": (GOOD.split("targets:")[0] + "targets: []\n", ":8: targets: no targets"),
+    "no targets": (
+        GOOD.split("targets:", maxsplit=1)[0] + "targets: []\n",
+        ":8: targets: no targets",
+    ),
     "missing budget": (GOOD.replace("budget:\n  max_credits: 100\n", ""), "budget: required key"),
     "plain http": (
         GOOD.replace("base_url: sandbox", "base_url: http://api.example.com"),
@@ -81,7 +84,9 @@ def test_good_job_file_expands_regions(tmp_path: Path):
     path.write_text(GOOD)
     job = load_job(path)
     assert [t.key for t in job.targets] == [
-        "1729679758111249333:US", "1729679758111249334:US", "1729679758111249334:GB",
+        "1729679758111249333:US",
+        "1729679758111249334:US",
+        "1729679758111249334:GB",
     ]
     assert job.output.dir == tmp_path / "out"
 
@@ -90,8 +95,14 @@ def test_good_job_file_expands_regions(tmp_path: Path):
 def test_cli_exit_status_2_without_traceback(tmp_path: Path, case: str):
     path = tmp_path / "job.yaml"
     path.write_text(CASES[case][0])
-    done = subprocess.run(crawler_command("run", str(path)), capture_output=True, text=True,
-                          env=subprocess_env(), timeout=60, check=False)
+    done = subprocess.run(
+        crawler_command("run", str(path)),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -103,8 +114,14 @@ def test_missing_key_variable_is_named(tmp_path: Path):
     path.write_text(GOOD.replace("base_url: sandbox", "key_env: MY_KEYAPI_KEY"))
     env = subprocess_env()
     env.pop("MY_KEYAPI_KEY", None)
-    done = subprocess.run(crawler_command("run", str(path)), capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
+    done = subprocess.run(
+        crawler_command("run", str(path)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "environment variable MY_KEYAPI_KEY is not set" in done.stderr
     assert "Traceback" not in done.stderr

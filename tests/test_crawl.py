@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -54,7 +55,10 @@ async def test_shards_roll_over_and_are_listed(tmp_path: Path, served):
 
 async def test_a_bad_target_fails_alone(tmp_path: Path, served):
     url, box = served
-    targets = [*TARGETS[:2], {"product_id": "123", "region": "US"}]  # the sandbox answers 400
+    targets: list[dict[str, Any]] = [
+        *TARGETS[:2],
+        {"product_id": "123", "region": "US"},
+    ]  # the sandbox answers 400
     job = load_job(write_job(tmp_path, url, targets))
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 1

@@ -32,13 +32,15 @@ PAIRS = [(p, r) for p in PRODUCTS for r in ("US", "GB", "DE")]
 async def _start(job: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *crawler_command("--log-level", "warning", "run", "--no-progress", str(job)),
-        env=subprocess_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
-BIG = [{"product_id": str(1729679758111249333 + i), "regions": ["US", "GB", "DE", "FR"]}
-       for i in range(20)]
-BIG_PAIRS = [(t["product_id"], r) for t in BIG for r in t["regions"]]
+BIG_PRODUCTS = [str(1729679758111249333 + i) for i in range(20)]
+BIG = [{"product_id": p, "regions": ["US", "GB", "DE", "FR"]} for p in BIG_PRODUCTS]
+BIG_PAIRS = [(p, r) for p in BIG_PRODUCTS for r in ("US", "GB", "DE", "FR")]
 
 
 async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, sandbox):
@@ -47,8 +49,14 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, 
 
     def job_file(max_credits: int) -> Path:
         # small shards put kills inside shard seals and checkpoint writes too
-        return write_job(tmp_path, url, BIG, api={"requests_per_second": 250},
-                         budget={"max_credits": max_credits}, output={"shard_max_records": 150})
+        return write_job(
+            tmp_path,
+            url,
+            BIG,
+            api={"requests_per_second": 250},
+            budget={"max_credits": max_credits},
+            output={"shard_max_records": 150},
+        )
 
     async with sandbox(latency=(0.002, 0.01), fault_rate=0.05, charge_failures=True) as (url, box):
         job = job_file(ceiling)
@@ -157,8 +165,10 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     good = encode({"e": "R", "k": f"{PRODUCTS[0]}:US", "c": 2})
     journal.write_bytes(b"00000000 {}\n" + good)  # a bad line with a good one after it
     process = await asyncio.create_subprocess_exec(
-        *crawler_command("run", str(job)), env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *crawler_command("run", str(job)),
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await process.communicate()
     assert process.returncode == 2
