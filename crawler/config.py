@@ -184,6 +184,8 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a mapping with api, budget, output and targets")
+    if "api" in raw and raw["api"] is None:  # a section whose keys are all commented out
+        raw["api"] = {}
     try:
         model = _JobModel.model_validate(raw)
     except ValidationError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,16 @@ import orjson
 from crawler import load_job, run_job
 from crawler.layout import Layout
 from crawler.verify import verify
-from tests.conftest import ENV, PRODUCTS, SandboxFactory, expected_ids, output_ids, write_job
+from tests.conftest import (
+    ENV,
+    PRODUCTS,
+    SandboxFactory,
+    crawler_command,
+    expected_ids,
+    output_ids,
+    subprocess_env,
+    write_job,
+)
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:6]]
 PAIRS = [(p, r) for p in PRODUCTS[:6] for r in ("US", "GB", "DE")]
@@ -107,3 +117,25 @@ async def test_max_pages_caps_a_target(tmp_path: Path, served):
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 0
     assert result.report["targets"][0]["pages"] == 3
+
+
+async def test_the_key_never_leaves_the_environment(tmp_path: Path, sandbox: SandboxFactory):
+    secret = "sk_live_Secret123Canary"
+    async with sandbox(fault_rate=0.3, keys=frozenset({secret})) as (url, _):
+        job = write_job(tmp_path, url, TARGETS[:2])
+        log_file = tmp_path / "crawl.log"
+        process = await asyncio.create_subprocess_exec(
+            *crawler_command("--log-level", "debug", "--log-file", str(log_file), "run", str(job)),
+            env=subprocess_env(KEYAPI_API_KEY=secret),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert log_file.stat().st_size > 0
+    assert _files_holding(tmp_path, secret.encode()) == []
+    assert secret.encode() not in stdout + stderr
+
+
+def _files_holding(folder: Path, needle: bytes) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
