@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/crawler status configs/demo.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check crawler tests
-	$(BIN)/ruff format --check crawler tests
+	$(BIN)/ruff check crawler tests bench
+	$(BIN)/ruff format --check crawler tests bench
 	$(BIN)/mypy
 
 test: lint

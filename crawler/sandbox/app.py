@@ -109,7 +109,7 @@ class Sandbox:
                 book.charged += cost
             return await self._fault(request, self._rng.choice(opts.faults), params)
         book.charged += cost
-        return web.Response(body=self._page(*params), content_type="application/json")
+        return web.Response(body=self.page_body(*params), content_type="application/json")
 
     def _take_token(self, book: KeyLedger) -> float:
         """Token bucket per key; seconds until a token, 0 when one was taken."""
@@ -124,7 +124,7 @@ class Sandbox:
             return 0.0
         return (1 - book.tokens) / rate
 
-    def _page(self, product_id: str, region: str, offset: int) -> bytes:
+    def page_body(self, product_id: str, region: str, offset: int) -> bytes:
         page = self.catalogue.page(product_id, region, offset)
         data = dict(self._sample["data"])
         template = self._sample["data"]["review_items"][0]
@@ -160,8 +160,8 @@ class Sandbox:
             return _error(200, 50001, "temporary failure, retry later")
         if kind == "slow":
             await asyncio.sleep(self.options.slow_seconds)
-            return web.Response(body=self._page(*params), content_type="application/json")
-        body = self._page(*params)
+            return web.Response(body=self.page_body(*params), content_type="application/json")
+        body = self.page_body(*params)
         if kind == "truncate":
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
         # reset: promise a whole body, send part of it, and drop the connection

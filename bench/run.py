@@ -1,0 +1,260 @@
+"""The benchmark: crawler vs a bare aiohttp loop, rate fidelity, seen-set memory, resume cost.
+
+Run with `make bench`; prints a table and writes docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+from crawler import load_job, run_job
+from crawler.dedup import SeenLog
+from crawler.endpoint import REVIEWS
+from crawler.sandbox import Catalogue
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
+REGIONS = ["US", "GB", "DE", "FR"]
+CONCURRENCY = 16
+ENV = {"KEYAPI_API_KEY": "sk_bench_key"}
+
+
+def targets() -> list[tuple[str, str]]:
+    return [(p, r) for p in PRODUCTS for r in REGIONS]
+
+
+async def bare_loop(base_url: str) -> tuple[float, int, int]:
+    """The practical ceiling: aiohttp + orjson walking the same cursors, nothing else."""
+    queue = list(targets())
+    pages = reviews = 0
+    headers = {"Authorization": "Bearer " + ENV["KEYAPI_API_KEY"]}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as s:
+
+        async def worker() -> None:
+            nonlocal pages, reviews
+            while queue:
+                product_id, region = queue.pop()
+                cursor: Any = 1
+                while True:
+                    params = {"product_id": product_id, "region": region, "offset": str(cursor)}
+                    async with s.get(base_url + REVIEWS.path, params=params, headers=headers) as r:
+                        data = orjson.loads(await r.read())["data"]
+                    pages += 1
+                    reviews += len(data["review_items"])
+                    if not data["has_more"]:
+                        break
+                    cursor = data["next_cursor"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return time.perf_counter() - started, pages, reviews
+
+
+async def crawler_run(base_url: str, folder: Path, commit_every: int) -> tuple[float, int, int]:
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "api": {
+                    "base_url": base_url,
+                    "requests_per_second": 1_000_000,
+                    "concurrency": CONCURRENCY,
+                },
+                "budget": {"max_credits": 10_000_000},
+                "output": {"dir": "out", "commit_every_pages": commit_every},
+                "targets": [{"product_id": p, "region": r} for p, r in targets()],
+            }
+        )
+    )
+    started = time.perf_counter()
+    result = await run_job(load_job(job), environ=ENV)
+    seconds = time.perf_counter() - started
+    totals = result.report["totals"]
+    return seconds, totals["pages"], totals["items"]
+
+
+def start_server(argv: list[str], ready: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith(ready), line
+    return process
+
+
+async def throughput(rows: list[str]) -> None:
+    port = 18931
+    server = start_server(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "server.py"),
+            str(port),
+            ",".join(PRODUCTS),
+            ",".join(REGIONS),
+        ],
+        "ready",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await bare_loop(url)  # warm-up: connections, caches
+        s1, p1, r1 = await bare_loop(url)  # the server measured alone, by the lightest client
+        with tempfile.TemporaryDirectory() as tmp:
+            s2, p2, r2 = await crawler_run(url, Path(tmp), 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            s3, p3, r3 = await crawler_run(url, Path(tmp), 100)
+    finally:
+        server.terminate()
+    rows.append("| walk | pages | pages/s | reviews/s | vs loop |")
+    rows.append("|---|---|---|---|---|")
+    rows.append(f"| bare aiohttp + orjson loop | {p1} | {p1 / s1:,.0f} | {r1 / s1:,.0f} | 1.00 |")
+    for name, s, p, r in (
+        ("crawler run, state saved every page", s2, p2, r2),
+        ("crawler run, state saved every 100 pages", s3, p3, r3),
+    ):
+        rows.append(f"| {name} | {p} | {p / s:,.0f} | {r / s:,.0f} | {(p / s) / (p1 / s1):.2f} |")
+
+
+async def rate_fidelity(rows: list[str]) -> None:
+    rows.append("")
+    rows.append("| configured req/s | achieved req/s | ratio | 429s |")
+    rows.append("|---|---|---|---|")
+    for rate in (5, 50, 500):
+        port = 18940 + rate % 97
+        server = start_server(
+            [
+                sys.executable,
+                "-m",
+                "crawler",
+                "sandbox",
+                "--port",
+                str(port),
+                "--rate",
+                str(rate),
+                "--latency-ms",
+                "50-300",
+                "--burst",
+                str(max(2, rate // 10)),
+            ],
+            "sandbox listening",
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                job = Path(tmp) / "job.yaml"
+                many = [str(1729679758111249333 + i) for i in range(400)]
+                job.write_text(
+                    yaml.safe_dump(
+                        {
+                            "api": {
+                                "base_url": url,
+                                "requests_per_second": rate,
+                                "concurrency": max(4, rate // 2),
+                            },
+                            "budget": {"max_credits": 10_000_000},
+                            "output": {"dir": "out"},
+                            "targets": [{"product_id": p, "regions": REGIONS} for p in many],
+                        }
+                    )
+                )
+                task = asyncio.create_task(run_job(load_job(job), environ=ENV))
+                window = 12.0 if rate == 5 else 6.0
+                await asyncio.sleep(2.0)  # past start-up
+                r0, t0 = await ledger(url)
+                await asyncio.sleep(window)
+                r1, t1 = await ledger(url)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                statuses = await ledger_statuses(url)
+        finally:
+            server.terminate()
+        achieved = (r1 - r0) / (t1 - t0)
+        rows.append(
+            f"| {rate} | {achieved:.1f} | {achieved / rate:.3f} | {statuses.get('429', 0)} |"
+        )
+
+
+async def ledger(url: str) -> tuple[int, float]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/_sandbox/ledger") as r:
+        doc = await r.json()
+    return sum(k["requests"] for k in doc["keys"].values()), time.perf_counter()
+
+
+async def ledger_statuses(url: str) -> dict[str, int]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/_sandbox/ledger") as r:
+        doc = await r.json()
+    out: dict[str, int] = {}
+    for book in doc["keys"].values():
+        for status, n in book["statuses"].items():
+            out[status] = out.get(status, 0) + n
+    return out
+
+
+def seen_memory(rows: list[str]) -> None:
+    rows.append("")
+    rows.append("| reviews seen | peak RSS (MiB) | growth per review over the 100k run (bytes) |")
+    rows.append("|---|---|---|")
+    base = None
+    for n in (100_000, 1_000_000, 5_000_000):
+        code = (
+            "import random,resource;from crawler.dedup import SeenIds;"
+            "s=SeenIds();r=random.Random(1)\n"
+            f"for _ in range({n}): s.add(str(r.randrange(10**18,10**19)))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
+        kib = int(subprocess.check_output([sys.executable, "-c", code], text=True))
+        if base is None:
+            base = (n, kib)
+            growth = "-"
+        else:
+            growth = f"{(kib - base[1]) * 1024 / (n - base[0]):.1f}"
+        rows.append(f"| {n:,} | {kib / 1024:.0f} | {growth} |")
+
+
+def resume_cost(rows: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = array("Q", range(10**18, 10**18 + 1_000_000 * 7919, 7919))
+        (Path(tmp) / "seen.u64").write_bytes(ids.tobytes())
+        started = time.perf_counter()
+        log = SeenLog(Path(tmp) / "seen.u64", Path(tmp) / "other", len(ids), 0)
+        seconds = time.perf_counter() - started
+        log.close()
+    rows.append("")
+    rows.append(f"Loading the seen-set of 1,000,000 reviews on resume: {seconds:.2f} s.")
+
+
+async def main() -> None:
+    rows: list[str] = []
+    await throughput(rows)
+    await rate_fidelity(rows)
+    seen_memory(rows)
+    resume_cost(rows)
+    table = "\n".join(rows)
+    print(table)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    doc = (
+        "# Benchmarks\n\n"
+        f"Measured with `make bench` (`python bench/run.py`) on {machine}, "
+        f"{time.strftime('%Y-%m-%d')}. Walk: {len(targets())} targets, "
+        f"{sum(Catalogue().review_count(p, r) for p, r in targets()):,} reviews, "
+        f"concurrency {CONCURRENCY}, server pre-rendered in a second process.\n\n"
+        f"{table}\n"
+    )
+    (ROOT / "docs" / "benchmarks.md").write_text(doc)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
