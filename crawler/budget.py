@@ -1,6 +1,8 @@
-"""The credit ledger: every request's credits are counted on disk before the request is sent."""
+"""The credit ledger: credits are leased on disk before the requests that use them are sent."""
 
 from __future__ import annotations
+
+import asyncio
 
 from crawler.config import BudgetSettings
 from crawler.errors import BudgetExhausted
@@ -10,44 +12,65 @@ from crawler.state import StateStore
 class Budget:
     """Hard ceilings for the job (over every run of it) and for each target.
 
-    A reservation is applied to the in-memory state at once, so concurrent walkers can never
-    reserve the same last credits twice, and awaited until durable, so a crash can never forget
-    a request that may have been sent. Retries are requests: each one reserves again.
+    Credits are leased in blocks of ``lease_requests`` requests: one durable ``L`` event (one
+    fsync) covers many requests, and no request is sent before its credits are covered. A crash
+    counts the whole unused lease as spent, so the job-wide ceiling holds through any crash; a
+    clean stop gives the unused part back. Retries are requests: each one takes credits again.
     """
 
-    def __init__(self, settings: BudgetSettings, store: StateStore) -> None:
+    def __init__(self, settings: BudgetSettings, store: StateStore, *, lease_requests: int) -> None:
         self._settings = settings
         self._store = store
+        self._block = settings.credits_per_request * max(1, lease_requests)
+        self._left = 0  # leased, durable, not used yet
+        self._lock = asyncio.Lock()
+        self._per_target: dict[str, int] = {}
 
     @property
     def spent(self) -> int:
-        return self._store.state.credits
+        """Credits of every request sent for the job so far, over every run (an upper bound)."""
+        state = self._store.state
+        return max(state.leased - self._left, state.credits)
 
-    @property
-    def remaining(self) -> int:
-        return max(0, self._settings.max_credits - self.spent)
+    def _target_spent(self, target_key: str) -> int:
+        if target_key not in self._per_target:
+            saved = self._store.state.targets.get(target_key)
+            self._per_target[target_key] = saved.credits if saved else 0
+        return self._per_target[target_key]
 
-    def check(self, target_key: str) -> None:
-        """Raise BudgetExhausted if the next request of this target would pass a ceiling."""
+    async def reserve(self, target_key: str) -> int:
+        """Take one request's credits; raise BudgetExhausted instead if over a ceiling."""
         cost = self._settings.credits_per_request
-        if self.spent + cost > self._settings.max_credits:
-            raise BudgetExhausted(
-                f"budget.max_credits reached: {self.spent} of {self._settings.max_credits} "
-                f"credits spent, a request costs {cost}",
-                job_wide=True,
-            )
         cap = self._settings.max_credits_per_target
-        target = self._store.state.targets.get(target_key)
-        spent_here = target.credits if target else 0
+        spent_here = self._target_spent(target_key)
         if cap is not None and spent_here + cost > cap:
             raise BudgetExhausted(
                 f"budget.max_credits_per_target reached: {spent_here} of {cap} credits",
                 job_wide=False,
             )
+        while self._left < cost:
+            async with self._lock:
+                if self._left < cost:
+                    await self._lease(cost)
+        self._left -= cost
+        self._per_target[target_key] = spent_here + cost
+        return cost
 
-    async def reserve(self, target_key: str) -> None:
-        """Count one request's credits durably; raise BudgetExhausted instead if over a ceiling."""
-        self.check(target_key)
-        await self._store.record(
-            [{"e": "R", "k": target_key, "c": self._settings.credits_per_request}]
-        )
+    async def _lease(self, cost: int) -> None:
+        state = self._store.state
+        room = self._settings.max_credits - state.leased
+        size = min(self._block, room - room % cost)
+        if size < cost:
+            raise BudgetExhausted(
+                f"budget.max_credits reached: {self.spent} of {self._settings.max_credits} "
+                f"credits spent, a request costs {cost}",
+                job_wide=True,
+            )
+        await self._store.record([{"e": "L", "c": size}])
+        self._left += size
+
+    async def give_back(self) -> None:
+        """End of run, no request in flight: return the unused lease to the budget."""
+        if self._left:
+            left, self._left = self._left, 0
+            await self._store.record([{"e": "L", "c": -left}])

@@ -34,7 +34,7 @@ def estimate(job: Job, state: JobState | None) -> dict[str, Any]:
             }
         )
     cost = job.budget.credits_per_request
-    spent = state.credits if state else 0
+    spent = max(state.leased, state.credits) if state else 0
     credits_needed = known_pages * cost
     available = job.budget.max_credits - spent
     return {

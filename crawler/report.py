@@ -53,7 +53,8 @@ def build(
             totals[name] += figures[name]
         targets.append(row)
     totals["seconds"] = round(totals["seconds"], 3)
-    totals["credits_charged"] = state.credits  # every reserved request, retries and failures too
+    # every request sent, retries, failures and a crash's unused lease included: an upper bound
+    totals["credits_charged"] = max(state.leased, state.credits)
     totals["max_credits"] = job.budget.max_credits
     totals["runs"] = state.runs
     totals["shards"] = len(state.shards) + (state.open_shard is not None)

@@ -152,7 +152,7 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
         endpoint=REVIEWS,
         client=client,
         gate=RateGate(job.api.requests_per_second),
-        budget=Budget(job.budget, store),
+        budget=Budget(job.budget, store, lease_requests=job.api.concurrency),
         door=door,
         writer=writer,
         counters=RunCounters(),
@@ -180,7 +180,7 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         "run started",
         targets=len(run.job.targets),
         pending=len(run.pending),
-        credits_spent=run.store.state.credits,
+        credits_spent=run.walker.budget.spent,
         max_credits=run.job.budget.max_credits,
     )
     async with asyncio.TaskGroup() as group:
@@ -192,6 +192,7 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         if workers:
             await asyncio.wait(workers)
         watchdog.cancel()
+        await run.walker.budget.give_back()
         await writer.close()
         await writer_task
         progress_task.cancel()
@@ -271,7 +272,7 @@ def _figures(run: _Run) -> Figures:
         pages=sum(t.pages for t in state.targets.values()),
         records=sum(t.records for t in state.targets.values()),
         duplicates=sum(t.duplicates for t in state.targets.values()),
-        credits=state.credits,
+        credits=run.walker.budget.spent,
         max_credits=run.job.budget.max_credits,
         requests=counters.requests,
         rate_limited=counters.rate_limited,

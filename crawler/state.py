@@ -6,9 +6,9 @@ the state after a crash is exactly the events that were fsynced. Saving costs on
 event, whatever the size of the job.
 
 Events (short keys keep the journal small):
-    R  credits reserved for a request of target k, before it is sent
-    P  a page of target k committed: cursor, counters, and the writer's position after it
-    F  target k failed, with the reason
+    L  credits leased for the next requests, before any of them is sent (negative: given back)
+    P  a page of target k committed: cursor, counters, credits, the writer's position after it
+    F  target k failed, with the reason and the credits its last tries cost
     O  a new shard opened;  S  the open shard sealed (records, bytes, sha256)
 """
 
@@ -58,7 +58,8 @@ class JobState:
     output: dict[str, Any]
     generation: int = 0
     runs: int = 0
-    credits: int = 0
+    leased: int = 0  # credits that requests may have used: the ceiling is checked against this
+    credits: int = 0  # credits attributed to targets by committed pages and failures
     next_shard: int = 1
     open_shard: ShardInfo | None = None
     shards: list[ShardInfo] = field(default_factory=list)
@@ -92,11 +93,12 @@ class JobState:
 def apply(state: JobState, event: Event) -> None:
     """The one place where state changes: live and on replay alike."""
     kind = event["e"]
-    if kind == "R":
-        state.credits += event["c"]
-        state.target(event["k"]).credits += event["c"]
+    if kind == "L":
+        state.leased += event["c"]
     elif kind == "P":
         t = state.target(event["k"])
+        t.credits += event["c"]
+        state.credits += event["c"]
         t.cursor, t.exhausted, t.failed = event["cur"], event["x"], None
         t.pages += 1
         t.items += event["i"]
@@ -112,6 +114,8 @@ def apply(state: JobState, event: Event) -> None:
         state.seen, state.seen_other = event["w"][2], event["w"][3]
     elif kind == "F":
         t = state.target(event["k"])
+        t.credits += event["c"]
+        state.credits += event["c"]
         t.failed = event["why"]
         t.retries += event["r"]
         t.rate_limited += event["q"]

@@ -56,9 +56,18 @@ class RunCounters:
 
 
 class _GiveUp(Exception):
-    def __init__(self, reason: str, retries: int, rate_limited: int) -> None:
+    def __init__(self, reason: str, cost: _Cost) -> None:
         super().__init__(reason)
-        self.reason, self.retries, self.rate_limited = reason, retries, rate_limited
+        self.reason, self.cost = reason, cost
+
+
+@dataclass
+class _Cost:
+    """What one page's tries cost, reported with the page or the failure."""
+
+    credits: int = 0
+    retries: int = 0
+    rate_limited: int = 0
 
 
 class _Stopped(Exception):
@@ -95,7 +104,7 @@ class Walker:
             if not self.door.open:
                 return Outcome.PENDING, None
             try:
-                page, retries, rate_limited, seconds = await self._fetch(target, cursor)
+                page, cost, seconds = await self._fetch(target, cursor)
             except BudgetExhausted as exc:
                 if exc.job_wide:
                     self.door.close("budget")
@@ -105,8 +114,9 @@ class Walker:
             except _Stopped:
                 return Outcome.PENDING, None
             except _GiveUp as exc:
+                c = exc.cost
                 await self.writer.put(
-                    TargetFailed(target, exc.reason, exc.retries, exc.rate_limited)
+                    TargetFailed(target, exc.reason, c.credits, c.retries, c.rate_limited)
                 )
                 log.warning("target failed", reason=exc.reason)
                 return Outcome.FAILED, exc.reason
@@ -119,15 +129,16 @@ class Walker:
                     not page.has_more,
                     page.total,
                     _now(),
-                    retries,
-                    rate_limited,
+                    cost.credits,
+                    cost.retries,
+                    cost.rate_limited,
                     seconds,
                 )
             )
             pages += 1
             if stuck:
                 reason = f"the API gave the same cursor {cursor!r} again"
-                await self.writer.put(TargetFailed(target, reason, 0, 0))
+                await self.writer.put(TargetFailed(target, reason, 0, 0, 0))
                 return Outcome.FAILED, reason
             if not page.has_more:
                 return Outcome.DONE, None
@@ -135,37 +146,38 @@ class Walker:
             cursor = page.next_cursor
         return Outcome.DONE, None
 
-    async def _fetch(self, target: Target, cursor: Cursor) -> tuple[Page, int, int, float]:
+    async def _fetch(self, target: Target, cursor: Cursor) -> tuple[Page, _Cost, float]:
         started = self.clock()
         tries = self.policy.start(started)
-        retries = rate_limited = 0
+        cost = _Cost()
         while True:
             await self.gate.acquire()
             if not self.door.open:
                 raise _Stopped
-            await self.budget.reserve(target.key)
+            cost.credits += await self.budget.reserve(target.key)
             self.counters.requests += 1
             try:
                 page = await self.client.fetch(self.endpoint, target, cursor)
             except RateLimited as exc:
-                rate_limited += 1
+                cost.rate_limited += 1
                 self.counters.rate_limited += 1
                 self.gate.on_rate_limited(exc.retry_after)
                 if not tries.may_retry_rate_limited():
-                    raise _GiveUp(f"{exc} (too many in a row)", retries, rate_limited) from None
+                    raise _GiveUp(f"{exc} (too many in a row)", cost) from None
                 continue
             except RetryableError as exc:
                 delay = tries.next_delay(self.clock())
                 if delay is None:
-                    reason = f"{exc} (gave up after {tries.attempts} attempts)"
-                    raise _GiveUp(reason, retries, rate_limited) from None
-                retries += 1
+                    raise _GiveUp(
+                        f"{exc} (gave up after {tries.attempts} attempts)", cost
+                    ) from None
+                cost.retries += 1
                 self.counters.retries += 1
                 await self.sleep(delay)
                 continue
             except TargetError as exc:
-                raise _GiveUp(str(exc), retries, rate_limited) from None
-            return page, retries, rate_limited, self.clock() - started
+                raise _GiveUp(str(exc), cost) from None
+            return page, cost, self.clock() - started
 
 
 def _now() -> str:

@@ -34,6 +34,7 @@ class PageDone:
     exhausted: bool
     total: int | None
     fetched_at: str
+    credits: int
     retries: int
     rate_limited: int
     seconds: float
@@ -43,6 +44,7 @@ class PageDone:
 class TargetFailed:
     target: Target
     reason: str
+    credits: int
     retries: int
     rate_limited: int
 
@@ -137,6 +139,7 @@ class Writer:
                         "e": "F",
                         "k": work.target.key,
                         "why": work.reason,
+                        "c": work.credits,
                         "r": work.retries,
                         "q": work.rate_limited,
                     }
@@ -189,6 +192,7 @@ class Writer:
             "i": len(work.items),
             "n": new,
             "d": dups,
+            "c": work.credits,
             "r": work.retries,
             "q": work.rate_limited,
             "t": round(work.seconds, 3),
