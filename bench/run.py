@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
 REGIONS = ["US", "GB", "DE", "FR"]
 CONCURRENCY = 16
+COMPRESSION = "none"
 ENV = {"KEYAPI_API_KEY": "sk_bench_key"}
 
 
@@ -75,7 +76,11 @@ async def crawler_run(base_url: str, folder: Path, commit_every: int) -> tuple[f
                     "concurrency": CONCURRENCY,
                 },
                 "budget": {"max_credits": 10_000_000},
-                "output": {"dir": "out", "commit_every_pages": commit_every},
+                "output": {
+                    "dir": "out",
+                    "commit_every_pages": commit_every,
+                    "compression": COMPRESSION,
+                },
                 "targets": [{"product_id": p, "region": r} for p, r in targets()],
             }
         )

@@ -102,7 +102,7 @@ class SeenLog:
     """
 
     def __init__(self, ids_path: Path, other_path: Path, count: int, other_bytes: int) -> None:
-        self.seen = SeenIds(capacity=count)
+        self.seen = SeenIds(capacity=max(count, 1 << 16))  # 0.7 MB: no resizing for small jobs
         self._ids_fd = _open_at(ids_path, count * 8)
         self._other_fd = _open_at(other_path, other_bytes)
         self.count = count
@@ -119,7 +119,7 @@ class SeenLog:
         self._pending_other: list[str] = []
 
     def add(self, review_id: str) -> bool:
-        """True when new; the id is then queued for the next ``write``."""
+        """True when new; the id is then queued until ``take``."""
         key = as_u64(review_id)
         if key is None:
             if not self.seen.add(review_id):
@@ -131,19 +131,22 @@ class SeenLog:
         self._pending_ids.append(key)
         return True
 
-    def write(self) -> None:
-        """Append queued ids and fsync; ``count`` and ``other_bytes`` are then the new lengths."""
-        if self._pending_ids:
-            _write_all(self._ids_fd, self._pending_ids.tobytes())
+    def take(self) -> tuple[bytes, bytes]:
+        """The ids queued since the last ``take``, as the bytes ``write`` appends."""
+        ids, other = self._pending_ids.tobytes(), "".join(self._pending_other).encode()
+        self._pending_ids, self._pending_other = array("Q"), []
+        return ids, other
+
+    def write(self, ids: bytes, other: bytes) -> None:
+        """Append and fsync; ``count`` and ``other_bytes`` are then the new committed lengths."""
+        if ids:
+            _write_all(self._ids_fd, ids)
             os.fsync(self._ids_fd)
-            self.count += len(self._pending_ids)
-            self._pending_ids = array("Q")
-        if self._pending_other:
-            data = "".join(self._pending_other).encode()
-            _write_all(self._other_fd, data)
+            self.count += len(ids) // 8
+        if other:
+            _write_all(self._other_fd, other)
             os.fsync(self._other_fd)
-            self.other_bytes += len(data)
-            self._pending_other = []
+            self.other_bytes += len(other)
 
     def close(self) -> None:
         os.close(self._ids_fd)

@@ -58,7 +58,12 @@ class CursorEndpoint:
         return Page(items, cursor, has_more, total if isinstance(total, int) else None)
 
     def item_id(self, item: Mapping[str, Any]) -> str | None:
-        value = _dig(item, self.item_id_at)
+        try:  # the per-review hot path: plain indexing first, the careful walk only on a miss
+            value = item
+            for key in self.item_id_at:
+                value = value[key]  # a miss raises, caught below
+        except (KeyError, TypeError, IndexError):
+            return None
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         return value if isinstance(value, str) and value else None

@@ -72,6 +72,8 @@ class OpenShard:
         os.ftruncate(fd, info.bytes)  # cut a crash's uncommitted tail
         os.lseek(fd, 0, os.SEEK_END)
         self._fd = fd
+        # hashed as written; a shard reopened after a crash is hashed from the file at its seal
+        self._digest: Any = hashlib.sha256() if info.bytes == 0 else None
         self.bytes = info.bytes
         self.records = info.records
 
@@ -81,6 +83,8 @@ class OpenShard:
         while view:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
+        if self._digest is not None:
+            self._digest.update(data)
         self.bytes += len(data)
         self.records += records
 
@@ -93,7 +97,7 @@ class OpenShard:
             "file": self.info.file,
             "rec": self.records,
             "bytes": self.bytes,
-            "sha256": sha256_of(self.path),
+            "sha256": self._digest.hexdigest() if self._digest else sha256_of(self.path),
         }
 
     def close(self) -> None:

@@ -1,7 +1,13 @@
 """Pages in, reviews out: drop ids already seen, append to the open shard, commit, roll over.
 
-The writer is the only task that touches shards and the seen-set. Its commit order is what makes
-resume exact: shard bytes and seen ids are fsynced first, then the state events that count them.
+The writer is the only owner of shards and the seen-set. Its commit order is what makes resume
+exact: shard bytes and seen ids are fsynced first, then the state events that count them.
+
+A page is rendered as soon as it is handed over (``put``): its duplicates dropped, its reviews
+turned into record lines, and the parsed page freed at once, which keeps memory small and hot.
+Then two stages: ``plan`` splits a batch of rendered pages over shards; ``commit`` writes and
+fsyncs the previous batch in a thread meanwhile, then records its events. Each page carries
+exactly its own lines and ids, so a batch's events never count bytes of another.
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ class TargetFailed:
     rate_limited: int
 
 
-Work = PageDone | TargetFailed
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    event: Event
+    lines: list[bytes]
+    ids: bytes
+    other_ids: bytes
+
+
 _CLOSE = None
 
 
@@ -59,6 +72,16 @@ class WriterCounters:
     duplicates: int = 0
     pages: int = 0
     without_id: int = 0
+
+
+@dataclass
+class _Prepared:
+    """A rendered batch: file operations in order, then the events that commit them."""
+
+    ops: list[tuple[OpenShard, list[bytes]] | Event]  # a segment to write, or an O event
+    ids: list[bytes]
+    other_ids: list[bytes]
+    page_events: list[Event]
 
 
 class Writer:
@@ -84,35 +107,58 @@ class Writer:
         self._compress = compressor(compression)
         self._shard_max = shard_max_records
         self._commit_every = commit_every_pages
-        self._queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=queue_size)
-        self._shard: OpenShard | None = None
+        self._queue: asyncio.Queue[_Rendered | None] = asyncio.Queue(maxsize=queue_size)
+        self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
         self.counters = WriterCounters()
         state = store.state
+        # the shard the committer appends to, and the one the renderer plans for (ahead of it)
+        self._shard: OpenShard | None = None
         if state.open_shard is not None:
             self._shard = OpenShard(layout.shard(state.open_shard.file), state.open_shard)
+        self._plan_shard = self._shard
+        self._plan_records = self._shard.records if self._shard else 0
+        self._next_shard = state.next_shard
 
-    async def put(self, work: Work) -> None:
-        """Hand over a page; waits while the queue is full, so a slow disk slows the walkers."""
-        await self._queue.put(work)
+    async def put(self, work: PageDone | TargetFailed) -> None:
+        """Hand over a page or a failure; waits while the queue is full, so a slow disk slows
+        the walkers."""
+        await self._queue.put(self._render(work))
 
     async def close(self) -> None:
         await self._queue.put(_CLOSE)
 
     async def run(self) -> None:
-        """Commit batches until ``close``; then seal the open shard and write the manifest."""
+        """Render and commit until ``close``; then seal the open shard and write the manifest."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._render_loop())
+            group.create_task(self._commit_loop())
+        await self._finish()
+
+    async def _render_loop(self) -> None:
         while True:
             batch, closing = await self._next_batch()
             if batch:
-                await self._commit(batch)
+                await self._prepared.put(self._prepare(batch))
             if closing:
-                break
-        await self._finish()
+                await self._prepared.put(None)
+                return
 
-    async def _next_batch(self) -> tuple[list[Work], bool]:
+    async def _commit_loop(self) -> None:
+        while (prepared := await self._prepared.get()) is not None:
+            shard_events = await asyncio.to_thread(self._write_files, prepared)
+            position = self._position()
+            for event in prepared.page_events:
+                if event["e"] == "P":
+                    event["w"] = position
+            await self._store.record(shard_events + prepared.page_events)
+            if any(e["e"] == "S" for e in shard_events):
+                write_manifest(self._layout, self._store.state)
+
+    async def _next_batch(self) -> tuple[list[_Rendered], bool]:
         first = await self._queue.get()
         if first is _CLOSE:
             return [], True
-        batch: list[Work] = [first]
+        batch: list[_Rendered] = [first]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 1.0
         while True:
@@ -129,32 +175,29 @@ class Writer:
                 return batch, True
             batch.append(item)
 
-    async def _commit(self, batch: list[Work]) -> None:
+    def _render(self, work: PageDone | TargetFailed) -> _Rendered:
+        if isinstance(work, TargetFailed):
+            event = {
+                "e": "F",
+                "k": work.target.key,
+                "why": work.reason,
+                "c": work.credits,
+                "r": work.retries,
+                "q": work.rate_limited,
+            }
+            return _Rendered(event, [], b"", b"")
         lines: list[bytes] = []
-        page_events: list[Event] = []
-        for work in batch:
-            if isinstance(work, TargetFailed):
-                page_events.append(
-                    {
-                        "e": "F",
-                        "k": work.target.key,
-                        "why": work.reason,
-                        "c": work.credits,
-                        "r": work.retries,
-                        "q": work.rate_limited,
-                    }
-                )
-            else:
-                page_events.append(self._add_page(work, lines))
-        segments, shard_events = self._plan(lines)
-        shard_events = await asyncio.to_thread(self._write_files, segments, shard_events)
-        position = self._position()
-        for event in page_events:
-            if event["e"] == "P":
-                event["w"] = position
-        await self._store.record(shard_events + page_events)
-        if any(e["e"] == "S" for e in shard_events):
-            write_manifest(self._layout, self._store.state)
+        event = self._add_page(work, lines)
+        return _Rendered(event, lines, *self._seen.take())
+
+    def _prepare(self, batch: list[_Rendered]) -> _Prepared:
+        lines = [line for page in batch for line in page.lines]
+        return _Prepared(
+            self._plan(lines),
+            [page.ids for page in batch],
+            [page.other_ids for page in batch],
+            [page.event for page in batch],
+        )
 
     def _add_page(self, work: PageDone, lines: list[bytes]) -> Event:
         """Dedup a page's items into record lines; the page's commit event."""
@@ -199,41 +242,41 @@ class Writer:
             "tot": work.total,
         }
 
-    def _plan(self, lines: list[bytes]) -> tuple[list[tuple[OpenShard, list[bytes]]], list[Event]]:
+    def _plan(self, lines: list[bytes]) -> list[tuple[OpenShard, list[bytes]] | Event]:
         """Split record lines over shards of at most ``shard_max_records``, opening new ones."""
-        segments: list[tuple[OpenShard, list[bytes]]] = []
-        events: list[Event] = []
-        shard = self._shard
+        ops: list[tuple[OpenShard, list[bytes]] | Event] = []
         start = 0
         while start < len(lines):
-            if shard is None or shard.records + _pending(segments, shard) >= self._shard_max:
-                name = shard_name(self._store.state.next_shard + len(events), self._compression)
-                shard = OpenShard(self._layout.shard(name), ShardInfo(name))
-                events.append({"e": "O", "file": name})
-            room = self._shard_max - shard.records - _pending(segments, shard)
-            segments.append((shard, lines[start : start + room]))
-            start += room
-        self._shard = shard
-        return segments, events
+            if self._plan_shard is None or self._plan_records >= self._shard_max:
+                name = shard_name(self._next_shard, self._compression)
+                self._next_shard += 1
+                self._plan_shard = OpenShard(self._layout.shard(name), ShardInfo(name))
+                self._plan_records = 0
+                ops.append({"e": "O", "file": name})
+            room = self._shard_max - self._plan_records
+            segment = lines[start : start + room]
+            ops.append((self._plan_shard, segment))
+            self._plan_records += len(segment)
+            start += len(segment)
+        return ops
 
-    def _write_files(
-        self, segments: list[tuple[OpenShard, list[bytes]]], opened: list[Event]
-    ) -> list[Event]:
-        """Off the loop: write and fsync each segment and the seen ids; seal full shards.
+    def _write_files(self, prepared: _Prepared) -> list[Event]:
+        """Off the loop: write and fsync the batch's segments and ids; seal full shards.
 
         Returns the shard events in the order they happened: each seal before the next open.
         """
         events: list[Event] = []
-        unannounced = {event["file"]: event for event in opened}
-        for shard, lines in segments:
-            if shard.info.file in unannounced:
-                events.append(unannounced.pop(shard.info.file))
+        for op in prepared.ops:
+            if isinstance(op, dict):
+                events.append(op)
+                continue
+            shard, lines = op
+            self._shard = shard
             shard.append(self._compress(b"".join(lines)), len(lines))
             if shard.records >= self._shard_max:
                 events.append(shard.seal())
-                if shard is self._shard:
-                    self._shard = None
-        self._seen.write()
+                self._shard = None
+        self._seen.write(b"".join(prepared.ids), b"".join(prepared.other_ids))
         return events
 
     def _position(self) -> list[int]:
@@ -256,7 +299,3 @@ class Writer:
             shard.close()
         write_manifest(self._layout, self._store.state)
         self._seen.close()
-
-
-def _pending(segments: list[tuple[OpenShard, list[bytes]]], shard: OpenShard) -> int:
-    return sum(len(lines) for s, lines in segments if s is shard)

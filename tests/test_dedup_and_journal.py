@@ -27,10 +27,10 @@ def test_seen_log_keeps_committed_ids_only(tmp_path: Path):
     ids_path, other_path = tmp_path / "seen.u64", tmp_path / "seen-other.txt"
     log = SeenLog(ids_path, other_path, 0, 0)
     assert log.add("1234567890123456789") and log.add("x-1")
-    log.write()
+    log.write(*log.take())
     committed, other = log.count, log.other_bytes
     assert log.add("1234567890123456790")
-    log.write()  # written, but say a crash came before the state counted it
+    log.write(*log.take())  # written, but say a crash came before the state counted it
     log.close()
     reopened = SeenLog(ids_path, other_path, committed, other)
     assert not reopened.add("1234567890123456789") and not reopened.add("x-1")
