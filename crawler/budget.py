@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from crawler.config import BudgetSettings
 from crawler.errors import BudgetExhausted
@@ -12,16 +14,30 @@ from crawler.state import StateStore
 class Budget:
     """Hard ceilings for the job (over every run of it) and for each target.
 
-    Credits are leased in blocks of ``lease_requests`` requests: one durable ``L`` event (one
-    fsync) covers many requests, and no request is sent before its credits are covered. A crash
-    counts the whole unused lease as spent, so the job-wide ceiling holds through any crash; a
-    clean stop gives the unused part back. Retries are requests: each one takes credits again.
+    Credits are leased in blocks: one durable ``L`` event (one fsync) covers many requests, and
+    no request is sent before its credits are covered. A crash counts the whole unused lease as
+    spent, so the job-wide ceiling holds through any crash; a clean stop gives the unused part
+    back. Retries are requests: each one takes credits again.
+
+    A block starts at ``lease_requests`` requests and doubles while leases come less than a
+    second apart (up to 64 times), halving again when they slow down: a lease lasts about a
+    second at any pace, so a crash costs at most about a second of requests' allowance.
     """
 
-    def __init__(self, settings: BudgetSettings, store: StateStore, *, lease_requests: int) -> None:
+    def __init__(
+        self,
+        settings: BudgetSettings,
+        store: StateStore,
+        *,
+        lease_requests: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._store = store
-        self._block = settings.credits_per_request * max(1, lease_requests)
+        self._base = settings.credits_per_request * max(1, lease_requests)
+        self._block = self._base
+        self._clock = clock
+        self._last_lease = -1e9
         self._left = 0  # leased, durable, not used yet
         self._lock = asyncio.Lock()
         self._per_target: dict[str, int] = {}
@@ -58,6 +74,12 @@ class Budget:
 
     async def _lease(self, cost: int) -> None:
         state = self._store.state
+        now = self._clock()
+        if now - self._last_lease < 1.0:
+            self._block = min(self._block * 2, self._base * 64)
+        else:
+            self._block = max(self._base, self._block // 2)
+        self._last_lease = now
         room = self._settings.max_credits - state.leased
         size = min(self._block, room - room % cost)
         if size < cost:
