@@ -57,6 +57,9 @@ class _Run:
     pending: deque[Target]
     outcomes: dict[str, tuple[Outcome, str | None]] = field(default_factory=dict)
     fatal: RunStopped | None = None
+    # retries and 429s of earlier runs: the display adds this run's live counts to them
+    earlier_retries: int = 0
+    earlier_rate_limited: int = 0
 
 
 async def run_job(
@@ -165,7 +168,17 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
         for t in job.targets
         if report.target_status(limit_of[t.key], store.state.target(t.key)) != "done"
     )
-    return _Run(job, store, walker, door, asyncio.Event(), pending)
+    saved = store.state.targets.values()
+    return _Run(
+        job,
+        store,
+        walker,
+        door,
+        asyncio.Event(),
+        pending,
+        earlier_retries=sum(t.retries for t in saved),
+        earlier_rate_limited=sum(t.rate_limited for t in saved),
+    )
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -275,8 +288,8 @@ def _figures(run: _Run) -> Figures:
         credits=run.walker.budget.spent,
         max_credits=run.job.budget.max_credits,
         requests=counters.requests,
-        rate_limited=counters.rate_limited,
-        retries=counters.retries,
+        rate_limited=run.earlier_rate_limited + counters.rate_limited,
+        retries=run.earlier_retries + counters.retries,
         failed=failed,
         pages_left=pages_left if per_page else None,
     )

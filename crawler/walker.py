@@ -133,6 +133,7 @@ class Walker:
                     cost.retries,
                     cost.rate_limited,
                     seconds,
+                    last=not page.has_more or (limit is not None and pages + 1 >= limit),
                 )
             )
             pages += 1

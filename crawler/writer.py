@@ -44,6 +44,7 @@ class PageDone:
     retries: int
     rate_limited: int
     seconds: float
+    last: bool = False  # the target's walk ends with this page: log its summary once committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class _Rendered:
     lines: list[bytes]
     ids: bytes
     other_ids: bytes
+    finishes: Target | None = None
 
 
 _CLOSE = None
@@ -82,6 +84,7 @@ class _Prepared:
     ids: list[bytes]
     other_ids: list[bytes]
     page_events: list[Event]
+    finished: list[Target]
 
 
 class Writer:
@@ -153,6 +156,24 @@ class Writer:
             await self._store.record(shard_events + prepared.page_events)
             if any(e["e"] == "S" for e in shard_events):
                 write_manifest(self._layout, self._store.state)
+            for target in prepared.finished:
+                self._log_finished(target)
+
+    def _log_finished(self, target: Target) -> None:
+        saved = self._store.state.target(target.key)
+        log.info(
+            "target finished",
+            product_id=target.product_id,
+            region=target.region,
+            pages=saved.pages,
+            reviews=saved.records,
+            duplicates=saved.duplicates,
+            credits=saved.credits,
+            retries=saved.retries,
+            rate_limited=saved.rate_limited,
+            seconds=round(saved.seconds, 3),
+            review_count=saved.review_count,
+        )
 
     async def _next_batch(self) -> tuple[list[_Rendered], bool]:
         first = await self._queue.get()
@@ -188,7 +209,8 @@ class Writer:
             return _Rendered(event, [], b"", b"")
         lines: list[bytes] = []
         event = self._add_page(work, lines)
-        return _Rendered(event, lines, *self._seen.take())
+        ids, other_ids = self._seen.take()
+        return _Rendered(event, lines, ids, other_ids, work.target if work.last else None)
 
     def _prepare(self, batch: list[_Rendered]) -> _Prepared:
         lines = [line for page in batch for line in page.lines]
@@ -197,6 +219,7 @@ class Writer:
             [page.ids for page in batch],
             [page.other_ids for page in batch],
             [page.event for page in batch],
+            [page.finishes for page in batch if page.finishes is not None],
         )
 
     def _add_page(self, work: PageDone, lines: list[bytes]) -> Event:
