@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="the job's progress from saved state, offline")
     status.add_argument("job", type=Path)
     status.add_argument("--json", action="store_true")
+    status.add_argument("--all", action="store_true", help="list finished targets too")
     status.set_defaults(handler=_status)
 
     check = commands.add_parser("verify", help="check shards against the manifest; no duplicates")
@@ -98,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--credits", type=int, default=None, help="balance of each key")
     sandbox.add_argument("--charge-failures", action="store_true")
     sandbox.add_argument("--rate", type=float, default=None, help="requests/s allowed per key")
-    sandbox.add_argument("--burst", type=float, default=2.0)
+    sandbox.add_argument(
+        "--burst",
+        type=float,
+        default=None,
+        help="requests a key may send at once (default: max(2, rate/10))",
+    )
     sandbox.add_argument("--fault-rate", type=float, default=0.0)
     sandbox.add_argument("--faults", default=",".join(FAULT_KINDS))
     sandbox.add_argument("--slow-seconds", type=float, default=2.0)
@@ -122,7 +128,7 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
     totals = doc["totals"]
     print(
         f"{doc['targets_total']} targets: {counts}; {totals['records']:,} reviews in "
-        f"{totals['shards']} shards; {totals['credits_charged']:,} of "
+        f"{_plural(totals['shards'], 'shard')}; {totals['credits_charged']:,} of "
         f"{totals['max_credits']:,} credits (exit {status})",
         file=sys.stderr,
     )
@@ -181,6 +187,8 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return 0
+    totals = doc["totals"]
+    runs = _plural(state.runs, "run")
     table = Table(
         "product_id",
         "region",
@@ -191,32 +199,24 @@ def _status(args: argparse.Namespace) -> int:
         "credits",
         "retries",
         "429s",
-        title=f"{job.path}: {state.runs} runs",
+        title=f"{job.path}: {runs}, {totals['credits_charged']:,} of "
+        f"{totals['max_credits']:,} credits, {_plural(totals['shards'], 'shard')}",
     )
-    for row in doc["targets"]:
+    shown = [row for row in doc["targets"] if args.all or row["status"] != "done"]
+    for row in shown:
         status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-        table.add_row(
-            row["product_id"],
-            row["region"],
-            status,
-            *(
-                str(row[k])
-                for k in ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
-            ),
-        )
-    totals = doc["totals"]
+        figures = (row[k] for k in _COLUMNS)
+        table.add_row(row["product_id"], row["region"], status, *(f"{n:,}" for n in figures))
+    if len(shown) < len(doc["targets"]):
+        table.caption = f"{len(doc['targets']) - len(shown)} finished targets not listed (--all)"
     table.add_section()
-    table.add_row(
-        "total",
-        "",
-        ", ".join(f"{n} {s}" for s, n in doc["targets_by_status"].items()),
-        *(
-            str(totals[k])
-            for k in ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
-        ),
-    )
+    by_status = ", ".join(f"{n} {s}" for s, n in doc["targets_by_status"].items())
+    table.add_row("total", "", by_status, *(f"{totals[k]:,}" for k in _COLUMNS))
     Console(width=120).print(table)
     return 0
+
+
+_COLUMNS = ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
 
 
 def _saved_state(job: Job) -> Any:
@@ -276,3 +276,7 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 def _n(value: int | None) -> str:
     return "?" if value is None else f"{value:,}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

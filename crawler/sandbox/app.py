@@ -40,7 +40,7 @@ class SandboxOptions:
     credits: int | None = None  # balance of each key; None: unlimited
     charge_failures: bool = False  # charge faulted answers too, not only answered pages
     rate: float | None = None  # requests per second allowed per key
-    burst: float = 2.0
+    burst: float | None = None  # requests a key may send at once; None: a tenth of a second's
     fault_rate: float = 0.0
     faults: tuple[str, ...] = FAULT_KINDS
     slow_seconds: float = 2.0
@@ -68,6 +68,8 @@ class Sandbox:
         self.catalogue = Catalogue(options.page_size)
         self.ledgers: dict[str, KeyLedger] = {}
         self._rng = random.Random(options.seed)
+        burst = options.burst
+        self._burst = burst if burst is not None else max(2.0, (options.rate or 0) / 10)
         sample = resources.files("crawler.sandbox").joinpath("sample-reviews-page.json")
         self._sample = orjson.loads(sample.read_bytes())
 
@@ -83,7 +85,7 @@ class Sandbox:
         opts = self.options
         if key is None or (opts.keys is not None and key not in opts.keys):
             return _error(401, 40100, "missing or invalid API key")
-        book = self.ledgers.setdefault(key_fingerprint(key), KeyLedger(tokens=opts.burst))
+        book = self.ledgers.setdefault(key_fingerprint(key), KeyLedger(tokens=self._burst))
         book.requests += 1
         response = await self._answer(request, key, book)
         book.statuses[str(response.status)] += 1
@@ -117,7 +119,7 @@ class Sandbox:
         if rate is None:
             return 0.0
         now = time.monotonic()
-        book.tokens = min(self.options.burst, book.tokens + (now - book.refilled) * rate)
+        book.tokens = min(self._burst, book.tokens + (now - book.refilled) * rate)
         book.refilled = now
         if book.tokens >= 1:
             book.tokens -= 1
