@@ -315,9 +315,6 @@ def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
     live = {k: (str(o), why) for k, (o, why) in run.outcomes.items()}
     doc = report.build(run.job, run.store.state, live_status=live, run=run_info)
     write_atomically(layout.report, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-    for target_key, (outcome, why) in run.outcomes.items():
-        if outcome == Outcome.FAILED:
-            log.warning("target failed", target=target_key, reason=why)
     return RunResult(status, run.door.reason, run.outcomes, doc)
 
 

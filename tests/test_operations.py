@@ -1,0 +1,100 @@
+"""What an operator sees from a script: JSON logs, the run report, status --json, across a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from crawler import load_job
+from crawler.sandbox import key_fingerprint
+from tests.conftest import KEY, PRODUCTS, crawler_command, output_ids, subprocess_env, write_job
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
+
+
+async def _crawler(*args: str) -> tuple[int, bytes, bytes]:
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command(*args),
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+def _json_lines(text: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith(b"{")]
+
+
+async def test_json_logs_without_a_terminal(tmp_path: Path, served):
+    url, _ = served
+    targets: list[dict[str, Any]] = [*TARGETS[:2], {"product_id": "123", "region": "US"}]
+    job = write_job(tmp_path, url, targets)
+    status, _, stderr = await _crawler("run", str(job))
+    assert status == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    events = _json_lines(stderr)
+    assert len(events) == len(lines) - 2  # all JSON but the closing summary (two lines)
+    names = [e["event"] for e in events]
+    assert names[0] == "run started" and "run finished" in names
+    finished = [e for e in events if e["event"] == "target finished"]
+    assert len(finished) == 6
+    failed = [e for e in events if e["event"] == "target failed"]
+    assert [(e["product_id"], e["region"]) for e in failed] == [("123", "US")]
+    assert failed[0]["reason"].startswith("400")
+    for event in finished + failed[:1]:
+        assert event["region"] in ("US", "GB", "DE")
+    # quiet by default: nothing per page
+    pages = sum(e["pages"] for e in finished)
+    assert len(events) < pages
+
+
+async def test_report_and_status_are_cumulative_across_a_kill(tmp_path: Path, sandbox):
+    async with sandbox(latency=(0.005, 0.01)) as (url, box):
+        job = write_job(tmp_path, url, TARGETS, api={"requests_per_second": 150})
+        process = await asyncio.create_subprocess_exec(
+            *crawler_command("run", str(job)),
+            env=subprocess_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await asyncio.sleep(1.5)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        status, stdout, _ = await _crawler("status", "--json", str(job))
+        assert status == 0
+        middle = orjson.loads(stdout)
+        assert middle["targets_by_status"].get("pending", 0) > 0
+        assert middle["totals"]["pages"] > 0
+        status, _, stderr = await _crawler("run", str(job))
+        assert status == 0, stderr.decode()
+        charged = box.ledgers[key_fingerprint(KEY)].charged
+    status, stdout, _ = await _crawler("status", "--json", str(job))
+    final = orjson.loads(stdout)
+    report = orjson.loads((load_job(job).output.dir / "run-report.json").read_bytes())
+    for doc in (final, report):
+        totals = doc["totals"]
+        assert doc["targets_by_status"] == {"done": len(TARGETS) * 3}
+        assert totals["runs"] == 2
+        assert totals["records"] == len(output_ids(load_job(job).output.dir))
+        assert totals["pages"] >= middle["totals"]["pages"]
+        # every request the sandbox charged is counted; a kill's unused lease is counted too
+        assert charged <= totals["credits_charged"] <= charged + 2 * 64 * 8
+    assert report["run"]["exit_status"] == 0
+    row = report["targets"][0]
+    assert {
+        "status",
+        "pages",
+        "records",
+        "duplicates",
+        "credits",
+        "retries",
+        "rate_limited",
+        "seconds",
+    } <= set(row)
