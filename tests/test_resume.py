@@ -173,3 +173,26 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     _, stderr = await process.communicate()
     assert process.returncode == 2
     assert b"corrupt" in stderr and b"Traceback" not in stderr
+
+
+async def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path, sandbox):
+    async with sandbox(latency=(0.5, 1.0)) as (url, box):
+        api = {"requests_per_second": 100, "shutdown_grace_seconds": 60}
+        job = write_job(tmp_path, url, TARGETS, api=api)
+        process = await _start(job)
+        await asyncio.sleep(2.0)
+        process.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        second = loop.time()
+        process.send_signal(signal.SIGINT)
+        _, stderr = await process.communicate()
+        assert process.returncode == 130, stderr.decode()
+        assert loop.time() - second < 5  # not the 60 s grace
+    async with sandbox() as (url, box):  # the same catalogue, without the slow answers
+        write_job(tmp_path, url, TARGETS, api={"requests_per_second": 400})
+        process = await _start(job)
+        _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    ids = output_ids(load_job(job).output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
