@@ -208,6 +208,90 @@ async def ledger_statuses(url: str) -> dict[str, int]:
     return out
 
 
+RUN_ONE = """
+import asyncio, resource, sys, time
+from crawler import load_job, logs, run_job
+logs.configure(level="warning")
+job = load_job(sys.argv[1])
+called, started = time.time(), time.perf_counter()
+result = asyncio.run(run_job(job, environ={"KEYAPI_API_KEY": "sk_bench_key"}))
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(called, seconds, peak, result.report["totals"]["records"], result.exit_status)
+"""
+
+
+def lean_job(folder: Path, url: str, targets: int) -> Path:
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": url, "requests_per_second": 1_000_000, "concurrency": 16},
+                "budget": {"max_credits": 100_000_000},
+                "output": {"dir": "out", "shard_max_records": 1_000_000},
+                "targets": [
+                    {"product_id": str(9_000_000_000_000_000_000 + k), "region": "US"}
+                    for k in range(targets)
+                ],
+            }
+        )
+    )
+    return job
+
+
+def run_one(job: Path) -> tuple[float, float, float, int, int]:
+    launched = time.time()
+    out = subprocess.check_output([sys.executable, "-c", RUN_ONE, str(job)], text=True)
+    called, seconds, peak, records, status = out.splitlines()[-1].split()
+    assert status == "0", out
+    return launched, float(called), float(seconds), int(peak), int(records)
+
+
+async def crawler_memory_and_resume(rows: list[str]) -> None:
+    """Peak RSS of whole crawls at 100 k, 1 M and 5 M reviews; time to first request on resume."""
+    port, per_target = 18960, 5000
+    server = start_server(
+        [sys.executable, str(ROOT / "bench" / "lean_server.py"), str(port), str(per_target), "50"],
+        "ready",
+    )
+    url = f"http://127.0.0.1:{port}"
+    rows.append("")
+    rows.append(
+        "| reviews in the job | crawl seconds | reviews/s | peak RSS (MiB) | growth per review |"
+    )
+    rows.append("|---|---|---|---|---|")
+    resume = ""
+    try:
+        base: tuple[int, int] | None = None
+        for n in (100_000, 1_000_000, 5_000_000):
+            with tempfile.TemporaryDirectory() as tmp:
+                job = lean_job(Path(tmp), url, n // per_target)
+                _, _, seconds, peak, records = run_one(job)
+                assert records == n, records
+                growth = "-" if base is None else f"{(peak - base[1]) * 1024 / (n - base[0]):.1f} B"
+                base = base or (n, peak)
+                rows.append(
+                    f"| {n:,} | {seconds:.1f} | {n / seconds:,.0f} | {peak / 1024:.0f} | {growth} |"
+                )
+                if n == 1_000_000:  # resume: one more target in the job, the rest all done
+                    lean_job(Path(tmp), url, n // per_target + 1)
+                    async with aiohttp.ClientSession() as s:
+                        await s.post(url + "/_bench/reset")
+                    launched, called, _, _, _ = run_one(job)
+                    async with aiohttp.ClientSession() as s, s.get(url + "/_bench/first") as r:
+                        first = (await r.json())["first"]
+                    resume = (
+                        f"Resuming a job that has written 1,000,000 reviews: first request "
+                        f"{first - called:.2f} s after `run_job` was called, "
+                        f"{first - launched:.2f} s after the process was launched (Python "
+                        "start-up and imports included)."
+                    )
+    finally:
+        server.terminate()
+    rows.append("")
+    rows.append(resume)
+
+
 def seen_memory(rows: list[str]) -> None:
     rows.append("")
     rows.append("| reviews seen | peak RSS (MiB) | growth per review over the 100k run (bytes) |")
@@ -247,6 +331,7 @@ async def main() -> None:
     await rate_fidelity(rows)
     seen_memory(rows)
     resume_cost(rows)
+    await crawler_memory_and_resume(rows)
     table = "\n".join(rows)
     print(table)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
