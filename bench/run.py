@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import yaml
 
-from crawler import load_job, run_job
+from crawler import load_job, logs, run_job
 from crawler.dedup import SeenLog
 from crawler.endpoint import REVIEWS
 from crawler.sandbox import Catalogue
@@ -38,8 +38,13 @@ def targets() -> list[tuple[str, str]]:
     return [(p, r) for p in PRODUCTS for r in REGIONS]
 
 
-async def bare_loop(base_url: str) -> tuple[float, int, int]:
-    """The practical ceiling: aiohttp + orjson walking the same cursors, nothing else."""
+async def bare_loop(base_url: str, sink: Path | None = None) -> tuple[float, int, int]:
+    """The practical ceiling: aiohttp + orjson walking the same cursors, nothing else.
+
+    With ``sink``, it also writes every review as a JSON line there (no dedup, no fsync, no
+    state): what the output alone costs, to tell it apart from what the guarantees cost.
+    """
+    out = sink.open("wb") if sink else None
     queue = list(targets())
     pages = reviews = 0
     headers = {"Authorization": "Bearer " + ENV["KEYAPI_API_KEY"]}
@@ -56,12 +61,24 @@ async def bare_loop(base_url: str) -> tuple[float, int, int]:
                         data = orjson.loads(await r.read())["data"]
                     pages += 1
                     reviews += len(data["review_items"])
+                    if out is not None:
+                        out.write(
+                            b"".join(
+                                orjson.dumps(
+                                    {"review_id": item["review"]["review_id"], "item": item},
+                                    option=orjson.OPT_APPEND_NEWLINE,
+                                )
+                                for item in data["review_items"]
+                            )
+                        )
                     if not data["has_more"]:
                         break
                     cursor = data["next_cursor"]
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        if out is not None:
+            out.close()
     return time.perf_counter() - started, pages, reviews
 
 
@@ -117,6 +134,8 @@ async def throughput(rows: list[str]) -> None:
         await bare_loop(url)  # warm-up: connections, caches
         s1, p1, r1 = await bare_loop(url)  # the server measured alone, by the lightest client
         with tempfile.TemporaryDirectory() as tmp:
+            s4, p4, r4 = await bare_loop(url, Path(tmp) / "reviews.jsonl")
+        with tempfile.TemporaryDirectory() as tmp:
             s2, p2, r2 = await crawler_run(url, Path(tmp), 1)
         with tempfile.TemporaryDirectory() as tmp:
             s3, p3, r3 = await crawler_run(url, Path(tmp), 100)
@@ -126,6 +145,7 @@ async def throughput(rows: list[str]) -> None:
     rows.append("|---|---|---|---|---|")
     rows.append(f"| bare aiohttp + orjson loop | {p1} | {p1 / s1:,.0f} | {r1 / s1:,.0f} | 1.00 |")
     for name, s, p, r in (
+        ("bare loop + writing each review as a JSON line", s4, p4, r4),
         ("crawler run, state saved every page", s2, p2, r2),
         ("crawler run, state saved every 100 pages", s3, p3, r3),
     ):
@@ -209,14 +229,16 @@ async def ledger_statuses(url: str) -> dict[str, int]:
 
 
 RUN_ONE = """
-import asyncio, resource, sys, time
+import asyncio, sys, time
 from crawler import load_job, logs, run_job
 logs.configure(level="warning")
 job = load_job(sys.argv[1])
 called, started = time.time(), time.perf_counter()
 result = asyncio.run(run_job(job, environ={"KEYAPI_API_KEY": "sk_bench_key"}))
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size at fork
+status = open("/proc/self/status").read()
+peak = int(status.split("VmHWM:")[1].split()[0])
 print(called, seconds, peak, result.report["totals"]["records"], result.exit_status)
 """
 
@@ -299,10 +321,10 @@ def seen_memory(rows: list[str]) -> None:
     base = None
     for n in (100_000, 1_000_000, 5_000_000):
         code = (
-            "import random,resource;from crawler.dedup import SeenIds;"
+            "import random;from crawler.dedup import SeenIds;"
             "s=SeenIds();r=random.Random(1)\n"
             f"for _ in range({n}): s.add(str(r.randrange(10**18,10**19)))\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
         )
         kib = int(subprocess.check_output([sys.executable, "-c", code], text=True))
         if base is None:
@@ -326,6 +348,7 @@ def resume_cost(rows: list[str]) -> None:
 
 
 async def main() -> None:
+    logs.configure(level="warning")
     rows: list[str] = []
     await throughput(rows)
     await rate_fidelity(rows)

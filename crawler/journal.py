@@ -98,6 +98,17 @@ class Journal:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a batch is written; holding it keeps any flush from starting."""
+        return self._lock
+
+    def detach_pending(self) -> asyncio.Future[None] | None:
+        """Drop the events waiting to be written, for a snapshot that already holds them; the
+        caller resolves the returned future once that snapshot is durable."""
+        batch, self._buffer, self._batch = self._batch, [], None
+        return batch
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

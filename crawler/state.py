@@ -27,6 +27,7 @@ from crawler.journal import Event, Journal
 from crawler.layout import Layout, write_atomically
 
 VERSION = 1
+COMPACT_AFTER_LINES = 100_000  # a crash's replay stays well under a second
 
 
 @dataclass
@@ -147,16 +148,32 @@ class FileStateStore:
     """State in the job's output folder: ``state/state.json`` plus ``state/journal-N.log``."""
 
     def __init__(
-        self, layout: Layout, state: JobState, journal_: Journal, lock_fd: int, *, created: bool
+        self,
+        layout: Layout,
+        state: JobState,
+        journal_: Journal,
+        lock_fd: int,
+        *,
+        created: bool,
+        compact_after: int = COMPACT_AFTER_LINES,
     ) -> None:
         self.layout = layout
         self.created = created
+        self._compacting = False
+        self._compact_after = compact_after
         self.state = state
         self._journal = journal_
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, layout: Layout, output: dict[str, Any], *, fresh: bool = False) -> FileStateStore:
+    def open(
+        cls,
+        layout: Layout,
+        output: dict[str, Any],
+        *,
+        fresh: bool = False,
+        compact_after: int = COMPACT_AFTER_LINES,
+    ) -> FileStateStore:
         """Lock the job, load its state (or start one), and check it fits ``output``.
 
         ``fresh`` first removes every file the job wrote (under the lock, so never under a
@@ -177,8 +194,12 @@ class FileStateStore:
                     f"(saved {_diff(state.output, output)}); put them back, or use another "
                     "output.dir, or start over with --fresh"
                 )
-            log = Journal(layout.journal(state.generation), keep_bytes=keep)
-            store = cls(layout, state, log, lock_fd, created=created)
+            current = layout.journal(state.generation)
+            for stale in layout.state_dir.glob("journal-*.log"):  # a crash mid-compaction's
+                if stale != current:
+                    stale.unlink()
+            log = Journal(current, keep_bytes=keep)
+            store = cls(layout, state, log, lock_fd, created=created, compact_after=compact_after)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -188,6 +209,26 @@ class FileStateStore:
         for event in events:
             apply(self.state, event)
         await self._journal.append(events)
+        if self._journal.lines >= self._compact_after and not self._compacting:
+            self._compacting = True
+            try:
+                await self._compact_live()
+            finally:
+                self._compacting = False
+
+    async def _compact_live(self) -> None:
+        """Fold the journal into a snapshot while the run goes on.
+
+        Under the journal's lock no flush is running; from there to the switch nothing awaits,
+        so no event can land between the snapshot and the new journal. Events buffered but not
+        written are already in the state, so the snapshot makes them durable.
+        """
+        old = self._journal
+        async with old.lock:
+            pending = old.detach_pending()
+            self.compact()
+        if pending is not None and not pending.done():
+            pending.set_result(None)
 
     def compact(self) -> None:
         old = self._journal
