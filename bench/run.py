@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
 REGIONS = ["US", "GB", "DE", "FR"]
 CONCURRENCY = 16
+RATES = (5, 50, 500)
 COMPRESSION = "none"
 ENV = {"KEYAPI_API_KEY": "sk_bench_key"}
 NOTES = "<!-- notes: written by hand, kept when the figures above are measured again -->\n"
@@ -157,7 +158,7 @@ async def rate_fidelity(rows: list[str]) -> None:
     rows.append("")
     rows.append("| configured req/s | achieved req/s | ratio | 429s |")
     rows.append("|---|---|---|---|")
-    for rate in (5, 50, 500):
+    for rate in RATES:
         port = 18940 + rate % 97
         server = start_server(
             [

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
+import structlog.testing
 
 from crawler import load_job
+from crawler.progress import Figures, Progress
 from crawler.sandbox import key_fingerprint
 from tests.conftest import KEY, PRODUCTS, crawler_command, output_ids, subprocess_env, write_job
 
@@ -98,3 +102,31 @@ async def test_report_and_status_are_cumulative_across_a_kill(tmp_path: Path, sa
         "rate_limited",
         "seconds",
     } <= set(row)
+
+
+async def test_without_a_terminal_progress_is_a_periodic_line():
+    figures = Figures(
+        targets_done=3,
+        targets_total=10,
+        pages=40,
+        records=400,
+        duplicates=5,
+        credits=80,
+        max_credits=1000,
+        requests=40,
+        rate_limited=1,
+        retries=2,
+        failed=0,
+        pages_left=60,
+    )
+    progress = Progress(lambda: figures, live=False, interval=0.01, log_every=0.05)
+    with structlog.testing.capture_logs() as logged:
+        task = asyncio.create_task(progress.run())
+        await asyncio.sleep(0.28)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    lines = [e for e in logged if e["event"] == "progress"]
+    assert 3 <= len(lines) <= 6  # periodic, not one per sample
+    assert lines[-1]["targets_done"] == 3 and lines[-1]["credits"] == 80
+    assert {"rate", "eta_seconds", "rate_limited", "retries", "duplicates"} <= set(lines[-1])
