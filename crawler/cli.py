@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.handler(args)
         return status
     except JobError as exc:
-        print(f"crawler: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"crawler: {line}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk, a folder without permission: the file and the reason
         print(f"crawler: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)

@@ -190,7 +190,13 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         model = _JobModel.model_validate(raw)
     except ValidationError as exc:
         lines = _line_index(node)
-        raise ConfigError("\n".join(_describe(path, err, lines) for err in exc.errors())) from None
+        errors = exc.errors()
+        if any(len(e["loc"]) > 1 and e["loc"][0] == "targets" for e in errors):
+            # a target that fails validation is not counted: do not also say "no targets"
+            errors = [
+                e for e in errors if not (e["type"] == "too_short" and e["loc"] == ("targets",))
+            ]
+        raise ConfigError("\n".join(_describe(path, err, lines) for err in errors)) from None
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
     output = model.output.model_copy(update={"dir": out_dir})
     return Job(path, model.api, model.budget, output, _expand(path, model.targets))

@@ -52,6 +52,10 @@ CASES = {
         GOOD.replace("max_credits: 100", "max_credits: -5"),
         ":5: budget.max_credits: Input should be greater than 0 (got -5)",
     ),
+    "typo in a target": (
+        GOOD.replace("regions: [US, GB]}", "regions: [US, GB], max_page: 3}"),
+        ":10: targets[1].max_page: unknown key 'max_page'",
+    ),
     "no targets": (
         GOOD.split("targets:", maxsplit=1)[0] + "targets: []\n",
         ":8: targets: no targets",
@@ -77,6 +81,8 @@ def test_bad_job_file_names_the_problem(tmp_path: Path, case: str):
         load_job(path)
     assert str(caught.value).startswith(str(path))
     assert expected in str(caught.value)
+    if case != "no targets":
+        assert "no targets" not in str(caught.value)
 
 
 def test_good_job_file_expands_regions(tmp_path: Path):
