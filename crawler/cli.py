@@ -133,15 +133,23 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
         f"{totals['max_credits']:,} credits (exit {status})",
         file=sys.stderr,
     )
-    for row in doc["targets"]:
-        if row.get("reason") and row["status"] != "pending":
-            print(
-                f"  {row['product_id']} {row['region']}: {row['status']}: {row['reason']}",
-                file=sys.stderr,
-            )
+    failed = [row for row in doc["targets"] if row["status"] == "failed"]
+    for row in failed[:_LISTED]:
+        print(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", file=sys.stderr)
+    if len(failed) > _LISTED:
+        print(f"  ... and {len(failed) - _LISTED} more failed (crawler status)", file=sys.stderr)
+    if doc["targets_by_status"].get("stopped_budget"):
+        print(
+            "  stopped at the credit budget: raise budget.max_credits (or "
+            "max_credits_per_target) and run again to carry on",
+            file=sys.stderr,
+        )
     refused = doc.get("run", {}).get("refused")
     if refused:
         print(f"  the API refused the run: {refused}", file=sys.stderr)
+
+
+_LISTED = 20  # failed targets named at the end of a run; status lists them all
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -299,6 +299,11 @@ def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
     for target in run.pending:  # never started: the run stopped first
         run.outcomes.setdefault(target.key, (Outcome.PENDING, None))
     status = _exit_status(run)
+    if run.door.reason == "budget":  # every unfinished target waits for a larger budget
+        why = f"budget.max_credits ({run.job.budget.max_credits}) reached"
+        for key, (outcome, _) in run.outcomes.items():
+            if outcome == Outcome.PENDING:
+                run.outcomes[key] = (Outcome.BUDGET, why)
     counters = run.walker.counters
     run_info = {
         "started_at": started,

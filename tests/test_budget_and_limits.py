@@ -24,7 +24,8 @@ async def test_budget_is_a_hard_ceiling_and_raising_it_carries_on(tmp_path, sand
         assert first.exit_status == 3
         assert charged(box) <= 61
         assert first.report["totals"]["credits_charged"] <= 61
-        assert first.report["targets_by_status"].get("pending", 0) > 0
+        assert first.report["targets_by_status"].get("stopped_budget", 0) > 0
+        assert "pending" not in first.report["targets_by_status"]
         again = await run_job(job, environ=ENV)  # same ceiling: not one more request
         assert again.exit_status == 3
         assert box.ledgers[key_fingerprint(KEY)].requests == first.report["run"]["requests"]
