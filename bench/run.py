@@ -343,6 +343,7 @@ def resume_cost(rows: list[str]) -> None:
         (Path(tmp) / "seen.u64").write_bytes(ids.tobytes())
         started = time.perf_counter()
         log = SeenLog(Path(tmp) / "seen.u64", Path(tmp) / "other", len(ids), 0)
+        log.load()
         seconds = time.perf_counter() - started
         log.close()
     rows.append("")

@@ -129,7 +129,8 @@ class SeenLog:
     """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line).
 
     Only the first ``count`` ids and ``other_bytes`` bytes are committed; the rest is a crash's
-    leftover and is cut off on open.
+    leftover and is cut off on open. Opening reads the files; ``load`` builds the in-memory set
+    (a second per few million ids), so a run can start sending requests meanwhile.
     """
 
     def __init__(self, ids_path: Path, other_path: Path, count: int, other_bytes: int) -> None:
@@ -138,16 +139,22 @@ class SeenLog:
         self._other_fd = _open_at(other_path, other_bytes)
         self.count = count
         self.other_bytes = other_bytes
-        keys = array("Q")
-        keys.frombytes(os.pread(self._ids_fd, count * 8, 0))
-        if len(keys) != count:
-            raise ValueError(f"{ids_path}: holds {len(keys)} ids, state says {count}")
-        self.seen.add_many_u64(keys)
-        other = os.pread(self._other_fd, other_bytes, 0).decode()
-        for review_id in other.splitlines():
-            self.seen.add(review_id)
+        self._saved = array("Q")
+        self._saved.frombytes(os.pread(self._ids_fd, count * 8, 0))
+        if len(self._saved) != count:
+            raise ValueError(f"{ids_path}: holds {len(self._saved)} ids, state says {count}")
+        self._saved_other = os.pread(self._other_fd, other_bytes, 0).decode().splitlines()
+        self.loaded = not (self._saved or self._saved_other)
         self._pending_ids = array("Q")
         self._pending_other: list[str] = []
+
+    def load(self) -> None:
+        """Put the saved ids in the set; until then ``add`` must not be called."""
+        self.seen.add_many_u64(self._saved)
+        for review_id in self._saved_other:
+            self.seen.add(review_id)
+        self._saved, self._saved_other = array("Q"), []
+        self.loaded = True
 
     def add(self, review_id: str) -> bool:
         """True when new; the id is then queued until ``take``."""

@@ -112,6 +112,7 @@ class Writer:
         self._commit_every = commit_every_pages
         self._queue: asyncio.Queue[_Rendered | None] = asyncio.Queue(maxsize=queue_size)
         self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
+        self._loaded = asyncio.Event()
         self.counters = WriterCounters()
         state = store.state
         # the shard the committer appends to, and the one the renderer plans for (ahead of it)
@@ -125,6 +126,8 @@ class Writer:
     async def put(self, work: PageDone | TargetFailed) -> None:
         """Hand over a page or a failure; waits while the queue is full, so a slow disk slows
         the walkers."""
+        if not self._loaded.is_set():  # only the first pages of a resumed run wait here
+            await self._loaded.wait()
         await self._queue.put(self._render(work))
 
     async def close(self) -> None:
@@ -132,6 +135,9 @@ class Writer:
 
     async def run(self) -> None:
         """Render and commit until ``close``; then seal the open shard and write the manifest."""
+        if not self._seen.loaded:  # off the loop: the first requests go out meanwhile
+            await asyncio.to_thread(self._seen.load)
+        self._loaded.set()
         async with asyncio.TaskGroup() as group:
             group.create_task(self._render_loop())
             group.create_task(self._commit_loop())

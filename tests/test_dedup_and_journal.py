@@ -36,6 +36,7 @@ def test_seen_log_keeps_committed_ids_only(tmp_path: Path):
     log.write(*log.take())  # written, but say a crash came before the state counted it
     log.close()
     reopened = SeenLog(ids_path, other_path, committed, other)
+    reopened.load()
     assert not reopened.add("1234567890123456789") and not reopened.add("x-1")
     assert reopened.add("1234567890123456790")  # uncommitted: cut off, so new again
     reopened.close()
