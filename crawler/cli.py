@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     job.api_key()  # a missing key is a usage error before anything starts
-    live = sys.stderr.isatty() and not args.no_progress and args.log_file is None
+    live = sys.stderr.isatty() and not args.no_progress
     result = asyncio.run(run_job(job, fresh=args.fresh, handle_signals=True, live_progress=live))
     _print_outcome(result.report, result.exit_status)
     return result.exit_status

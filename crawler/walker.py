@@ -21,6 +21,10 @@ from crawler.retry import RetryPolicy
 from crawler.state import TargetState
 from crawler.writer import PageDone, TargetFailed, Writer
 
+# pages of no reviews that still say has_more, in a row, before the walk is given up: a feed that
+# never ends would otherwise spend the whole budget on nothing
+MAX_EMPTY_PAGES = 3
+
 
 class Outcome(StrEnum):
     DONE = "done"
@@ -100,6 +104,7 @@ class Walker:
         limit = self.max_pages if self.max_pages is not None else target.max_pages
         if saved.exhausted:
             return Outcome.DONE, None
+        empty_in_a_row = 0
         while limit is None or pages < limit:
             if not self.door.open:
                 return Outcome.PENDING, None
@@ -120,6 +125,7 @@ class Walker:
                 )
                 log.warning("target failed", reason=exc.reason)
                 return Outcome.FAILED, exc.reason
+            empty_in_a_row = empty_in_a_row + 1 if page.has_more and not page.items else 0
             stuck = page.has_more and page.next_cursor == cursor
             await self.writer.put(
                 PageDone(
@@ -137,8 +143,12 @@ class Walker:
                 )
             )
             pages += 1
-            if stuck:
-                reason = f"the API gave the same cursor {cursor!r} again"
+            if stuck or empty_in_a_row >= MAX_EMPTY_PAGES:
+                reason = (
+                    f"the API gave the same cursor {cursor!r} again"
+                    if stuck
+                    else f"the API said has_more but sent {empty_in_a_row} empty pages in a row"
+                )
                 await self.writer.put(TargetFailed(target, reason, 0, 0, 0))
                 return Outcome.FAILED, reason
             if not page.has_more:

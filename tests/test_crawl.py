@@ -139,3 +139,15 @@ async def test_the_key_never_leaves_the_environment(tmp_path: Path, sandbox: San
 
 def _files_holding(folder: Path, needle: bytes) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+async def test_a_feed_that_never_ends_stops_after_three_empty_pages(tmp_path: Path, sandbox):
+    endless = PRODUCTS[0]
+    async with sandbox(endless=frozenset({endless})) as (url, box):
+        job = load_job(write_job(tmp_path, url, [{"product_id": endless, "region": "US"}]))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 1
+    target = result.report["targets"][0]
+    assert "3 empty pages" in target["reason"]
+    pages_with_reviews = -(-len(box.catalogue.ids(endless, "US")) // 10)
+    assert sum(b.requests for b in box.ledgers.values()) == pages_with_reviews + 3

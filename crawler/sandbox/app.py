@@ -46,6 +46,7 @@ class SandboxOptions:
     slow_seconds: float = 2.0
     latency: tuple[float, float] = (0.0, 0.0)  # seconds, uniform
     seed: int = 0
+    endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Sandbox:
         data = dict(self._sample["data"])
         template = self._sample["data"]["review_items"][0]
         data["review_items"] = [self._item(template, product_id, rid) for rid in page.ids]
-        data["has_more"] = page.has_more
+        data["has_more"] = page.has_more or product_id in self.options.endless
         data["next_cursor"] = page.next_cursor
         count = self.catalogue.review_count(product_id, region)
         data["review_count"] = count
