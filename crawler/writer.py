@@ -69,14 +69,6 @@ _CLOSE = None
 
 
 @dataclass
-class WriterCounters:
-    records: int = 0
-    duplicates: int = 0
-    pages: int = 0
-    without_id: int = 0
-
-
-@dataclass
 class _Prepared:
     """A rendered batch: file operations in order, then the events that commit them."""
 
@@ -113,7 +105,6 @@ class Writer:
         self._queue: asyncio.Queue[_Rendered | None] = asyncio.Queue(maxsize=queue_size)
         self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
         self._loaded = asyncio.Event()
-        self.counters = WriterCounters()
         state = store.state
         # the shard the committer appends to, and the one the renderer plans for (ahead of it)
         self._shard: OpenShard | None = None
@@ -230,7 +221,7 @@ class Writer:
 
     def _add_page(self, work: PageDone, lines: list[bytes]) -> Event:
         """Dedup a page's items into record lines; the page's commit event."""
-        new = dups = 0
+        new = dups = missing = 0
         target = work.target
         # the per-review hot path: one line is the same bytes orjson would give for the record
         # {"review_id", "product_id", "region", "fetched_at", "item"}, with the fields the whole
@@ -249,16 +240,20 @@ class Writer:
         for item in work.items:
             review_id = item_id(item)
             if review_id is None:
-                self.counters.without_id += 1
+                missing += 1
                 continue
             if not seen_add(review_id):
                 dups += 1
                 continue
             append(b"".join((b'{"review_id":', dumps(review_id), shared, dumps(item), b"}\n")))
             new += 1
-        self.counters.records += new
-        self.counters.duplicates += dups
-        self.counters.pages += 1
+        if missing:  # the contract says every item has one: say so rather than guess an id
+            log.warning(
+                "items without a review id skipped",
+                product_id=target.product_id,
+                region=target.region,
+                items=missing,
+            )
         return {
             "e": "P",
             "k": target.key,
