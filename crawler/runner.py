@@ -82,10 +82,6 @@ async def run_job(
     fingerprint = output_fingerprint(job.output.shard_max_records, job.output.compression)
     store = FileStateStore.open(layout, fingerprint, fresh=fresh)
     try:
-        if store.created and layout.shard_files():
-            raise StateError(
-                f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
-            )
         remove_uncommitted(layout, store.state)
         layout.shards_dir.mkdir(exist_ok=True)
         seen = _open_seen(layout, store)

@@ -186,6 +186,10 @@ class FileStateStore:
                 layout.remove_job_files()
             state, keep = load(layout, output_if_new=output)
             created = not layout.snapshot.exists()
+            if created and layout.shard_files():  # before any state exists: never theirs to cut
+                raise StateError(
+                    f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
+                )
             if created:
                 write_atomically(layout.snapshot, state.to_json())
             if state.output != output:

@@ -196,3 +196,15 @@ async def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path, sandbox
         assert process.returncode == 0, stderr.decode()
     ids = output_ids(load_job(job).output.dir)
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+
+
+async def test_shards_of_someone_else_are_never_touched(tmp_path, served):
+    url, _ = served
+    job = load_job(write_job(tmp_path, url, TARGETS[:1]))
+    foreign = job.output.dir / "shards" / "reviews-000001.jsonl"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("not ours\n")
+    for _ in range(2):  # refused, and refused again: the first refusal left no state behind
+        with pytest.raises(StateError, match="holds shards but no job state"):
+            await run_job(job, environ=ENV)
+    assert foreign.read_text() == "not ours\n"
