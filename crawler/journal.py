@@ -11,6 +11,7 @@ import asyncio
 import os
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ class Journal:
         self._buffer: list[bytes] = []
         self._batch: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
+        # one thread, first in first out: even if a cancelled appender lets the lock go while its
+        # flush still runs, the next flush waits behind it, so lines never interleave or swap
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self.lines = 0
 
     async def append(self, events: Iterable[Event]) -> None:
@@ -85,7 +89,8 @@ class Journal:
 
     async def _flush(self, lines: list[bytes], batch: asyncio.Future[None]) -> None:
         try:
-            await asyncio.to_thread(self._write, b"".join(lines))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._write, b"".join(lines))
         except OSError as exc:
             batch.set_exception(StateError(f"{self.path}: cannot write state: {exc.strerror}"))
         else:
@@ -110,6 +115,7 @@ class Journal:
         return batch
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
