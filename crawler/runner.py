@@ -265,15 +265,25 @@ def _figures(run: _Run) -> Figures:
     state = run.store.state
     done = failed = 0
     pages_left = 0
-    per_page = [t.items / t.pages for t in state.targets.values() if t.pages]
-    items_per_page = sum(per_page) / len(per_page) if per_page else None
+    walked = [t for t in state.targets.values() if t.pages]
+    items_per_page = sum(t.items for t in walked) / sum(t.pages for t in walked) if walked else 0
+    finished = [t.pages for t in state.targets.values() if t.exhausted]
+    # a target not started yet is guessed at the mean size of the finished ones
+    typical = sum(finished) / len(finished) if finished else 0
     for target in run.job.targets:
         saved = state.targets.get(target.key)
         status = report.target_status(target.max_pages, saved) if saved else "pending"
         done += status == "done"
         failed += status == "failed" or run.outcomes.get(target.key, ("",))[0] == Outcome.FAILED
-        if status != "done" and saved and saved.review_count is not None and items_per_page:
-            pages_left += max(0, round(saved.review_count / items_per_page) - saved.pages)
+        if status == "done":
+            continue
+        if saved and saved.review_count is not None and items_per_page:
+            expected = saved.review_count / items_per_page
+        else:
+            expected = typical
+        if target.max_pages is not None:
+            expected = min(expected, target.max_pages)
+        pages_left += max(0, round(expected) - (saved.pages if saved else 0))
     counters = run.walker.counters
     return Figures(
         targets_done=done,
@@ -287,7 +297,7 @@ def _figures(run: _Run) -> Figures:
         rate_limited=run.earlier_rate_limited + counters.rate_limited,
         retries=run.earlier_retries + counters.retries,
         failed=failed,
-        pages_left=pages_left if per_page else None,
+        pages_left=pages_left if walked else None,
     )
 
 
