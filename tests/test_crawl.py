@@ -36,6 +36,10 @@ async def test_crawl_writes_every_review_exactly_once(tmp_path: Path, sandbox: S
     assert set(ids) == expected_ids(box, PAIRS)
     # the catalogue repeats reviews across pages and regions: dropping them must have happened
     assert result.report["totals"]["duplicates"] > 0
+    in_two_regions = set(box.catalogue.ids(PRODUCTS[0], "US")) & set(
+        box.catalogue.ids(PRODUCTS[0], "GB")
+    )
+    assert in_two_regions and in_two_regions <= set(ids)
     assert verify(Layout(job.output.dir)).ok
 
 

@@ -130,3 +130,28 @@ async def test_without_a_terminal_progress_is_a_periodic_line():
     assert 3 <= len(lines) <= 6  # periodic, not one per sample
     assert lines[-1]["targets_done"] == 3 and lines[-1]["credits"] == 80
     assert {"rate", "eta_seconds", "rate_limited", "retries", "duplicates"} <= set(lines[-1])
+
+
+async def test_plan_and_verify_from_the_command_line(tmp_path: Path, served):
+    url, box = served
+    job = write_job(tmp_path, url, TARGETS[:2])
+    status, stdout, _ = await _crawler("plan", "--json", str(job))
+    assert status == 0
+    blind = orjson.loads(stdout)
+    assert blind["budget_covers"] is None and blind["targets_unknown"] == 6  # nothing known yet
+    assert sum(b.requests for b in box.ledgers.values()) == 0  # plan alone sends nothing
+    status, stdout, _ = await _crawler("plan", "--probe", "--json", str(job))
+    assert status == 0
+    probed = orjson.loads(stdout)
+    assert probed["targets_unknown"] == 0 and probed["budget_covers"] is True
+    assert sum(b.requests for b in box.ledgers.values()) == 6  # page 1 of each target
+    by_target = {(r["product_id"], r["region"]): r for r in probed["targets"]}
+    assert by_target[(PRODUCTS[0], "GB")]["review_count"] == 545
+    status, _, stderr = await _crawler("run", str(job))
+    assert status == 0, stderr.decode()
+    status, stdout, _ = await _crawler("verify", str(job))
+    assert status == 0 and b"ok" in stdout
+    shard = next((load_job(job).output.dir / "shards").iterdir())
+    shard.write_bytes(shard.read_bytes()[:-10])  # a shard cut short after the fact
+    status, stdout, _ = await _crawler("verify", str(job))
+    assert status == 1 and b"problem" in stdout
