@@ -154,11 +154,9 @@ class FileStateStore:
         journal_: Journal,
         lock_fd: int,
         *,
-        created: bool,
         compact_after: int = COMPACT_AFTER_LINES,
     ) -> None:
         self.layout = layout
-        self.created = created
         self._compacting = False
         self._compact_after = compact_after
         self.state = state
@@ -203,7 +201,7 @@ class FileStateStore:
                 if stale != current:
                     stale.unlink()
             log = Journal(current, keep_bytes=keep)
-            store = cls(layout, state, log, lock_fd, created=created, compact_after=compact_after)
+            store = cls(layout, state, log, lock_fd, compact_after=compact_after)
         except BaseException:
             os.close(lock_fd)
             raise
