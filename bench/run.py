@@ -31,7 +31,6 @@ PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
 REGIONS = ["US", "GB", "DE", "FR"]
 CONCURRENCY = 16
 RATES = (5, 50, 500)
-COMPRESSION = "none"
 ENV = {"KEYAPI_API_KEY": "sk_bench_key"}
 NOTES = "<!-- notes: written by hand, kept when the figures above are measured again -->\n"
 
@@ -84,7 +83,9 @@ async def bare_loop(base_url: str, sink: Path | None = None) -> tuple[float, int
     return time.perf_counter() - started, pages, reviews
 
 
-async def crawler_run(base_url: str, folder: Path, commit_every: int) -> tuple[float, int, int]:
+async def crawler_run(
+    base_url: str, folder: Path, commit_every: int, compression: str = "none"
+) -> tuple[float, int, int]:
     job = folder / "job.yaml"
     job.write_text(
         yaml.safe_dump(
@@ -98,7 +99,7 @@ async def crawler_run(base_url: str, folder: Path, commit_every: int) -> tuple[f
                 "output": {
                     "dir": "out",
                     "commit_every_pages": commit_every,
-                    "compression": COMPRESSION,
+                    "compression": compression,
                 },
                 "targets": [{"product_id": p, "region": r} for p, r in targets()],
             }
@@ -141,6 +142,8 @@ async def throughput(rows: list[str]) -> None:
             s2, p2, r2 = await crawler_run(url, Path(tmp), 1)
         with tempfile.TemporaryDirectory() as tmp:
             s3, p3, r3 = await crawler_run(url, Path(tmp), 100)
+        with tempfile.TemporaryDirectory() as tmp:
+            s5, p5, r5 = await crawler_run(url, Path(tmp), 1, "zstd")
     finally:
         server.terminate()
     rows.append("| walk | pages | pages/s | reviews/s | vs loop |")
@@ -150,6 +153,7 @@ async def throughput(rows: list[str]) -> None:
         ("bare loop + writing each review as a JSON line", s4, p4, r4),
         ("crawler run, state saved every page", s2, p2, r2),
         ("crawler run, state saved every 100 pages", s3, p3, r3),
+        ("crawler run, zstd shards, state saved every page", s5, p5, r5),
     ):
         rows.append(f"| {name} | {p} | {p / s:,.0f} | {r / s:,.0f} | {(p / s) / (p1 / s1):.2f} |")
 
