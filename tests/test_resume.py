@@ -53,7 +53,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, 
             tmp_path,
             url,
             BIG,
-            api={"requests_per_second": 250},
+            api={"requests_per_second": 150},
             budget={"max_credits": max_credits},
             output={"shard_max_records": 150},
         )
