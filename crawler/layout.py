@@ -63,6 +63,8 @@ class Layout:
         removed: list[Path] = []
         candidates = [*self.shard_files(), self.manifest, self.report, self.snapshot]
         candidates += [self.seen_ids, self.seen_other]
+        # a crash between writing and renaming leaves these beside their final names
+        candidates += [p.with_name(p.name + ".tmp") for p in (self.manifest, self.report)]
         if self.state_dir.is_dir():
             candidates += sorted(self.state_dir.glob("journal-*.log"))
             candidates += sorted(self.state_dir.glob("*.tmp"))
@@ -70,9 +72,8 @@ class Layout:
             if path.exists():
                 path.unlink()
                 removed.append(path)
-        for folder in (self.shards_dir,):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        if self.shards_dir.is_dir() and not any(self.shards_dir.iterdir()):
+            self.shards_dir.rmdir()
         return removed
 
 
