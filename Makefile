@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test lint bench clean lock
 
@@ -24,13 +25,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
 # refresh the pins after changing pyproject.toml's ranges
 lock:
 	rm -rf /tmp/crawler-lock && $(PYTHON) -m venv /tmp/crawler-lock
-	/tmp/crawler-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/crawler-lock/bin/pip install --quiet -e '.[dev,bench]'
 	/tmp/crawler-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
