@@ -5,6 +5,7 @@ Run with `make bench`; prints a table and writes docs/benchmarks.md.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from importlib.util import find_spec
@@ -462,16 +463,39 @@ def resume_cost(rows: list[str]) -> None:
     )
 
 
-async def main() -> None:
-    logs.configure(level="warning")
-    rows: list[str] = []
-    await throughput(rows)
-    await rate_fidelity(rows)
+async def seen_and_resume(rows: list[str]) -> None:
     seen_memory(rows)
     resume_cost(rows)
-    await crawler_memory_and_resume(rows)
-    table = "\n".join(rows)
+
+
+SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
+    "throughput": throughput,
+    "rate": rate_fidelity,
+    "seen-set": seen_and_resume,
+    "crawl-memory-and-resume": crawler_memory_and_resume,
+}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run this section only (repeatable); prints its table, leaves docs/benchmarks.md",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
+    args = parser.parse_args()
+    global ROUNDS  # noqa: PLW0603 -- the one knob the sections share, set once before they run
+    ROUNDS = args.rounds
+    logs.configure(level="warning")
+    rows: list[str] = []
+    for name in args.only or SECTIONS:
+        await SECTIONS[name](rows)
+    table = "\n".join(rows).strip("\n")
     print(table)
+    if args.only:
+        return
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     doc = (
         "# Benchmarks\n\n"
