@@ -169,28 +169,22 @@ async def measured(server_pid: int, walk: Awaitable[tuple[float, int, int]]) -> 
 
 
 SCRAPY = f"Scrapy {version('scrapy')}, same walk, JSON lines feed" if find_spec("scrapy") else None
-WALKS = (
-    "bare aiohttp + orjson loop",
-    "bare loop + writing each review as a JSON line",
-    "crawler run, state saved every page",
-    "crawler run, state saved every 100 pages",
-    "crawler run, zstd shards, state saved every page",
-    *((SCRAPY,) if SCRAPY else ()),
-)
-
-
-def walk_of(name: str, url: str, tmp: Path) -> Awaitable[tuple[float, int, int]]:
-    if name == WALKS[0]:
-        return bare_loop(url)
-    if name == WALKS[1]:
-        return bare_loop(url, tmp / "reviews.jsonl")
-    if name == WALKS[2]:
-        return crawler_run(url, tmp, 1)
-    if name == WALKS[3]:
-        return crawler_run(url, tmp, 100)
-    if name == WALKS[4]:
-        return crawler_run(url, tmp, 1, "zstd")
-    return scrapy_walk(url, tmp / "reviews.jsonl")
+LOOP = "bare aiohttp + orjson loop"
+CRAWLER = "crawler run, state saved every page"
+# name -> the walk, given the server's url and a scratch folder
+WALKS: dict[str, Callable[[str, Path], Awaitable[tuple[float, int, int]]]] = {
+    LOOP: lambda url, tmp: bare_loop(url),
+    "bare loop + writing each review as a JSON line": lambda url, tmp: bare_loop(
+        url, tmp / "reviews.jsonl"
+    ),
+    CRAWLER: lambda url, tmp: crawler_run(url, tmp, 1),
+    "crawler run, state saved every 100 pages": lambda url, tmp: crawler_run(url, tmp, 100),
+    "crawler run, zstd shards, state saved every page": lambda url, tmp: crawler_run(
+        url, tmp, 1, "zstd"
+    ),
+}
+if SCRAPY:  # installed by `make bench` (the bench extra)
+    WALKS[SCRAPY] = lambda url, tmp: scrapy_walk(url, tmp / "reviews.jsonl")
 
 
 async def scrapy_walk(url: str, out: Path) -> tuple[float, int, int]:
@@ -230,13 +224,13 @@ async def throughput(rows: list[str]) -> None:
     try:
         await bare_loop(url)  # warm-up: connections, caches
         for _ in range(ROUNDS):
-            for name in WALKS:
+            for name, walk in WALKS.items():
                 with tempfile.TemporaryDirectory() as tmp:
-                    runs[name].append(await measured(server.pid, walk_of(name, url, Path(tmp))))
+                    runs[name].append(await measured(server.pid, walk(url, Path(tmp))))
     finally:
         server.terminate()
     median = {name: sorted(w, key=lambda w: w.seconds)[len(w) // 2] for name, w in runs.items()}
-    loop = median[WALKS[0]]
+    loop = median[LOOP]
     rows.append(
         "| walk | pages | pages/s | reviews/s | vs loop | client CPU s | event-loop thread CPU s "
         "| server CPU s |"
@@ -251,7 +245,7 @@ async def throughput(rows: list[str]) -> None:
         )
     ratios = [
         (w.pages / w.seconds) / (b.pages / b.seconds)
-        for w, b in zip(runs[WALKS[2]], runs[WALKS[0]], strict=True)
+        for w, b in zip(runs[CRAWLER], runs[LOOP], strict=True)
     ]
     capacity = loop.pages / loop.server_cpu
     rows.append("")

@@ -21,7 +21,7 @@ from scrapy.crawler import CrawlerProcess
 from crawler.endpoint import REVIEWS
 
 
-class ReviewsSpider(scrapy.Spider):  # type: ignore[misc]  # scrapy is untyped here
+class ReviewsSpider(scrapy.Spider):  # type: ignore[misc]  # Any where scrapy is not installed (make test)
     name = "reviews"
     pages = 0
     reviews = 0

@@ -15,8 +15,8 @@ from aiolimiter import AsyncLimiter
 # up, and no more than that ever goes out at once (1.5 at 5/s, 1.75 at 50/s, 17.5 at 500/s), where
 # a capacity of a whole second would let a second's worth of requests through at once. 20 ms held
 # only 0.96-0.98 of 500/s on a loaded 2-core machine, where a batch of answers can keep the loop
-# busy for longer than that; 35 ms holds 0.999 there. It stays below a burst of 2 requests at
-# 50/s and of a tenth of a second's requests at any rate; 50 ms would not.
+# busy for longer than that; 35 ms holds 0.999 there. It stays below a burst of 2 requests up to
+# 57/s, and below a tenth of a second's requests at any rate; 50 ms would not (2.5 at 50/s).
 _SLACK = 1.5
 _SLACK_SECONDS = 0.035
 _SLOWDOWN = 0.5  # rate factor per 429 episode
