@@ -72,6 +72,11 @@ class Budget:
         self._per_target[target_key] = spent_here + cost
         return cost
 
+    def unreserve(self, target_key: str, credits: int) -> None:
+        """A reserved request that was not sent (the run stopped first): its credits return."""
+        self._left += credits
+        self._per_target[target_key] -= credits
+
     async def _lease(self, cost: int) -> None:
         state = self._store.state
         now = self._clock()

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from crawler import logs, planner, report
 from crawler.config import Job, load_job
-from crawler.errors import JobError
+from crawler.errors import JobError, OutputError
 from crawler.layout import Layout
-from crawler.runner import EXIT_INTERRUPTED, EXIT_USAGE, run_job
+from crawler.runner import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, run_job
 from crawler.sandbox import FAULT_KINDS, SandboxOptions, serve
 from crawler.state import load
 from crawler.verify import verify
@@ -34,17 +34,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.handler(args)
         return status
     except JobError as exc:
-        for line in str(exc).splitlines():
-            print(f"crawler: {line}", file=sys.stderr)
+        _say(exc)
         return EXIT_USAGE
+    except OutputError as exc:
+        _say(exc)
+        return EXIT_OUTPUT
     except OSError as exc:  # a full disk, a folder without permission: the file and the reason
-        print(f"crawler: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        _say(OutputError.from_os(exc, exc.filename or "output"))
+        return EXIT_OUTPUT
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         if opened is not None:
             opened.close()
+
+
+def _say(exc: Exception) -> None:
+    for line in str(exc).splitlines():
+        print(f"crawler: {line}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,9 +151,9 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
             "max_credits_per_target) and run again to carry on",
             file=sys.stderr,
         )
-    refused = doc.get("run", {}).get("refused")
-    if refused:
-        print(f"  the API refused the run: {refused}", file=sys.stderr)
+    stopped = doc.get("run", {}).get("stop_message")
+    if stopped:
+        print(f"  stopped: {stopped}", file=sys.stderr)
 
 
 _LISTED = 20  # failed targets named at the end of a run; status lists them all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import http
 import time
 from types import TracebackType
 from typing import Self
@@ -13,11 +14,13 @@ import orjson
 from crawler.config import Target
 from crawler.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import (
+    ApiError,
     AuthError,
     CreditsExhausted,
     RateLimited,
     ServerError,
     TargetError,
+    WrongEndpoint,
 )
 
 
@@ -73,37 +76,60 @@ class ApiClient:
             ) as response:
                 body = await response.read()
                 status = response.status
-                retry_after = response.headers.get("Retry-After")
+                headers = response.headers
         except TimeoutError:
             raise ServerError("timed out") from None
         except aiohttp.ClientError as exc:
             # the exception's repr may carry request headers; keep only its class name
             raise ServerError(f"network fault ({type(exc).__name__})") from None
-        return _classify(endpoint, status, body, retry_after)
+        if status == 200:
+            return _parse(endpoint, body)
+        raise _error(status, body, headers.get("Retry-After"), headers.get("Location"), url)
 
 
-def _classify(endpoint: CursorEndpoint, status: int, body: bytes, retry_after: str | None) -> Page:
-    if status == 200:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ServerError("truncated or non-JSON body", status=200) from None
-        if not isinstance(doc, dict):
-            raise ServerError("body is not a JSON object", status=200)
-        if doc.get("code") != 0:
-            raise ServerError(f"API code {doc.get('code')!r}: {_message(doc)}", status=200)
-        return endpoint.parse(doc)
+def _parse(endpoint: CursorEndpoint, body: bytes) -> Page:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ServerError("truncated or non-JSON body", status=200) from None
+    if not isinstance(doc, dict):
+        raise ServerError("body is not a JSON object", status=200)
+    if doc.get("code") != 0:
+        raise ServerError(f"API code {doc.get('code')!r}: {_message(doc)}", status=200)
+    return endpoint.parse(doc)
+
+
+def _error(
+    status: int, body: bytes, retry_after: str | None, location: str | None, url: str
+) -> ApiError:
+    """The error for a non-200 answer, by what the caller does next."""
     message = _message_of(body)
     if status == 429:
-        raise RateLimited(f"429 rate limited{message}", retry_after=parse_retry_after(retry_after))
+        return RateLimited(f"429 rate limited{message}", retry_after=parse_retry_after(retry_after))
     if status in (401, 403):
         what = "missing or invalid API key" if status == 401 else "key not allowed on this endpoint"
-        raise AuthError(f"{status} {what}{message}", status=status)
+        return AuthError(f"{status} {what}{message}", status=status)
     if status == 402:
-        raise CreditsExhausted(f"402 credits exhausted{message}", status=status)
-    if status >= 500:
-        raise ServerError(f"{status} server error{message}", status=status)
-    raise TargetError(f"{status} refused{message}", status=status)
+        return CreditsExhausted(f"402 credits exhausted{message}", status=status)
+    if status == 400:
+        return TargetError(f"400 invalid parameters{message}", status=status)
+    if status == 408 or status >= 500:
+        return ServerError(f"{status} server error{message}", status=status)
+    # a status this API never gives: every target would get it, so the run stops (the URL has
+    # no secret in it: the key rides in a header, and the query is left out anyway)
+    moved = f", redirecting to {location[:200]}" if location and 300 <= status < 400 else ""
+    return WrongEndpoint(
+        f"{status} {_reason(status)} from GET {url}{moved}: not an answer of the reviews API; "
+        "check api.base_url",
+        status=status,
+    )
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "unknown status"
 
 
 def _message(doc: dict[str, object]) -> str:

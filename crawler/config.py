@@ -46,6 +46,7 @@ class RetrySettings(_Model):
     max_seconds: float = Field(120.0, gt=0)
     base_seconds: float = Field(0.5, ge=0)
     cap_seconds: float = Field(30.0, ge=0)
+    max_retry_after_seconds: float = Field(300.0, gt=0)
 
 
 class ApiSettings(_Model):

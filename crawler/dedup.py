@@ -17,6 +17,8 @@ import os
 from array import array
 from pathlib import Path
 
+from crawler.errors import OutputError
+
 _EMPTY = 0  # id 0 is kept in the fallback set, so 0 can mark an empty slot
 _MULT = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads ids whose low bits are alike
 _MASK64 = (1 << 64) - 1
@@ -135,6 +137,7 @@ class SeenLog:
 
     def __init__(self, ids_path: Path, other_path: Path, count: int, other_bytes: int) -> None:
         self.seen = SeenIds(capacity=max(count, 1 << 16))  # 0.7 MB: no resizing for small jobs
+        self._ids_path, self._other_path = ids_path, other_path
         self._ids_fd = _open_at(ids_path, count * 8)
         self._other_fd = _open_at(other_path, other_bytes)
         self.count = count
@@ -178,12 +181,10 @@ class SeenLog:
     def write(self, ids: bytes, other: bytes) -> None:
         """Append and fsync; ``count`` and ``other_bytes`` are then the new committed lengths."""
         if ids:
-            _write_all(self._ids_fd, ids)
-            os.fsync(self._ids_fd)
+            _write_all(self._ids_fd, ids, self._ids_path)
             self.count += len(ids) // 8
         if other:
-            _write_all(self._other_fd, other)
-            os.fsync(self._other_fd)
+            _write_all(self._other_fd, other, self._other_path)
             self.other_bytes += len(other)
 
     def close(self) -> None:
@@ -201,7 +202,11 @@ def _open_at(path: Path, length: int) -> int:
     return fd
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        raise OutputError.from_os(exc, path) from None

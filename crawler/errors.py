@@ -9,9 +9,13 @@
         |   +-- RateLimited           429: pause every walker on the key
         |   +-- ServerError           5xx, non-zero ``code``, bad body, network fault
         +-- TargetError               give up this target, go on with the others (400)
-        +-- RunStopped                stop every walker, keep state, exit 4
-            +-- AuthError             401 / 403: the key is refused
-            +-- CreditsExhausted      402: the account has no credits left
+        +-- RunStopped                stop every walker, keep state
+            +-- AuthError             401 / 403: the key is refused (exit 4)
+            +-- CreditsExhausted      402: the account has no credits left (exit 4)
+            +-- WrongEndpoint         3xx, 404, 405, 410...: not this API's answer (exit 5)
+            +-- ComeBackLater         Retry-After longer than the job allows (exit 6)
+    +-- OutputError                   output or state cannot be written: disk full, read-only
+                                      folder, permission; the run stops, resumable (exit 7)
 
 Budget exhaustion on our side is not an error of the API: it is ``BudgetExhausted``,
 raised before a request is sent, never after.
@@ -20,6 +24,8 @@ Messages never carry request headers: the API key rides in them.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class CrawlerError(Exception):
@@ -36,6 +42,35 @@ class ConfigError(JobError):
 
 class StateError(JobError):
     """Saved state is unreadable or does not fit the job."""
+
+
+class OutputError(CrawlerError):
+    """A file of the job cannot be written; the message names it and says what to do."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_os(cls, exc: OSError, path: object) -> OutputError:
+        reason = exc.strerror or type(exc).__name__
+        advice = _ADVICE.get(exc.errno or 0, "fix the cause")
+        return cls(
+            f"{path}: cannot write: {reason}; {advice}, then run the same command again: "
+            "the state is saved and the run carries on where it stopped",
+            path=str(path),
+        )
+
+
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk (or point output.dir at another one)",
+    errno.EDQUOT: "free space within your disk quota (or point output.dir elsewhere)",
+    errno.EFBIG: "the file system refuses files this large: lower output.shard_max_records",
+    errno.EROFS: "the file system is read-only: remount it writable or point output.dir elsewhere",
+    errno.EACCES: "give this user write permission on that folder",
+    errno.EPERM: "give this user write permission on that folder",
+    errno.EIO: "the disk reported an I/O error: check it",
+}
 
 
 class BudgetExhausted(CrawlerError):
@@ -84,3 +119,18 @@ class AuthError(RunStopped):
 
 class CreditsExhausted(RunStopped):
     """402: the account's balance is spent; resumable after a top-up."""
+
+
+class WrongEndpoint(RunStopped):
+    """A status no answer of this API has (3xx, 404, 405, 410...): wrong base_url or a proxy.
+
+    Every target would get the same answer, so the run stops instead of failing each one.
+    """
+
+
+class ComeBackLater(RunStopped):
+    """429 with a Retry-After longer than ``api.max_retry_after_seconds``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, status=429)
+        self.retry_after = retry_after

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from crawler.errors import StateError
+from crawler.errors import OutputError, StateError
 
 Event = dict[str, Any]
 
@@ -92,7 +92,7 @@ class Journal:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._write, b"".join(lines))
         except OSError as exc:
-            batch.set_exception(StateError(f"{self.path}: cannot write state: {exc.strerror}"))
+            batch.set_exception(OutputError.from_os(exc, self.path))
         else:
             self.lines += len(lines)
             batch.set_result(None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from crawler.errors import OutputError
 
 SHARD_PATTERN = re.compile(r"reviews-(\d{6,})\.jsonl(\.gz|\.zst)?")
 SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
@@ -84,16 +87,21 @@ def shard_name(sequence: int, compression: str) -> str:
 def write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename over, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # a half-written temp file must not keep the space
+            tmp.unlink()
+        raise OutputError.from_os(exc, path) from None
 
 
 def fsync_dir(folder: Path) -> None:

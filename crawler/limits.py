@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -30,11 +30,18 @@ log = structlog.get_logger("crawler.limits")
 class RateGate:
     """Admits requests at the configured rate; after a 429, pauses everyone and climbs back."""
 
-    def __init__(self, rate: float, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.configured = rate
         self.current = rate
         self.episodes = 0
         self._clock = clock or asyncio.get_running_loop().time
+        self._sleep = sleep
         self._limiter = self._make_limiter(rate)
         self._resume_at = 0.0
         self._last_change = self._clock()
@@ -45,12 +52,25 @@ class RateGate:
         return AsyncLimiter(capacity, capacity / rate)
 
     async def acquire(self) -> None:
-        """Wait for the shared pause to end, then for a slot at the current rate."""
-        # the pause can be pushed later while we sleep, so re-check rather than wait on an event
-        while (wait := self._resume_at - self._clock()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(wait)
-        self._recover()
-        await self._limiter.acquire()
+        """Wait for the shared pause to end and for a slot at the current rate.
+
+        A 429 can arrive while a walker waits inside the limiter: the pause is checked again
+        once the limiter lets it through, so no request leaves during a pause, whatever the
+        walker was doing when it began.
+        """
+        while True:
+            # the pause can be pushed later while we sleep, so re-check rather than wait on an
+            # event
+            while (wait := self._resume_at - self._clock()) > 0:
+                await self._sleep(wait)
+            self._recover()
+            await self._limiter.acquire()
+            if self._resume_at <= self._clock():
+                return
+
+    @property
+    def paused(self) -> bool:
+        return self._resume_at > self._clock()
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 answer: pause every walker; halve the rate once per episode, not per answer."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from crawler.config import RetrySettings
+from crawler.errors import ComeBackLater
 
 # consecutive 429s on one request before the target is given up; the shared pause and the lowered
 # rate normally end an episode long before this
@@ -47,12 +49,35 @@ class RetryPolicy:
     max_seconds: float = 120.0
     base_seconds: float = 0.5
     cap_seconds: float = 30.0
+    max_retry_after: float = 300.0
     rng: random.Random = field(default_factory=random.Random, compare=False)
 
     @classmethod
     def from_settings(cls, settings: RetrySettings) -> RetryPolicy:
         return cls(
-            settings.max_attempts, settings.max_seconds, settings.base_seconds, settings.cap_seconds
+            settings.max_attempts,
+            settings.max_seconds,
+            settings.base_seconds,
+            settings.cap_seconds,
+            settings.max_retry_after_seconds,
+        )
+
+    def check_retry_after(self, retry_after: float | None) -> None:
+        """Raise ComeBackLater when a 429 asks for a longer pause than the job allows: a run
+        that sleeps for days looks like a hung one, and a cron job would pile up behind it."""
+        if retry_after is None or retry_after <= self.max_retry_after:
+            return
+        try:
+            when = (datetime.now(UTC) + timedelta(seconds=retry_after)).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            )
+        except OverflowError:
+            when = "a date too far away to print (the server's Retry-After is probably wrong)"
+        raise ComeBackLater(
+            f"the API asked to wait {retry_after:,.0f} s before the next request (429 "
+            f"Retry-After), more than api.retry.max_retry_after_seconds "
+            f"({self.max_retry_after:g}); the state is saved: run again after {when}",
+            retry_after=retry_after,
         )
 
     def backoff(self, attempt: int) -> float:

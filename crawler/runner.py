@@ -20,7 +20,7 @@ from crawler.client import ApiClient
 from crawler.config import Job, Target
 from crawler.dedup import SeenLog
 from crawler.endpoint import REVIEWS
-from crawler.errors import AuthError, RunStopped, StateError
+from crawler.errors import AuthError, ComeBackLater, RunStopped, StateError, WrongEndpoint
 from crawler.layout import Layout, write_atomically
 from crawler.limits import RateGate
 from crawler.progress import Figures, Progress
@@ -34,6 +34,7 @@ from crawler.writer import Writer
 log = structlog.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
+EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7
 EXIT_INTERRUPTED = 130
 
 
@@ -218,10 +219,17 @@ async def _worker(run: _Run) -> None:
             run.outcomes[target.key] = (Outcome.PENDING, None)
             if run.fatal is None:
                 run.fatal = exc
-                log.error("the API refused the run; stopping every walker", reason=str(exc))
-            run.door.close("refused")
-            if isinstance(exc, AuthError):
-                run.hurry.set()  # nothing in flight can succeed with a refused key
+                log.error("stopping every walker", reason=str(exc))
+            run.door.close(_STOPS.get(type(exc), ("refused", EXIT_REFUSED))[0])
+            if isinstance(exc, AuthError | WrongEndpoint):
+                run.hurry.set()  # nothing in flight can succeed: a refused key, a wrong URL
+
+
+# the door's reason and the exit status for each way the API can stop a run
+_STOPS: dict[type[RunStopped], tuple[str, int]] = {
+    WrongEndpoint: ("wrong_endpoint", EXIT_WRONG_ENDPOINT),
+    ComeBackLater: ("come_back_later", EXIT_COME_BACK_LATER),
+}
 
 
 async def _watchdog(run: _Run, workers: list[asyncio.Task[None]]) -> None:
@@ -322,7 +330,7 @@ def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
         "rate_limit_episodes": run.walker.gate.episodes,
     }
     if run.fatal is not None:
-        run_info["refused"] = str(run.fatal)
+        run_info["stop_message"] = str(run.fatal)
     live = {k: (str(o), why) for k, (o, why) in run.outcomes.items()}
     doc = report.build(run.job, run.store.state, live_status=live, run=run_info)
     write_atomically(layout.report, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
@@ -333,7 +341,7 @@ def _exit_status(run: _Run) -> int:
     if run.door.reason == "interrupted":
         return EXIT_INTERRUPTED
     if run.fatal is not None:
-        return EXIT_REFUSED
+        return _STOPS.get(type(run.fatal), ("refused", EXIT_REFUSED))[1]
     outcomes = {o for o, _ in run.outcomes.values()}
     if run.door.reason == "budget" or Outcome.BUDGET in outcomes:
         return EXIT_BUDGET

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import zstandard
 
-from crawler.errors import StateError
+from crawler.errors import OutputError, StateError
 from crawler.layout import SHARD_PATTERN, Layout, write_atomically
 from crawler.state import JobState, ShardInfo
 
@@ -79,10 +79,13 @@ class OpenShard:
 
     def append(self, data: bytes, records: int) -> None:
         """Write and fsync a batch; called off the event loop."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputError.from_os(exc, self.path) from None
         if self._digest is not None:
             self._digest.update(data)
         self.bytes += len(data)

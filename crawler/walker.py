@@ -162,16 +162,21 @@ class Walker:
         tries = self.policy.start(started)
         cost = _Cost()
         while True:
+            credits = await self.budget.reserve(target.key)
+            # the gate is the last wait before sending, so a 429 pause that began during any
+            # earlier wait (a lease, a backoff) still holds this request back
             await self.gate.acquire()
             if not self.door.open:
+                self.budget.unreserve(target.key, credits)
                 raise _Stopped
-            cost.credits += await self.budget.reserve(target.key)
+            cost.credits += credits
             self.counters.requests += 1
             try:
                 page = await self.client.fetch(self.endpoint, target, cursor)
             except RateLimited as exc:
                 cost.rate_limited += 1
                 self.counters.rate_limited += 1
+                self.policy.check_retry_after(exc.retry_after)
                 self.gate.on_rate_limited(exc.retry_after)
                 if not tries.may_retry_rate_limited():
                     raise _GiveUp(f"{exc} (too many in a row)", cost) from None

@@ -56,7 +56,7 @@ async def test_402_stops_everything_and_resumes_after_top_up(tmp_path, sandbox):
         job = load_job(write_job(tmp_path, url, TARGETS, api={"base_url": url}))
         result = await run_job(job, environ=ENV)
         assert result.exit_status == 4
-        assert "402" in result.report["run"]["refused"]
+        assert "402" in result.report["run"]["stop_message"]
         book = box.ledgers[key_fingerprint(KEY)]
         assert book.charged <= 40
         assert book.statuses["402"] <= job.api.concurrency  # only what was in flight

@@ -88,7 +88,7 @@ async def test_refused_key_stops_the_run(tmp_path: Path, sandbox: SandboxFactory
         job = load_job(write_job(tmp_path, url, TARGETS))
         result = await run_job(job, environ=ENV)
     assert result.exit_status == 4
-    assert "401" in result.report["run"]["refused"]
+    assert "401" in result.report["run"]["stop_message"]
     # every walker stops: at most the requests already in flight were sent
     assert sum(b.requests for b in box.ledgers.values()) <= job.api.concurrency
 
@@ -98,7 +98,7 @@ async def test_forbidden_key_stops_the_run(tmp_path: Path, sandbox: SandboxFacto
         job = load_job(write_job(tmp_path, url, TARGETS))
         result = await run_job(job, environ=ENV)
     assert result.exit_status == 4
-    assert "403" in result.report["run"]["refused"]
+    assert "403" in result.report["run"]["stop_message"]
 
 
 async def test_compressed_shards(tmp_path: Path, served):
@@ -155,3 +155,17 @@ async def test_a_feed_that_never_ends_stops_after_three_empty_pages(tmp_path: Pa
     assert "3 empty pages" in target["reason"]
     pages_with_reviews = -(-len(box.catalogue.ids(endless, "US")) // 10)
     assert sum(b.requests for b in box.ledgers.values()) == pages_with_reviews + 3
+
+
+async def test_a_wrong_path_stops_the_run_after_few_requests(tmp_path: Path, served):
+    url, box = served
+    targets = [{"product_id": p, "regions": ["US", "GB", "DE", "FR"]} for p in PRODUCTS]
+    job = load_job(write_job(tmp_path, url + "/wrong", targets))  # every answer is a 404
+    result = await run_job(job, environ=ENV)
+    assert result.exit_status == 5
+    message = result.report["run"]["stop_message"]
+    assert "404" in message and "/wrong/v1/tiktok/product/reviews" in message
+    assert "?" not in message and ENV["KEYAPI_API_KEY"] not in message
+    # the sandbox counts only its own endpoint: count what reached the server at all
+    assert result.report["run"]["requests"] <= job.api.concurrency
+    assert {t["status"] for t in result.report["targets"]} == {"pending"}
