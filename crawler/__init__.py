@@ -1,6 +1,6 @@
 """crawler: harvest product reviews from a paid cursor-paged API, exactly once, within budget."""
 
-from crawler.config import Job, Target, load_job
+from crawler.config import Job, load_job
 from crawler.errors import (
     ApiError,
     AuthError,
@@ -20,6 +20,7 @@ from crawler.errors import (
     WrongEndpoint,
 )
 from crawler.runner import RunResult, run_job
+from crawler.targets import Target
 
 __all__ = [
     "ApiError",

@@ -1,32 +1,32 @@
-"""The command line: parse arguments, call the library, map errors to exit statuses. No logic."""
+"""The command line: parse arguments, call the library, map errors to exit statuses. No logic.
+
+Each command imports what it uses when it runs, so ``--help``, ``status`` and a bad job file
+answer without loading the HTTP client or the sandbox.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from crawler.config import Job
+    from crawler.state_sqlite import SqliteView
 
-from crawler import logs, planner, report
-from crawler.config import Job, load_job
-from crawler.errors import JobError, OutputError
-from crawler.layout import Layout
-from crawler.runner import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE, run_job
-from crawler.sandbox import FAULT_KINDS, SandboxOptions, serve
-from crawler.state import load
-from crawler.verify import verify
+# exit statuses, as README lists them (runner.py has the same numbers for the library)
+EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 2, 7, 130
+_LISTED = 20  # targets named at the end of a run; status --all lists them all
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from crawler import logs  # noqa: PLC0415 -- after --help, which needs none of it
+    from crawler.errors import JobError, OutputError  # noqa: PLC0415
+
     opened = logs.configure(
         log_format=args.log_format, level=args.log_level, log_file=args.log_file
     )
@@ -55,7 +55,7 @@ def _say(exc: Exception) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crawler", description=__doc__)
+    parser = argparse.ArgumentParser(prog="crawler", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--fresh", action="store_true", help="start over: remove this job's shards and state first"
     )
+    run.add_argument(
+        "--refresh",
+        action="store_true",
+        help="walk finished targets again for their new reviews (only what changed)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no live display")
     run.set_defaults(handler=_run)
 
@@ -81,15 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--probe",
         action="store_true",
-        help="fetch page 1 of each target (counted, and kept as part of the crawl)",
+        help="fetch page 1 of each target not started (counted, and kept as part of the crawl)",
+    )
+    plan.add_argument(
+        "--refresh",
+        action="store_true",
+        help="start (or go on with) a refresh and fetch its page 1 of each target, kept",
     )
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--all", action="store_true", help="list every target")
     plan.set_defaults(handler=_plan)
 
     status = commands.add_parser("status", help="the job's progress from saved state, offline")
     status.add_argument("job", type=Path)
     status.add_argument("--json", action="store_true")
-    status.add_argument("--all", action="store_true", help="list finished targets too")
+    status.add_argument("--all", action="store_true", help="list every target")
+    status.add_argument("--csv", action="store_true", help="every target's figures as CSV")
     status.set_defaults(handler=_status)
 
     check = commands.add_parser("verify", help="check shards against the manifest; no duplicates")
@@ -97,6 +109,162 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_verify)
 
     sandbox = commands.add_parser("sandbox", help="serve the API emulator")
+    _sandbox_arguments(sandbox)
+    sandbox.set_defaults(handler=_sandbox)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 -- see the module docstring
+
+    from crawler.config import load_job  # noqa: PLC0415
+    from crawler.runner import run_job  # noqa: PLC0415
+
+    job = load_job(args.job)
+    job.api_key()  # a missing key is a usage error before anything starts
+    live = sys.stderr.isatty() and not args.no_progress
+    result = asyncio.run(
+        run_job(
+            job, fresh=args.fresh, refresh=args.refresh, handle_signals=True, live_progress=live
+        )
+    )
+    _print_outcome(result.report, result.exit_status)
+    return result.exit_status
+
+
+def _print_outcome(doc: dict[str, Any], status: int) -> None:
+    counts = ", ".join(f"{n:,} {s}" for s, n in sorted(doc["targets_by_status"].items()))
+    totals = doc["totals"]
+    print(
+        f"{doc['targets_total']:,} targets: {counts}; {totals['records']:,} reviews in "
+        f"{_plural(totals['shards'], 'shard')}; {totals['credits_charged']:,} of "
+        f"{totals['max_credits']:,} credits (exit {status})",
+        file=sys.stderr,
+    )
+    failed = [row for row in doc["attention"] if row["status"] == "failed"]
+    for row in failed[:_LISTED]:
+        print(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", file=sys.stderr)
+    more = doc["targets_by_status"].get("failed", 0) - len(failed[:_LISTED])
+    if more > 0:
+        print(f"  ... and {more:,} more failed (crawler status)", file=sys.stderr)
+    if doc["targets_by_status"].get("stopped_budget"):
+        print(
+            "  stopped at the credit budget: raise budget.max_credits (or "
+            "max_credits_per_target) and run again to carry on",
+            file=sys.stderr,
+        )
+    stopped = doc.get("run", {}).get("stop_message")
+    if stopped:
+        print(f"  stopped: {stopped}", file=sys.stderr)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 -- see the module docstring
+
+    from crawler.config import load_job  # noqa: PLC0415
+
+    job = load_job(args.job)
+    if args.probe or args.refresh:
+        from crawler.runner import run_job  # noqa: PLC0415
+
+        job.api_key()
+        result = asyncio.run(run_job(job, max_pages=1, refresh=args.refresh, handle_signals=True))
+        if result.exit_status not in (0, 1):
+            _print_outcome(result.report, result.exit_status)
+            return result.exit_status
+    return _show(job, args, title="plan")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from crawler.config import load_job  # noqa: PLC0415
+
+    job = load_job(args.job)
+    return _show(job, args, title="status")
+
+
+def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
+    """The job's summary, what needs attention, and (with --all) every target."""
+    from crawler import report  # noqa: PLC0415
+    from crawler.layout import Layout  # noqa: PLC0415
+    from crawler.state_sqlite import SqliteView  # noqa: PLC0415
+
+    view = SqliteView.open(Layout(job.output.dir))
+    if view is None:
+        if title == "status":
+            print(f"crawler: {job.output.dir}: the job has not run yet", file=sys.stderr)
+            return EXIT_USAGE
+        _print_unstarted(job, as_json=args.json)
+        return 0
+    try:
+        if getattr(args, "csv", False):
+            _print_csv(view)
+            return 0
+        doc = report.build(job, view)
+        if args.all:
+            doc["targets"] = list(view.rows())
+        if args.json:
+            import orjson  # noqa: PLC0415
+
+            sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+            return 0
+        from crawler.show import print_summary  # noqa: PLC0415
+
+        print_summary(job, doc, view, every=args.all)
+    finally:
+        view.close()
+    return 0
+
+
+def _print_unstarted(job: Job, *, as_json: bool) -> None:
+    from crawler.planner import estimate  # noqa: PLC0415
+    from crawler.state import Ledger, Totals  # noqa: PLC0415
+
+    doc = estimate(job, Totals(), Ledger(), unlisted=len(job.targets))
+    if as_json:
+        import orjson  # noqa: PLC0415
+
+        print(orjson.dumps({"targets_total": len(job.targets), "estimate": doc}).decode())
+        return
+    print(
+        f"{job.path}: {len(job.targets):,} targets, none started; {job.budget.max_credits:,} "
+        f"credits available. Each target costs at least one request "
+        f"({job.budget.credits_per_request} credits): at least "
+        f"{len(job.targets) * job.budget.credits_per_request:,} credits. "
+        "`crawler plan --probe` fetches page 1 of each target (kept as part of the crawl) to "
+        "estimate the rest."
+    )
+
+
+def _print_csv(view: SqliteView) -> None:
+    import csv  # noqa: PLC0415
+
+    from crawler.report import CSV_COLUMNS  # noqa: PLC0415
+
+    out = csv.writer(sys.stdout)
+    out.writerow(CSV_COLUMNS)
+    for row in view.rows():
+        out.writerow(["" if row[name] is None else row[name] for name in CSV_COLUMNS])
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from crawler.config import load_job  # noqa: PLC0415
+    from crawler.layout import Layout  # noqa: PLC0415
+    from crawler.verify import verify  # noqa: PLC0415
+
+    job = load_job(args.job)
+    verdict = verify(Layout(job.output.dir))
+    for note in verdict.notes:
+        print(f"note: {note}")
+    for problem in verdict.problems:
+        print(f"problem: {problem}")
+    print(
+        f"{verdict.shards} shards, {verdict.records:,} reviews: "
+        f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}"
+    )
+    return 0 if verdict.ok else 1
+
+
+def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8700, help="0: any free port")
     sandbox.add_argument("--page-size", type=int, default=10)
@@ -114,150 +282,20 @@ def _parser() -> argparse.ArgumentParser:
         help="requests a key may send at once (default: max(2, rate/10))",
     )
     sandbox.add_argument("--fault-rate", type=float, default=0.0)
-    sandbox.add_argument("--faults", default=",".join(FAULT_KINDS))
+    sandbox.add_argument("--faults", default=None)
     sandbox.add_argument("--slow-seconds", type=float, default=2.0)
     sandbox.add_argument("--latency-ms", default="0-0", help="e.g. 50-300")
     sandbox.add_argument("--seed", type=int, default=0)
-    sandbox.set_defaults(handler=_sandbox)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    job.api_key()  # a missing key is a usage error before anything starts
-    live = sys.stderr.isatty() and not args.no_progress
-    result = asyncio.run(run_job(job, fresh=args.fresh, handle_signals=True, live_progress=live))
-    _print_outcome(result.report, result.exit_status)
-    return result.exit_status
-
-
-def _print_outcome(doc: dict[str, Any], status: int) -> None:
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(doc["targets_by_status"].items()))
-    totals = doc["totals"]
-    print(
-        f"{doc['targets_total']} targets: {counts}; {totals['records']:,} reviews in "
-        f"{_plural(totals['shards'], 'shard')}; {totals['credits_charged']:,} of "
-        f"{totals['max_credits']:,} credits (exit {status})",
-        file=sys.stderr,
-    )
-    failed = [row for row in doc["targets"] if row["status"] == "failed"]
-    for row in failed[:_LISTED]:
-        print(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", file=sys.stderr)
-    if len(failed) > _LISTED:
-        print(f"  ... and {len(failed) - _LISTED} more failed (crawler status)", file=sys.stderr)
-    if doc["targets_by_status"].get("stopped_budget"):
-        print(
-            "  stopped at the credit budget: raise budget.max_credits (or "
-            "max_credits_per_target) and run again to carry on",
-            file=sys.stderr,
-        )
-    stopped = doc.get("run", {}).get("stop_message")
-    if stopped:
-        print(f"  stopped: {stopped}", file=sys.stderr)
-
-
-_LISTED = 20  # failed targets named at the end of a run; status lists them all
-
-
-def _plan(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    if args.probe:
-        job.api_key()
-        result = asyncio.run(run_job(job, max_pages=1, handle_signals=True))
-        if result.exit_status not in (0, 1):
-            _print_outcome(result.report, result.exit_status)
-            return result.exit_status
-    state = _saved_state(job)
-    doc = planner.estimate(job, state)
-    if args.json:
-        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    table = Table("product_id", "region", "reviews", "pages done", "pages left")
-    for row in doc["targets"]:
-        table.add_row(
-            row["product_id"],
-            row["region"],
-            _n(row["review_count"]),
-            str(row["pages_done"]),
-            _n(row["pages_left"]),
-        )
-    console = Console()
-    console.print(table)
-    covers = {None: "unknown (run plan --probe)", True: "yes", False: "NO"}[doc["budget_covers"]]
-    console.print(
-        f"{len(job.targets)} targets; at least {doc['pages_left']:,} pages left "
-        f"({doc['targets_unknown']} targets unknown); {doc['credits_needed']:,} credits needed, "
-        f"{doc['credits_available']:,} available; about {doc['seconds']:,} s at "
-        f"{job.api.requests_per_second}/s; budget covers it: {covers}"
-    )
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    state = _saved_state(job)
-    if state is None:
-        print(f"crawler: {job.output.dir}: the job has not run yet", file=sys.stderr)
-        return EXIT_USAGE
-    doc = report.build(job, state)
-    if args.json:
-        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    totals = doc["totals"]
-    runs = _plural(state.runs, "run")
-    table = Table(
-        "product_id",
-        "region",
-        "status",
-        "pages",
-        "reviews",
-        "dups",
-        "credits",
-        "retries",
-        "429s",
-        title=f"{job.path}: {runs}, {totals['credits_charged']:,} of "
-        f"{totals['max_credits']:,} credits, {_plural(totals['shards'], 'shard')}",
-    )
-    shown = [row for row in doc["targets"] if args.all or row["status"] != "done"]
-    for row in shown:
-        status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
-        figures = (row[k] for k in _COLUMNS)
-        table.add_row(row["product_id"], row["region"], status, *(f"{n:,}" for n in figures))
-    if len(shown) < len(doc["targets"]):
-        table.caption = f"{len(doc['targets']) - len(shown)} finished targets not listed (--all)"
-    table.add_section()
-    by_status = ", ".join(f"{n} {s}" for s, n in doc["targets_by_status"].items())
-    table.add_row("total", "", by_status, *(f"{totals[k]:,}" for k in _COLUMNS))
-    Console(width=120).print(table)
-    return 0
-
-
-_COLUMNS = ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
-
-
-def _saved_state(job: Job) -> Any:
-    layout = Layout(job.output.dir)
-    if not layout.snapshot.exists():
-        return None
-    return load(layout)[0]
-
-
-def _verify(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    verdict = verify(Layout(job.output.dir))
-    for note in verdict.notes:
-        print(f"note: {note}")
-    for problem in verdict.problems:
-        print(f"problem: {problem}")
-    print(
-        f"{verdict.shards} shards, {verdict.records:,} reviews: "
-        f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}"
-    )
-    return 0 if verdict.ok else 1
 
 
 def _sandbox(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 -- see the module docstring
+    import contextlib  # noqa: PLC0415
+
+    from crawler.sandbox import FAULT_KINDS, SandboxOptions, serve  # noqa: PLC0415
+
     low, _, high = args.latency_ms.partition("-")
+    faults = FAULT_KINDS if args.faults is None else tuple(k for k in args.faults.split(",") if k)
     options = SandboxOptions(
         page_size=args.page_size,
         keys=frozenset(args.keys.split(",")) if args.keys else None,
@@ -267,7 +305,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         rate=args.rate,
         burst=args.burst,
         fault_rate=args.fault_rate,
-        faults=tuple(k for k in args.faults.split(",") if k),
+        faults=faults,
         slow_seconds=args.slow_seconds,
         latency=(float(low) / 1000, float(high or low) / 1000),
         seed=args.seed,
@@ -288,10 +326,6 @@ def _sandbox(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever())
     return 0
-
-
-def _n(value: int | None) -> str:
-    return "?" if value is None else f"{value:,}"
 
 
 def _plural(count: int, noun: str) -> str:

@@ -11,7 +11,6 @@ from typing import Self
 import aiohttp
 import orjson
 
-from crawler.config import Target
 from crawler.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import (
     ApiError,
@@ -22,6 +21,7 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
+from crawler.targets import Target
 
 
 class ApiClient:

@@ -14,25 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crawler.errors import ConfigError
+from crawler.targets import REGIONS, Collector, TargetList, read_targets_file
 
-REGIONS = (
-    "US",
-    "GB",
-    "DE",
-    "FR",
-    "IT",
-    "ID",
-    "MY",
-    "MX",
-    "PH",
-    "SG",
-    "ES",
-    "TH",
-    "VN",
-    "BR",
-    "JP",
-    "IE",
-)
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
 
@@ -93,7 +76,7 @@ class OutputSettings(_Model):
 class TargetSpec(_Model):
     product_id: str
     region: str | None = None
-    regions: tuple[str, ...] | None = None
+    regions: tuple[str, ...] | None = None  # neither: the job's default_regions
     max_pages: int | None = Field(None, gt=0)
 
     @field_validator("product_id", mode="before")
@@ -118,9 +101,9 @@ class TargetSpec(_Model):
         return None if value is None else tuple(_check_region(r) for r in value)
 
     @model_validator(mode="after")
-    def _one_of_region_or_regions(self) -> TargetSpec:
-        if (self.region is None) == (self.regions is None):
-            raise ValueError("give exactly one of 'region' or 'regions'")
+    def _not_both(self) -> TargetSpec:
+        if self.region is not None and self.regions is not None:
+            raise ValueError("give 'region' or 'regions', not both")
         return self
 
 
@@ -128,20 +111,15 @@ class _JobModel(_Model):
     api: ApiSettings = ApiSettings()
     budget: BudgetSettings
     output: OutputSettings
-    targets: tuple[TargetSpec, ...] = Field(min_length=1)
+    targets: tuple[TargetSpec, ...] = ()
+    targets_file: Path | None = None
+    default_regions: tuple[str, ...] | None = Field(None, min_length=1)
+    refresh: Literal["early_stop", "full"] = "early_stop"
 
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One walk: a product in one region."""
-
-    product_id: str
-    region: str
-    max_pages: int | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.product_id}:{self.region}"
+    @field_validator("default_regions")
+    @classmethod
+    def _regions(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(_check_region(r) for r in value)
 
 
 @dataclass(frozen=True)
@@ -152,7 +130,8 @@ class Job:
     api: ApiSettings
     budget: BudgetSettings
     output: OutputSettings
-    targets: tuple[Target, ...]
+    targets: TargetList
+    refresh: str = "early_stop"  # what --refresh walks of a changed target: see README
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment (never from the file); ConfigError names the variable."""
@@ -169,15 +148,15 @@ class Job:
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
-    """Read and validate a job file; raise ConfigError with one line per problem."""
+    """Read and validate a job file and its targets; raise ConfigError with one line per
+    problem (bad targets: every one, up to a cap)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a safe loader: plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -190,33 +169,62 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     try:
         model = _JobModel.model_validate(raw)
     except ValidationError as exc:
-        lines = _line_index(node)
-        errors = exc.errors()
-        if any(len(e["loc"]) > 1 and e["loc"][0] == "targets" for e in errors):
-            # a target that fails validation is not counted: do not also say "no targets"
-            errors = [
-                e for e in errors if not (e["type"] == "too_short" and e["loc"] == ("targets",))
-            ]
-        raise ConfigError("\n".join(_describe(path, err, lines) for err in errors)) from None
+        lines = _line_index(text)
+        raise ConfigError("\n".join(_describe(path, e, lines) for e in exc.errors())) from None
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
     output = model.output.model_copy(update={"dir": out_dir})
-    return Job(path, model.api, model.budget, output, _expand(path, model.targets))
+    targets = _collect(path, text, model)
+    return Job(path, model.api, model.budget, output, targets, model.refresh)
 
 
-def _expand(path: Path, specs: tuple[TargetSpec, ...]) -> tuple[Target, ...]:
-    seen: dict[str, int] = {}
-    targets = []
-    for index, spec in enumerate(specs):
-        for region in spec.regions or (spec.region or "",):
-            target = Target(spec.product_id, region, spec.max_pages)
-            if target.key in seen:
-                raise ConfigError(
-                    f"{path}: targets[{index}]: product {spec.product_id} in {region} "
-                    f"is already listed at targets[{seen[target.key]}]"
-                )
-            seen[target.key] = index
-            targets.append(target)
-    return tuple(targets)
+# libyaml's loader when PyYAML was built with it: several times faster on long target lists
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _collect(path: Path, text: str, model: _JobModel) -> TargetList:
+    """Inline targets, then the targets file's; every problem found, up to a cap."""
+    into = Collector()
+    defaults = model.default_regions
+    source = into.source(f"{path}: targets[{{}}]", "targets[{}]")
+    for index, spec in enumerate(model.targets):
+        regions = spec.regions or ((spec.region,) if spec.region else defaults)
+        if not regions:
+            into.problem(
+                f"{path}: targets[{index}]: give 'region' or 'regions' "
+                "(or default_regions for the whole job)"
+            )
+            continue
+        for region in regions:
+            into.add(spec.product_id, region, spec.max_pages, source, index)
+    if model.targets_file is not None:
+        file = model.targets_file
+        located = file if file.is_absolute() else path.parent / file
+        read_targets_file(located, defaults, into, shown=str(located))
+    if into.bad:
+        raise ConfigError("\n".join(_with_lines(path, text, into.summary())))
+    if not into.targets:
+        line = _line_index(text).get(("targets",))
+        raise ConfigError(
+            f"{path}{f':{line}' if line else ''}: targets: no targets; list at least one "
+            "{product_id, region} or name a targets_file"
+        )
+    return into.targets
+
+
+def _with_lines(path: Path, text: str, messages: list[str]) -> list[str]:
+    """Put the YAML line into messages about inline targets: parsing the document again for
+    line numbers is only worth it once there is something to say."""
+    lines = _line_index(text)
+    prefix = f"{path}: targets["
+
+    def located(message: str) -> str:
+        if not message.startswith(prefix):
+            return message
+        index = int(message[len(prefix) : message.index("]", len(prefix))])
+        line = lines.get(("targets", index))
+        return message.replace(f"{path}: ", f"{path}:{line}: ", 1) if line else message
+
+    return [located(m) for m in messages]
 
 
 def _check_region(value: str) -> str:
@@ -234,9 +242,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _line_index(node: yaml.Node | None) -> dict[tuple[str | int, ...], int]:
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     """Map each field path of the YAML document to its 1-based line."""
     index: dict[tuple[str | int, ...], int] = {}
+    node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
     def walk(n: yaml.Node, at: tuple[str | int, ...]) -> None:
         index[at] = n.start_mark.line + 1
@@ -262,8 +271,6 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = f"unknown key '{loc[-1]}'"
-    elif err["type"] == "too_short" and loc == ("targets",):
-        message = "no targets; list at least one {product_id, region}"
     elif err["type"] == "missing":
         message = "required key is missing"
     elif (

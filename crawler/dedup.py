@@ -17,7 +17,7 @@ import os
 from array import array
 from pathlib import Path
 
-from crawler.errors import OutputError
+from crawler.errors import OutputError, StateError
 
 _EMPTY = 0  # id 0 is kept in the fallback set, so 0 can mark an empty slot
 _MULT = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads ids whose low bits are alike
@@ -130,9 +130,9 @@ class SeenIds:
 class SeenLog:
     """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line).
 
-    Only the first ``count`` ids and ``other_bytes`` bytes are committed; the rest is a crash's
-    leftover and is cut off on open. Opening reads the files; ``load`` builds the in-memory set
-    (a second per few million ids), so a run can start sending requests meanwhile.
+    Opened at the committed lengths (``recover`` cut a crash's leftovers). Opening reads the
+    files; ``load`` builds the in-memory set (a second per few million ids), so a run can start
+    sending requests meanwhile.
     """
 
     def __init__(self, ids_path: Path, other_path: Path, count: int, other_bytes: int) -> None:
@@ -144,8 +144,6 @@ class SeenLog:
         self.other_bytes = other_bytes
         self._saved = array("Q")
         self._saved.frombytes(os.pread(self._ids_fd, count * 8, 0))
-        if len(self._saved) != count:
-            raise ValueError(f"{ids_path}: holds {len(self._saved)} ids, state says {count}")
         self._saved_other = os.pread(self._other_fd, other_bytes, 0).decode().splitlines()
         self.loaded = not (self._saved or self._saved_other)
         self._pending_ids = array("Q")
@@ -193,12 +191,13 @@ class SeenLog:
 
 
 def _open_at(path: Path, length: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if os.fstat(fd).st_size < length:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        raise OutputError.from_os(exc, path) from None
+    if os.fstat(fd).st_size != length:
         os.close(fd)
-        raise ValueError(f"{path}: shorter than the saved state says ({length} bytes)")
-    os.ftruncate(fd, length)
-    os.lseek(fd, 0, os.SEEK_END)
+        raise StateError(f"{path}: {length} bytes committed, the file differs")
     return fd
 
 

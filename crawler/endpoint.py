@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from crawler.config import Target
 from crawler.errors import ServerError
+from crawler.targets import Target
 
 Cursor = int | str
 

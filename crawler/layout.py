@@ -23,11 +23,13 @@ class Layout:
         return self.root / "state"
 
     @property
-    def snapshot(self) -> Path:
-        return self.state_dir / "state.json"
+    def state_db(self) -> Path:
+        return self.state_dir / "state.db"
 
-    def journal(self, generation: int) -> Path:
-        return self.state_dir / f"journal-{generation:06d}.log"
+    @property
+    def old_snapshot(self) -> Path:
+        """Where the state of crawler 0.1 lived: such a job is refused, not misread."""
+        return self.state_dir / "state.json"
 
     @property
     def lock(self) -> Path:
@@ -56,6 +58,10 @@ class Layout:
     def report(self) -> Path:
         return self.root / "run-report.json"
 
+    @property
+    def targets_report(self) -> Path:
+        return self.root / "targets-report.csv"
+
     def shard_files(self) -> list[Path]:
         if not self.shards_dir.is_dir():
             return []
@@ -64,12 +70,15 @@ class Layout:
     def remove_job_files(self) -> list[Path]:
         """Delete what this job wrote, and nothing else a user may have put beside it."""
         removed: list[Path] = []
-        candidates = [*self.shard_files(), self.manifest, self.report, self.snapshot]
-        candidates += [self.seen_ids, self.seen_other]
+        written = (self.manifest, self.report, self.targets_report)
+        candidates = [*self.shard_files(), *written, self.seen_ids, self.seen_other]
+        candidates += [
+            self.state_db.with_name(self.state_db.name + s) for s in ("", "-wal", "-shm")
+        ]
         # a crash between writing and renaming leaves these beside their final names
-        candidates += [p.with_name(p.name + ".tmp") for p in (self.manifest, self.report)]
-        if self.state_dir.is_dir():
-            candidates += sorted(self.state_dir.glob("journal-*.log"))
+        candidates += [p.with_name(p.name + ".tmp") for p in written]
+        if self.state_dir.is_dir():  # and crawler 0.1's state files
+            candidates += [self.old_snapshot, *sorted(self.state_dir.glob("journal-*.log"))]
             candidates += sorted(self.state_dir.glob("*.tmp"))
         for path in candidates:
             if path.exists():

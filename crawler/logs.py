@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +24,17 @@ class _CurrentStderr:
 
 def _dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
+
+
+# one line per target: for the JSON log and the log file; on a console they would scroll a
+# million lines past the live summary, which already counts them
+PER_TARGET = frozenset({"target finished"})
+
+
+def _drop_per_target(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if event.get("event") in PER_TARGET:
+        raise structlog.DropEvent
+    return event
 
 
 def configure(
@@ -48,6 +60,7 @@ def configure(
     )
     structlog.configure(
         processors=[
+            *([] if as_json else [_drop_per_target]),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -1,4 +1,4 @@
-"""Estimates of a job's pages, credits and time, from the job file and what the state knows."""
+"""Estimates of a job's pages, credits and time, from the totals the state keeps."""
 
 from __future__ import annotations
 
@@ -6,55 +6,42 @@ import math
 from typing import Any
 
 from crawler.config import Job
-from crawler.state import JobState, TargetState
+from crawler.events import WALKABLE
+from crawler.state import Ledger, Totals
 
 
-def estimate(job: Job, state: JobState | None) -> dict[str, Any]:
-    """Per target: pages left (None when unknown without a probe); in total: credits and time."""
-    targets = state.targets if state else {}
-    sizes = [t.items / t.pages for t in targets.values() if t.pages]
-    per_page = sum(sizes) / len(sizes) if sizes else None
-    rows = []
-    known_pages = 0
-    unknown = 0
-    for target in job.targets:
-        saved = targets.get(target.key, TargetState())
-        left = _pages_left(saved, target.max_pages, per_page)
-        if left is None:
-            unknown += 1
-        else:
-            known_pages += left
-        rows.append(
-            {
-                "product_id": target.product_id,
-                "region": target.region,
-                "review_count": saved.review_count,
-                "pages_done": saved.pages,
-                "pages_left": left,
-            }
-        )
-    cost = job.budget.credits_per_request
-    spent = max(state.leased, state.credits) if state else 0
-    credits_needed = known_pages * cost
+def pages_left(totals: Totals, unlisted: int = 0) -> int | None:
+    """Pages still to walk: the estimates of walks whose page 1 told their size, plus the typical
+    size of those for targets not started (``unlisted``: targets the state has not seen yet).
+    None while no walk has told its size."""
+    walkable = [totals.by_status[s] for s in WALKABLE]
+    left = sum(s.pages_left for s in walkable)
+    unknown = unlisted + sum(s.count - s.expected_known for s in walkable)
+    known = sum(s.expected_known for s in totals.by_status.values())
+    if not known:
+        return None if unknown else 0
+    typical = totals.total("expected") / known
+    return left + math.ceil(unknown * typical)
+
+
+def estimate(job: Job, totals: Totals, ledger: Ledger, *, unlisted: int = 0) -> dict[str, Any]:
+    """What is left of the job: pages, credits (against the budget) and time."""
+    pages = pages_left(totals, unlisted)
+    walkable = sum(totals.by_status[s].count for s in WALKABLE) + unlisted
+    unknown = unlisted + sum(
+        totals.by_status[s].count - totals.by_status[s].expected_known for s in WALKABLE
+    )
+    spent = max(ledger.leased, ledger.credits)
     available = job.budget.max_credits - spent
+    needed = None if pages is None else pages * job.budget.credits_per_request
     return {
-        "targets": rows,
-        "pages_left": known_pages,
+        "targets_left": walkable,
         "targets_unknown": unknown,
-        "credits_needed": credits_needed,
+        "pages_left": pages,
+        "credits_needed": needed,
         "credits_spent": spent,
         "credits_available": available,
-        "budget_covers": None if unknown else credits_needed <= available,
-        "seconds": math.ceil(known_pages / job.api.requests_per_second),
+        "budget_covers": None if needed is None else needed <= available,
+        "seconds": None if pages is None else math.ceil(pages / job.api.requests_per_second),
+        "estimate": "measured" if not unknown else ("typical" if pages is not None else None),
     }
-
-
-def _pages_left(saved: TargetState, max_pages: int | None, per_page: float | None) -> int | None:
-    if saved.exhausted:
-        return 0
-    total: int | None = None
-    if saved.review_count is not None and per_page:
-        total = max(1, math.ceil(saved.review_count / per_page)) if saved.review_count else 1
-    if max_pages is not None:
-        total = max_pages if total is None else min(total, max_pages)
-    return None if total is None else max(0, total - saved.pages)

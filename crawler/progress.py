@@ -1,4 +1,4 @@
-"""What the person and the logs see while a job runs: a live line on a terminal, else a log line."""
+"""What the person and the logs see while a job runs: a live summary on a terminal, else logs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import Progress as Bar
 from rich.text import Text
 
 log = structlog.get_logger("crawler.progress")
@@ -21,6 +23,8 @@ log = structlog.get_logger("crawler.progress")
 class Figures:
     targets_done: int
     targets_total: int
+    failed: int
+    capped: int  # stopped at their own credit cap
     pages: int
     records: int
     duplicates: int
@@ -29,7 +33,8 @@ class Figures:
     requests: int  # this run, for the rate
     rate_limited: int
     retries: int
-    failed: int
+    episodes: int  # 429 episodes this run
+    paused: bool  # a 429 pause is in force now
     pages_left: int | None  # estimate; None when nothing is known yet
 
 
@@ -51,6 +56,14 @@ class Progress:
         self._log_every = log_every
         self._console = console or Console(stderr=True)
         self._samples: deque[tuple[float, int]] = deque(maxlen=20)
+        self._bar = Bar(
+            TextColumn("targets"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=self._console,
+        )
+        self._task = self._bar.add_task("targets", total=None, eta="--:--")
 
     def rate(self) -> float:
         if len(self._samples) < 2:
@@ -104,20 +117,49 @@ class Progress:
             return None
         return math.ceil(f.pages_left / rate)
 
-    def render(self, f: Figures) -> Text:
-        width = 30
-        share = f.targets_done / f.targets_total if f.targets_total else 1.0
-        bar = "#" * round(share * width) + "-" * (width - round(share * width))
+    def render(self, f: Figures) -> Group:
         eta = self.eta(f)
-        eta_text = "--:--" if eta is None else f"{eta // 60:02d}:{eta % 60:02d}"
+        self._bar.update(
+            self._task,
+            completed=f.targets_done,
+            total=f.targets_total,
+            eta="--:--" if eta is None else _clock(eta),
+        )
         text = Text()
-        text.append(f"targets [{bar}] {f.targets_done}/{f.targets_total}", style="bold")
-        if f.failed:
-            text.append(f"  failed {f.failed}", style="red")
-        text.append(f"  ETA {eta_text}\n")
         text.append(
             f"pages {f.pages:,}  reviews {f.records:,}  duplicates dropped {f.duplicates:,}\n"
         )
         text.append(f"credits {f.credits:,} / {f.max_credits:,}  ")
-        text.append(f"rate {self.rate():.1f} req/s  429s {f.rate_limited}  retries {f.retries}")
-        return text
+        text.append(f"rate {self.rate():.1f} req/s  retries {f.retries:,}")
+        attention = self._attention(f)
+        if attention.plain:
+            text.append("\n")
+            text.append_text(attention)
+        return Group(self._bar.get_renderable(), text)
+
+    @staticmethod
+    def _attention(f: Figures) -> Text:
+        """What a person should notice: failures, 429s, the budget."""
+        parts = Text()
+        if f.failed:
+            parts.append(f"failed {f.failed:,} (crawler status lists them)  ", style="red")
+        if f.capped:
+            parts.append(f"at their credit cap {f.capped:,}  ", style="yellow")
+        if f.rate_limited:
+            style = "bold yellow" if f.paused else "yellow"
+            now = " - pausing now" if f.paused else ""
+            parts.append(
+                f"429s {f.rate_limited:,} ({f.episodes} episodes this run){now}  ", style=style
+            )
+        if f.max_credits and f.credits >= 0.9 * f.max_credits:
+            parts.append(f"budget {f.credits / f.max_credits:.0%} spent", style="yellow")
+        return parts
+
+
+def _clock(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return (
+        f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+        if hours
+        else f"{rest // 60:02d}:{rest % 60:02d}"
+    )

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,18 +16,25 @@ import structlog
 from crawler import report
 from crawler.budget import Budget
 from crawler.client import ApiClient
-from crawler.config import Job, Target
+from crawler.config import Job
 from crawler.dedup import SeenLog
 from crawler.endpoint import REVIEWS
-from crawler.errors import AuthError, ComeBackLater, RunStopped, StateError, WrongEndpoint
+from crawler.errors import (
+    AuthError,
+    ComeBackLater,
+    OutputError,
+    RunStopped,
+    WrongEndpoint,
+)
+from crawler.events import WALKABLE, Status
 from crawler.layout import Layout, write_atomically
 from crawler.limits import RateGate
+from crawler.planner import pages_left
 from crawler.progress import Figures, Progress
+from crawler.recovery import recover
 from crawler.retry import RetryPolicy
-from crawler.sandbox import SandboxOptions, serve
-from crawler.shards import remove_uncommitted
-from crawler.state import FileStateStore, output_fingerprint
-from crawler.walker import Door, Outcome, RunCounters, Walker
+from crawler.state_sqlite import SqliteStore, SqliteView
+from crawler.walker import Door, RunCounters, Walker
 from crawler.writer import Writer
 
 log = structlog.get_logger("crawler.runner")
@@ -42,7 +48,6 @@ EXIT_INTERRUPTED = 130
 class RunResult:
     exit_status: int
     stop_reason: str | None
-    outcomes: dict[str, tuple[Outcome, str | None]]
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,22 +56,18 @@ class _Run:
     """The live parts of one run, for the workers, the watchdog and the progress display."""
 
     job: Job
-    store: FileStateStore
+    store: SqliteStore
     walker: Walker
     door: Door
     hurry: asyncio.Event
-    pending: deque[Target]
-    outcomes: dict[str, tuple[Outcome, str | None]] = field(default_factory=dict)
     fatal: RunStopped | None = None
-    # retries and 429s of earlier runs: the display adds this run's live counts to them
-    earlier_retries: int = 0
-    earlier_rate_limited: int = 0
 
 
 async def run_job(
     job: Job,
     *,
     fresh: bool = False,
+    refresh: bool = False,
     environ: Mapping[str, str] | None = None,
     max_pages: int | None = None,
     handle_signals: bool = False,
@@ -75,19 +76,29 @@ async def run_job(
 ) -> RunResult:
     """Run (or resume) a job to the end, to its budget, or to a stop; return how it ended.
 
-    ``max_pages`` caps every target's pages for this run (``plan --probe`` walks page 1 only).
-    Raises JobError subclasses for bad input or state; every other stop is in the result.
+    ``refresh`` re-walks finished targets for their new reviews (see README). ``max_pages``
+    caps every walk for this run only (``plan --probe`` walks page 1 and leaves it pending).
+    Raises JobError subclasses for bad input or state, OutputError when a file cannot be
+    written; every other stop is in the result.
     """
     api_key = job.api_key(environ)
     layout = Layout(job.output.dir)
-    fingerprint = output_fingerprint(job.output.shard_max_records, job.output.compression)
-    store = FileStateStore.open(layout, fingerprint, fresh=fresh)
+    output = {
+        "shard_max_records": job.output.shard_max_records,
+        "compression": job.output.compression,
+    }
+    store = await SqliteStore.open(layout, output, fresh=fresh)
     try:
-        remove_uncommitted(layout, store.state)
-        layout.shards_dir.mkdir(exist_ok=True)
-        seen = _open_seen(layout, store)
-        store.state.runs += 1
-        store.compact()
+        found = recover(layout, store.position, store.shards(), store.open_shard, store.next_shard)
+        try:
+            layout.shards_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError.from_os(exc, layout.shards_dir) from None
+        await store.sync_targets(job.targets)
+        refreshing = await store.begin_run(refresh=refresh, mode=job.refresh)
+        seen = SeenLog(
+            layout.seen_ids, layout.seen_other, store.position.seen, store.position.seen_other
+        )
         started = time.time()
         async with (
             _api_base(job) as base_url,
@@ -99,23 +110,23 @@ async def run_job(
             ) as client,
         ):
             run = _prepare(job, store, seen, client, max_pages, retry_policy)
+            log.info(
+                "run started",
+                targets=store.totals.targets,
+                to_walk=store.totals.count(*WALKABLE),
+                refresh=refreshing or None,
+                credits_spent=run.walker.budget.spent,
+                max_credits=job.budget.max_credits,
+                recovered_bytes=found.bytes_cut or None,
+            )
             with _signals(run, enabled=handle_signals):
                 try:
                     await _crawl(run, live_progress=live_progress)
                 except ExceptionGroup as group:  # a task's own error, e.g. a full disk
                     raise _first_leaf(group) from None
-        store.compact()
-        return _finish(run, layout, started)
+        return await _finish(run, layout, started)
     finally:
-        store.close()
-
-
-def _open_seen(layout: Layout, store: FileStateStore) -> SeenLog:
-    state = store.state
-    try:
-        return SeenLog(layout.seen_ids, layout.seen_other, state.seen, state.seen_other)
-    except ValueError as exc:
-        raise StateError(f"{exc}; start over with --fresh") from None
+        await store.close()
 
 
 @contextlib.asynccontextmanager
@@ -123,15 +134,17 @@ async def _api_base(job: Job) -> AsyncIterator[str]:
     if not job.api.is_sandbox:
         yield job.api.base_url
         return
+    # only a sandbox job needs the emulator (and aiohttp's server): imported here, not above
+    from crawler.sandbox import SandboxOptions, serve  # noqa: PLC0415
+
     # the in-process emulator allows exactly the configured rate, as a real key would
-    options = SandboxOptions(rate=job.api.requests_per_second)
-    async with serve(options) as (base_url, _):
+    async with serve(SandboxOptions(rate=job.api.requests_per_second)) as (base_url, _):
         yield base_url
 
 
 def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
     job: Job,
-    store: FileStateStore,
+    store: SqliteStore,
     seen: SeenLog,
     client: ApiClient,
     max_pages: int | None,
@@ -157,25 +170,10 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
         writer=writer,
         counters=RunCounters(),
         policy=retry_policy or RetryPolicy.from_settings(job.api.retry),
+        refresh_mode=job.refresh,
         max_pages=max_pages,
     )
-    limit_of = {t.key: (max_pages if max_pages is not None else t.max_pages) for t in job.targets}
-    pending = deque(
-        t
-        for t in job.targets
-        if report.target_status(limit_of[t.key], store.state.target(t.key)) != "done"
-    )
-    saved = store.state.targets.values()
-    return _Run(
-        job,
-        store,
-        walker,
-        door,
-        asyncio.Event(),
-        pending,
-        earlier_retries=sum(t.retries for t in saved),
-        earlier_rate_limited=sum(t.rate_limited for t in saved),
-    )
+    return _Run(job, store, walker, door, asyncio.Event())
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -184,23 +182,15 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
 
 
 async def _crawl(run: _Run, *, live_progress: bool) -> None:
-    workers_count = min(run.job.api.concurrency, len(run.pending))
+    workers_count = min(run.job.api.concurrency, max(1, run.store.totals.count(*WALKABLE)))
     progress = Progress(lambda: _figures(run), live=live_progress)
-    log.info(
-        "run started",
-        targets=len(run.job.targets),
-        pending=len(run.pending),
-        credits_spent=run.walker.budget.spent,
-        max_credits=run.job.budget.max_credits,
-    )
     async with asyncio.TaskGroup() as group:
         writer = run.walker.writer
         writer_task = group.create_task(writer.run())
         progress_task = group.create_task(progress.run())
         workers = [group.create_task(_worker(run)) for _ in range(workers_count)]
         watchdog = group.create_task(_watchdog(run, workers))
-        if workers:
-            await asyncio.wait(workers)
+        await asyncio.wait(workers)
         watchdog.cancel()
         await run.walker.budget.give_back()
         await writer.close()
@@ -210,13 +200,10 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
 
 
 async def _worker(run: _Run) -> None:
-    while run.pending and run.door.open:
-        target = run.pending.popleft()
-        saved = run.store.state.target(target.key)
+    while run.door.open and (claimed := await run.store.claim()) is not None:
         try:
-            run.outcomes[target.key] = await run.walker.walk(target, saved)
+            await run.walker.walk(claimed)
         except RunStopped as exc:
-            run.outcomes[target.key] = (Outcome.PENDING, None)
             if run.fatal is None:
                 run.fatal = exc
                 log.error("stopping every walker", reason=str(exc))
@@ -270,71 +257,61 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
 
 
 def _figures(run: _Run) -> Figures:
-    state = run.store.state
-    done = failed = 0
-    pages_left = 0
-    walked = [t for t in state.targets.values() if t.pages]
-    items_per_page = sum(t.items for t in walked) / sum(t.pages for t in walked) if walked else 0
-    finished = [t.pages for t in state.targets.values() if t.exhausted]
-    # a target not started yet is guessed at the mean size of the finished ones
-    typical = sum(finished) / len(finished) if finished else 0
-    for target in run.job.targets:
-        saved = state.targets.get(target.key)
-        status = report.target_status(target.max_pages, saved) if saved else "pending"
-        done += status == "done"
-        failed += status == "failed" or run.outcomes.get(target.key, ("",))[0] == Outcome.FAILED
-        if status == "done":
-            continue
-        if saved and saved.review_count is not None and items_per_page:
-            expected = saved.review_count / items_per_page
-        else:
-            expected = typical
-        if target.max_pages is not None:
-            expected = min(expected, target.max_pages)
-        pages_left += max(0, round(expected) - (saved.pages if saved else 0))
+    """The live figures: the store keeps every total current, so this costs the same for ten
+    targets as for a million."""
+    totals = run.store.totals
     counters = run.walker.counters
     return Figures(
-        targets_done=done,
-        targets_total=len(run.job.targets),
-        pages=sum(t.pages for t in state.targets.values()),
-        records=sum(t.records for t in state.targets.values()),
-        duplicates=sum(t.duplicates for t in state.targets.values()),
+        targets_done=totals.count(Status.DONE),
+        targets_total=totals.targets,
+        failed=totals.count(Status.FAILED),
+        capped=totals.count(Status.BUDGET),
+        pages=int(totals.total("pages")),
+        records=int(totals.total("records")),
+        duplicates=int(totals.total("duplicates")),
         credits=run.walker.budget.spent,
         max_credits=run.job.budget.max_credits,
         requests=counters.requests,
-        rate_limited=run.earlier_rate_limited + counters.rate_limited,
-        retries=run.earlier_retries + counters.retries,
-        failed=failed,
-        pages_left=pages_left if walked else None,
+        rate_limited=int(totals.total("rate_limited")),
+        retries=int(totals.total("retries")),
+        episodes=run.walker.gate.episodes,
+        paused=run.walker.gate.paused,
+        pages_left=pages_left(totals),
     )
 
 
-def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
-    for target in run.pending:  # never started: the run stopped first
-        run.outcomes.setdefault(target.key, (Outcome.PENDING, None))
-    status = _exit_status(run)
-    if run.door.reason == "budget":  # every unfinished target waits for a larger budget
-        why = f"budget.max_credits ({run.job.budget.max_credits}) reached"
-        for key, (outcome, _) in run.outcomes.items():
-            if outcome == Outcome.PENDING:
-                run.outcomes[key] = (Outcome.BUDGET, why)
+async def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
+    store = run.store
+    budget_stopped = run.door.reason == "budget"
     counters = run.walker.counters
-    run_info = {
-        "started_at": started,
+    info: dict[str, Any] = {
         "finished_at": time.time(),
-        "exit_status": status,
         "stop_reason": run.door.reason,
+        "stop_message": str(run.fatal) if run.fatal else None,
         "requests": counters.requests,
         "retries": counters.retries,
         "rate_limited": counters.rate_limited,
         "rate_limit_episodes": run.walker.gate.episodes,
     }
-    if run.fatal is not None:
-        run_info["stop_message"] = str(run.fatal)
-    live = {k: (str(o), why) for k, (o, why) in run.outcomes.items()}
-    doc = report.build(run.job, run.store.state, live_status=live, run=run_info)
-    write_atomically(layout.report, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-    return RunResult(status, run.door.reason, run.outcomes, doc)
+    info["exit_status"] = status = _exit_status(run)
+    await store.end_run(info, budget_stopped=budget_stopped)
+    run_info = {"started_at": started, "refresh": store.refresh, **info}
+    doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info)
+    return RunResult(status, run.door.reason, doc)
+
+
+def _write_reports(job: Job, layout: Layout, run_info: dict[str, Any]) -> dict[str, Any]:
+    """The run report and the per-target CSV, from the saved state (off the event loop: a
+    million targets take seconds)."""
+    view = SqliteView.open(layout)
+    assert view is not None  # noqa: S101 -- this run created it at the latest
+    try:
+        doc = report.build(job, view, run=run_info)
+        write_atomically(layout.report, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        report.write_targets_csv(view, layout.targets_report)
+    finally:
+        view.close()
+    return doc
 
 
 def _exit_status(run: _Run) -> int:
@@ -342,9 +319,9 @@ def _exit_status(run: _Run) -> int:
         return EXIT_INTERRUPTED
     if run.fatal is not None:
         return _STOPS.get(type(run.fatal), ("refused", EXIT_REFUSED))[1]
-    outcomes = {o for o, _ in run.outcomes.values()}
-    if run.door.reason == "budget" or Outcome.BUDGET in outcomes:
+    totals = run.store.totals
+    if run.door.reason == "budget" or totals.count(Status.BUDGET):
         return EXIT_BUDGET
-    if Outcome.FAILED in outcomes:
+    if totals.count(Status.FAILED):
         return EXIT_FAILED_TARGETS
     return EXIT_OK

@@ -18,8 +18,9 @@ import orjson
 import zstandard
 
 from crawler.errors import OutputError, StateError
-from crawler.layout import SHARD_PATTERN, Layout, write_atomically
-from crawler.state import JobState, ShardInfo
+from crawler.events import ShardSealed
+from crawler.layout import Layout, write_atomically
+from crawler.state import ShardInfo
 
 
 def compressor(kind: str) -> Callable[[bytes], bytes]:
@@ -60,17 +61,18 @@ def sha256_of(path: Path) -> str:
 
 
 class OpenShard:
-    """The shard being appended to; its committed length comes from the saved state."""
+    """The shard being appended to, opened at its committed length (``recover`` cut the rest)."""
 
     def __init__(self, path: Path, info: ShardInfo) -> None:
         self.path = path
         self.info = info
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(fd).st_size < info.bytes:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise OutputError.from_os(exc, path) from None
+        if os.fstat(fd).st_size != info.bytes:
             os.close(fd)
-            raise ValueError(f"{path}: shorter than the saved state says ({info.bytes} bytes)")
-        os.ftruncate(fd, info.bytes)  # cut a crash's uncommitted tail
-        os.lseek(fd, 0, os.SEEK_END)
+            raise StateError(f"{path}: {info.bytes} bytes committed, the file differs")
         self._fd = fd
         # hashed as written; a shard reopened after a crash is hashed from the file at its seal
         self._digest: Any = hashlib.sha256() if info.bytes == 0 else None
@@ -91,17 +93,12 @@ class OpenShard:
         self.bytes += len(data)
         self.records += records
 
-    def seal(self) -> dict[str, Any]:
-        """Close for good; the event that records it in the state."""
+    def seal(self) -> ShardSealed:
+        """Close for good; what the state records of it."""
         os.close(self._fd)
         self._fd = -1
-        return {
-            "e": "S",
-            "file": self.info.file,
-            "rec": self.records,
-            "bytes": self.bytes,
-            "sha256": self._digest.hexdigest() if self._digest else sha256_of(self.path),
-        }
+        digest = self._digest.hexdigest() if self._digest else sha256_of(self.path)
+        return ShardSealed(self.info.file, self.records, self.bytes, digest)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -109,40 +106,16 @@ class OpenShard:
             self._fd = -1
 
 
-def remove_uncommitted(layout: Layout, state: JobState) -> list[Path]:
-    """Delete shard files a crash left between creating them and recording them.
-
-    Only names at or past the next sequence number can be such leftovers; any other unknown
-    shard is not ours to touch, and the job refuses to run beside it.
-    """
-    known = {s.file for s in state.shards}
-    if state.open_shard is not None:
-        known.add(state.open_shard.file)
-    stray = []
-    for path in layout.shard_files():
-        if path.name in known:
-            continue
-        match = SHARD_PATTERN.fullmatch(path.name)
-        if match is None or int(match.group(1)) < state.next_shard:
-            raise StateError(
-                f"{path}: a shard this job's state does not know; move it away or use "
-                "another output.dir"
-            )
-        stray.append(path)
-    for path in stray:
-        path.unlink()
-    return stray
-
-
-def write_manifest(layout: Layout, state: JobState) -> None:
-    shards = [
+def write_manifest(layout: Layout, shards: list[ShardInfo], open_shard: ShardInfo | None) -> None:
+    """Every sealed shard with its records, bytes and sha256; the open one is named apart."""
+    listed = [
         {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
-        for s in state.shards
+        for s in shards
     ]
     doc = {
         "version": 1,
-        "records": sum(s.records for s in state.shards),
-        "shards": shards,
-        "open_shard": None if state.open_shard is None else f"shards/{state.open_shard.file}",
+        "records": sum(s.records for s in shards),
+        "shards": listed,
+        "open_shard": None if open_shard is None else f"shards/{open_shard.file}",
     }
     write_atomically(layout.manifest, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")

@@ -1,39 +1,45 @@
-"""The job's saved state: a snapshot plus a journal of events, behind a small store interface.
+"""A job's saved state as the run sees it: per-target state, totals, and the StateStore seam.
 
-Every change of state is an event (see ``apply``). The live state is the events applied in memory
-at once; the store makes them durable. On open, the snapshot is read and the journal replayed, so
-the state after a crash is exactly the events that were fsynced. Saving costs one short line per
-event, whatever the size of the job.
-
-Events (short keys keep the journal small):
-    L  credits leased for the next requests, before any of them is sent (negative: given back)
-    P  a page of target k committed: cursor, counters, credits, the writer's position after it
-    F  target k failed, with the reason and the credits its last tries cost
-    O  a new shard opened;  S  the open shard sealed (records, bytes, sha256)
+The store keeps what is committed: per target its status, cursor and counters; the job's credit
+ledger; the shards; the writer's committed position. ``state_sqlite`` keeps it in one file for
+one process; a shared store for several processes fits behind the same ``StateStore``.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Protocol
 
-import orjson
+from crawler.events import (
+    Commit,
+    Cursor,
+    Finish,
+    PageCommitted,
+    Status,
+    TargetFailed,
+    WriterPosition,
+)
+from crawler.targets import Target
 
-from crawler import journal
-from crawler.errors import StateError
-from crawler.journal import Event, Journal
-from crawler.layout import Layout, write_atomically
-
-VERSION = 1
-COMPACT_AFTER_LINES = 100_000  # a crash's replay stays well under a second
+SUMMED = ("pages", "items", "records", "duplicates", "credits", "retries", "rate_limited")
 
 
-@dataclass
+@dataclass(slots=True)
 class TargetState:
-    cursor: int | str | None = None  # the next cursor to ask for; None: the first page
-    exhausted: bool = False  # the API said has_more: false
+    """One target's committed state. A walk is one pass over its feed: the first harvest is walk
+    0, refresh R is walk R; ``walk_*`` figures are the current walk's, the others cumulative."""
+
+    id: int
+    status: Status = Status.PENDING
+    finish: Finish | None = None
+    cursor: Cursor | None = None  # the next cursor to ask for; None: the first page
+    walk: int = 0
+    walk_pages: int = 0
+    walk_new: int = 0
+    walk_goal: int | None = None
+    walk_credits: int = 0
+    walk_expected: int | None = None  # pages the walk is expected to take in all, once known
+    base_count: int | None = None  # review_count when its last walk finished
     pages: int = 0
     items: int = 0  # items received, duplicates included
     records: int = 0  # reviews written
@@ -43,10 +49,106 @@ class TargetState:
     rate_limited: int = 0
     seconds: float = 0.0
     review_count: int | None = None
-    failed: str | None = None
+    reason: str | None = None
+
+    def apply(self, change: PageCommitted | TargetFailed) -> None:
+        """The one place a target's state changes, in every store."""
+        self.credits += change.credits
+        self.walk_credits += change.credits
+        self.retries += change.retries
+        self.rate_limited += change.rate_limited
+        self.status = change.status
+        if isinstance(change, TargetFailed):
+            self.reason = change.reason
+            return
+        self.reason = None
+        self.finish = change.finish
+        self.cursor = change.cursor
+        self.walk_pages += 1
+        self.walk_new += change.new
+        self.pages += 1
+        self.items += change.items
+        self.records += change.new
+        self.duplicates += change.duplicates
+        self.seconds += change.seconds
+        if change.review_count is not None:
+            self.review_count = change.review_count
+        if change.walk_goal is not None:
+            self.walk_goal = change.walk_goal
+        if change.expected is not None:
+            self.walk_expected = change.expected
+        if change.status is Status.DONE:
+            self.base_count = self.review_count
+
+
+COLUMNS = tuple(f.name for f in fields(TargetState))
+
+
+@dataclass(slots=True)
+class Sums:
+    """Counters summed over the targets of one status."""
+
+    count: int = 0
+    pages: int = 0
+    items: int = 0
+    records: int = 0
+    duplicates: int = 0
+    credits: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    seconds: float = 0.0
+    expected_known: int = 0  # targets whose current walk's length is estimated
+    expected: int = 0  # the estimates summed
+    pages_left: int = 0  # their pages still to walk, summed
+
+    def add(self, t: TargetState, sign: int = 1) -> None:
+        self.count += sign
+        self.pages += sign * t.pages
+        self.items += sign * t.items
+        self.records += sign * t.records
+        self.duplicates += sign * t.duplicates
+        self.credits += sign * t.credits
+        self.retries += sign * t.retries
+        self.rate_limited += sign * t.rate_limited
+        self.seconds += sign * t.seconds
+        if t.walk_expected is not None:
+            self.expected_known += sign
+            self.expected += sign * t.walk_expected
+            if t.status is not Status.DONE:
+                self.pages_left += sign * max(0, t.walk_expected - t.walk_pages)
 
 
 @dataclass
+class Totals:
+    """Every active target's figures summed by status: exact, kept current by the store, so
+    progress and status cost nothing per target."""
+
+    by_status: dict[Status, Sums] = field(default_factory=lambda: {s: Sums() for s in Status})
+
+    def add(self, t: TargetState, sign: int = 1) -> None:
+        self.by_status[t.status].add(t, sign)
+
+    @property
+    def targets(self) -> int:
+        return sum(s.count for s in self.by_status.values())
+
+    def count(self, *statuses: Status) -> int:
+        return sum(self.by_status[s].count for s in statuses)
+
+    def total(self, name: str) -> float:
+        return float(sum(getattr(s, name) for s in self.by_status.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A target handed to a walker, with its state at that moment and the lease it holds."""
+
+    target: Target
+    saved: TargetState
+    fence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ShardInfo:
     file: str
     records: int = 0
@@ -54,244 +156,46 @@ class ShardInfo:
     sha256: str | None = None
 
 
-@dataclass
-class JobState:
-    output: dict[str, Any]
-    generation: int = 0
-    runs: int = 0
-    leased: int = 0  # credits that requests may have used: the ceiling is checked against this
-    credits: int = 0  # credits attributed to targets by committed pages and failures
-    next_shard: int = 1
-    open_shard: ShardInfo | None = None
-    shards: list[ShardInfo] = field(default_factory=list)
-    seen: int = 0  # ids committed to seen.u64
-    seen_other: int = 0  # bytes committed to seen-other.txt
-    targets: dict[str, TargetState] = field(default_factory=dict)
+@dataclass(slots=True)
+class Ledger:
+    """The job's credits: ``leased`` may have been spent by requests, ``credits`` were
+    attributed to targets by commits. Spent is at most ``leased`` and at least ``credits``."""
 
-    def target(self, key: str) -> TargetState:
-        found = self.targets.get(key)
-        if found is None:
-            found = self.targets[key] = TargetState()
-        return found
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"version": VERSION, **asdict(self)}, option=orjson.OPT_INDENT_2)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> JobState:
-        doc = orjson.loads(data)
-        if doc.pop("version", None) != VERSION:
-            raise ValueError(f"unknown state version (this crawler reads version {VERSION})")
-        open_shard = doc.pop("open_shard")
-        return cls(
-            **{k: v for k, v in doc.items() if k not in ("shards", "targets")},
-            open_shard=ShardInfo(**open_shard) if open_shard else None,
-            shards=[ShardInfo(**s) for s in doc["shards"]],
-            targets={k: TargetState(**t) for k, t in doc["targets"].items()},
-        )
-
-
-def apply(state: JobState, event: Event) -> None:
-    """The one place where state changes: live and on replay alike."""
-    kind = event["e"]
-    if kind == "L":
-        state.leased += event["c"]
-    elif kind == "P":
-        t = state.target(event["k"])
-        t.credits += event["c"]
-        state.credits += event["c"]
-        t.cursor, t.exhausted, t.failed = event["cur"], event["x"], None
-        t.pages += 1
-        t.items += event["i"]
-        t.records += event["n"]
-        t.duplicates += event["d"]
-        t.retries += event["r"]
-        t.rate_limited += event["q"]
-        t.seconds += event["t"]
-        if event.get("tot") is not None:
-            t.review_count = event["tot"]
-        if state.open_shard is not None:
-            state.open_shard.bytes, state.open_shard.records = event["w"][0], event["w"][1]
-        state.seen, state.seen_other = event["w"][2], event["w"][3]
-    elif kind == "F":
-        t = state.target(event["k"])
-        t.credits += event["c"]
-        state.credits += event["c"]
-        t.failed = event["why"]
-        t.retries += event["r"]
-        t.rate_limited += event["q"]
-    elif kind == "O":
-        state.open_shard = ShardInfo(event["file"])
-        state.next_shard += 1
-    elif kind == "S":
-        state.shards.append(ShardInfo(event["file"], event["rec"], event["bytes"], event["sha256"]))
-        state.open_shard = None
-    else:
-        raise StateError(f"unknown state event {kind!r}")
+    leased: int = 0
+    credits: int = 0
 
 
 class StateStore(Protocol):
-    """What the run needs of saved state; a shared store for several processes fits behind it."""
+    """What a run needs of saved state. Every method that changes state returns once the change
+    is durable; the file store and a shared store both fit behind it."""
 
-    state: JobState
+    totals: Totals
+    ledger: Ledger
 
-    async def record(self, events: list[Event]) -> None:
-        """Apply events now; return once they are durable."""
+    @property
+    def position(self) -> WriterPosition:
+        """The writer's committed position: files past it are a crash's leftovers."""
 
-    def compact(self) -> None:
-        """Fold the journal into a new snapshot; only while no event is in flight."""
+    @property
+    def open_shard(self) -> ShardInfo | None: ...
 
-    def close(self) -> None: ...
+    @property
+    def next_shard(self) -> int: ...
 
+    def shards(self) -> list[ShardInfo]:
+        """Sealed shards, in the order they were written."""
 
-class FileStateStore:
-    """State in the job's output folder: ``state/state.json`` plus ``state/journal-N.log``."""
+    async def claim(self) -> Claimed | None:
+        """The next target to walk, or None when there is none left for this process."""
 
-    def __init__(
-        self,
-        layout: Layout,
-        state: JobState,
-        journal_: Journal,
-        lock_fd: int,
-        *,
-        compact_after: int = COMPACT_AFTER_LINES,
-    ) -> None:
-        self.layout = layout
-        self._compacting = False
-        self._compact_after = compact_after
-        self.state = state
-        self._journal = journal_
-        self._lock_fd = lock_fd
+    async def lease(self, credits: int, cost: int, ceiling: int) -> int:
+        """Atomically take up to ``credits`` (a multiple of ``cost``) while the job's leased
+        credits stay within ``ceiling``; the credits taken, 0 when not even ``cost`` fits."""
 
-    @classmethod
-    def open(
-        cls,
-        layout: Layout,
-        output: dict[str, Any],
-        *,
-        fresh: bool = False,
-        compact_after: int = COMPACT_AFTER_LINES,
-    ) -> FileStateStore:
-        """Lock the job, load its state (or start one), and check it fits ``output``.
+    async def give_back(self, credits: int) -> None:
+        """Return leased credits no request used (a clean stop)."""
 
-        ``fresh`` first removes every file the job wrote (under the lock, so never under a
-        crawler that is still running it).
-        """
-        layout.state_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(layout)
-        try:
-            if fresh:
-                layout.remove_job_files()
-            state, keep = load(layout, output_if_new=output)
-            created = not layout.snapshot.exists()
-            if created and layout.shard_files():  # before any state exists: never theirs to cut
-                raise StateError(
-                    f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
-                )
-            if created:
-                write_atomically(layout.snapshot, state.to_json())
-            if state.output != output:
-                raise StateError(
-                    f"{layout.root}: the output settings changed since this job started "
-                    f"(saved {_diff(state.output, output)}); put them back, or use another "
-                    "output.dir, or start over with --fresh"
-                )
-            current = layout.journal(state.generation)
-            for stale in layout.state_dir.glob("journal-*.log"):  # a crash mid-compaction's
-                if stale != current:
-                    stale.unlink()
-            log = Journal(current, keep_bytes=keep)
-            store = cls(layout, state, log, lock_fd, compact_after=compact_after)
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        return store
+    async def commit(self, batch: Commit) -> list[TargetState]:
+        """Apply one batch atomically and durably; the targets it brought to a final status."""
 
-    async def record(self, events: list[Event]) -> None:
-        for event in events:
-            apply(self.state, event)
-        await self._journal.append(events)
-        if self._journal.lines >= self._compact_after and not self._compacting:
-            self._compacting = True
-            try:
-                await self._compact_live()
-            finally:
-                self._compacting = False
-
-    async def _compact_live(self) -> None:
-        """Fold the journal into a snapshot while the run goes on.
-
-        Under the journal's lock no flush is running; from there to the switch nothing awaits,
-        so no event can land between the snapshot and the new journal. Events buffered but not
-        written are already in the state, so the snapshot makes them durable.
-        """
-        old = self._journal
-        async with old.lock:
-            pending = old.detach_pending()
-            self.compact()
-        if pending is not None and not pending.done():
-            pending.set_result(None)
-
-    def compact(self) -> None:
-        old = self._journal
-        self.state.generation += 1
-        write_atomically(self.layout.snapshot, self.state.to_json())
-        self._journal = Journal(self.layout.journal(self.state.generation), keep_bytes=0)
-        old.close()
-        old.path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        self._journal.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-
-def load(layout: Layout, *, output_if_new: dict[str, Any] | None = None) -> tuple[JobState, int]:
-    """Snapshot plus journal replay; the byte length of the journal's intact part."""
-    try:
-        data = layout.snapshot.read_bytes()
-    except FileNotFoundError:
-        data = None
-    if data is None:
-        if output_if_new is None or layout.journal(0).exists():
-            raise StateError(
-                f"{layout.snapshot}: missing, but the job has other state; start over with --fresh"
-                if output_if_new is not None
-                else f"{layout.root}: no saved state (the job has not run yet)"
-            )
-        state = JobState(output=output_if_new)
-    else:
-        try:
-            state = JobState.from_json(data)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise StateError(
-                f"{layout.snapshot}: unreadable state ({exc}); "
-                "start over with --fresh (removes this job's shards and state)"
-            ) from None
-    events, keep = journal.read(layout.journal(state.generation))
-    try:
-        for event in events:
-            apply(state, event)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise StateError(f"{layout.journal(state.generation)}: event does not fit: {exc}") from None
-    return state, keep
-
-
-def _lock(layout: Layout) -> int:
-    fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateError(f"{layout.root}: another crawler is running this job") from None
-    return fd
-
-
-def _diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    changed = [k for k in now if saved.get(k) != now.get(k)]
-    return ", ".join(f"{k}={saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
-
-
-def output_fingerprint(shard_max_records: int, compression: str) -> dict[str, Any]:
-    return {"shard_max_records": shard_max_records, "compression": compression}
+    async def close(self) -> None: ...

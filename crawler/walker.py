@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import structlog
 
 from crawler.budget import Budget
 from crawler.client import ApiClient
-from crawler.config import Target
 from crawler.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
+from crawler.events import Finish, PageCommitted, Status, TargetFailed
 from crawler.limits import RateGate
 from crawler.retry import RetryPolicy
-from crawler.state import TargetState
-from crawler.writer import PageDone, TargetFailed, Writer
+from crawler.state import Claimed, TargetState
+from crawler.writer import Writer
 
 # pages of no reviews that still say has_more, in a row, before the walk is given up: a feed that
 # never ends would otherwise spend the whole budget on nothing
 MAX_EMPTY_PAGES = 3
-
-
-class Outcome(StrEnum):
-    DONE = "done"
-    FAILED = "failed"
-    BUDGET = "stopped_budget"
-    PENDING = "pending"
 
 
 class Door:
@@ -59,12 +52,6 @@ class RunCounters:
     rate_limited: int = 0
 
 
-class _GiveUp(Exception):
-    def __init__(self, reason: str, cost: _Cost) -> None:
-        super().__init__(reason)
-        self.reason, self.cost = reason, cost
-
-
 @dataclass
 class _Cost:
     """What one page's tries cost, reported with the page or the failure."""
@@ -74,8 +61,25 @@ class _Cost:
     rate_limited: int = 0
 
 
+class _GiveUp(Exception):
+    def __init__(self, reason: str, cost: _Cost, status: Status = Status.FAILED) -> None:
+        super().__init__(reason)
+        self.reason, self.cost, self.status = reason, cost, status
+
+
 class _Stopped(Exception):
     pass
+
+
+@dataclass
+class _Walk:
+    """Where one walk stands, as far as this walker has got (committed or not)."""
+
+    cursor: Cursor
+    pages: int
+    new: int
+    goal: int | None
+    credits: int  # the target's, over all its walks, for its credit cap
 
 
 @dataclass(frozen=True)
@@ -88,91 +92,148 @@ class Walker:
     door: Door
     writer: Writer
     counters: RunCounters
-    max_pages: int | None = None  # overrides every target's own (plan --probe walks one page)
+    refresh_mode: str = "early_stop"
+    max_pages: int | None = None  # this run only: plan --probe walks one page, leaves it pending
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def walk(  # noqa: PLR0911 -- one return per way a walk can end
-        self, target: Target, saved: TargetState
-    ) -> tuple[Outcome, str | None]:
-        """Walk from the last committed cursor. RunStopped (401/402/403) propagates."""
+    async def walk(self, claimed: Claimed) -> Status:
+        """Walk from the last committed cursor. RunStopped (401/402/403, ...) propagates."""
+        target, saved = claimed.target, claimed.saved
         log = structlog.get_logger("crawler.walker").bind(
             product_id=target.product_id, region=target.region
         )
-        cursor: Cursor = saved.cursor if saved.cursor is not None else self.endpoint.first_cursor
-        pages = saved.pages
-        limit = self.max_pages if self.max_pages is not None else target.max_pages
-        if saved.exhausted:
-            return Outcome.DONE, None
+        first = self.endpoint.first_cursor
+        walk = _Walk(
+            saved.cursor if saved.cursor is not None else first,
+            saved.walk_pages,
+            saved.walk_new,
+            saved.walk_goal,
+            saved.credits,
+        )
         empty_in_a_row = 0
-        while limit is None or pages < limit:
+        while self.max_pages is None or walk.pages < self.max_pages:
             if not self.door.open:
-                return Outcome.PENDING, None
+                return Status.PENDING
             try:
-                page, cost, seconds = await self._fetch(target, cursor)
-            except BudgetExhausted as exc:
-                if exc.job_wide:
-                    self.door.close("budget")
-                    return Outcome.PENDING, str(exc)
-                log.info("target stopped at its credit cap", reason=str(exc))
-                return Outcome.BUDGET, str(exc)
+                page, cost, seconds = await self._fetch(claimed, walk)
             except _Stopped:
-                return Outcome.PENDING, None
+                return Status.PENDING
             except _GiveUp as exc:
                 c = exc.cost
-                await self.writer.put(
-                    TargetFailed(target, exc.reason, c.credits, c.retries, c.rate_limited)
+                failed = TargetFailed(
+                    saved.id,
+                    claimed.fence,
+                    exc.reason,
+                    c.credits,
+                    c.retries,
+                    c.rate_limited,
+                    exc.status,
                 )
-                log.warning("target failed", reason=exc.reason)
-                return Outcome.FAILED, exc.reason
+                await self.writer.put(failed, target, None)
+                log.warning(
+                    "target stopped at its credit cap"
+                    if exc.status is Status.BUDGET
+                    else "target failed",
+                    reason=exc.reason,
+                )
+                return exc.status
             empty_in_a_row = empty_in_a_row + 1 if page.has_more and not page.items else 0
-            stuck = page.has_more and page.next_cursor == cursor
-            await self.writer.put(
-                PageDone(
-                    target,
-                    page.items,
-                    page.next_cursor if page.has_more else cursor,
-                    not page.has_more,
-                    page.total,
-                    _now(),
-                    cost.credits,
-                    cost.retries,
-                    cost.rate_limited,
-                    seconds,
-                    last=not page.has_more or (limit is not None and pages + 1 >= limit),
-                )
-            )
-            pages += 1
+            change = await self._page_done(claimed, walk, page, cost, seconds)
+            if change.status is Status.DONE:
+                return Status.DONE
+            stuck = page.next_cursor == walk.cursor
             if stuck or empty_in_a_row >= MAX_EMPTY_PAGES:
                 reason = (
-                    f"the API gave the same cursor {cursor!r} again"
+                    f"the API gave the same cursor {walk.cursor!r} again"
                     if stuck
                     else f"the API said has_more but sent {empty_in_a_row} empty pages in a row"
                 )
-                await self.writer.put(TargetFailed(target, reason, 0, 0, 0))
-                return Outcome.FAILED, reason
-            if not page.has_more:
-                return Outcome.DONE, None
+                failed = TargetFailed(saved.id, claimed.fence, reason, 0, 0, 0)
+                await self.writer.put(failed, target, None)
+                log.warning("target failed", reason=reason)
+                return Status.FAILED
             assert page.next_cursor is not None  # noqa: S101 -- endpoint.parse guarantees it
-            cursor = page.next_cursor
-        return Outcome.DONE, None
+            walk.cursor = page.next_cursor
+        return Status.PENDING
 
-    async def _fetch(self, target: Target, cursor: Cursor) -> tuple[Page, _Cost, float]:
+    async def _page_done(
+        self, claimed: Claimed, walk: _Walk, page: Page, cost: _Cost, seconds: float
+    ) -> PageCommitted:
+        """Render a fetched page, decide whether the walk ends with it, hand both over."""
+        target, saved = claimed.target, claimed.saved
+        rendered = await self.writer.render(target, page.items, _now())
+        first_page = walk.pages == 0
+        walk.pages += 1
+        walk.new += rendered.new
+        same = False
+        if first_page and saved.walk > 0:  # page 1 of a refresh tells how much changed
+            walk.goal, same = self._refresh_goal(saved, page.total, rendered.new)
+        finish = _finish(page, walk, same, target.max_pages)
+        change = PageCommitted(
+            saved.id,
+            claimed.fence,
+            page.next_cursor if page.has_more else walk.cursor,
+            Status.DONE if finish else Status.PENDING,
+            finish,
+            len(page.items),
+            rendered.new,
+            rendered.duplicates,
+            cost.credits,
+            cost.retries,
+            cost.rate_limited,
+            seconds,
+            page.total,
+            walk.goal if first_page else None,
+            _expected(page, walk.goal, target.max_pages) if first_page else None,
+        )
+        await self.writer.put(change, target, rendered)
+        return change
+
+    def _refresh_goal(
+        self, saved: TargetState, count: int | None, unseen: int
+    ) -> tuple[int | None, bool]:
+        """(new reviews to stop after, or None to walk it all; whether nothing changed).
+
+        The feed is sorted by relevance, so new reviews can be anywhere in it: only a count
+        that grew by k, with no more than k unseen reviews on page 1, allows stopping early.
+        """
+        base = saved.base_count
+        if count is None or base is None or count < base:
+            return None, False  # the count shrank or is unknown: walk it all
+        if count == base:
+            return None, unseen == 0  # unseen reviews under an unchanged count: walk it all
+        grew = count - base
+        if self.refresh_mode == "full" or unseen > grew:
+            return None, False
+        return grew, False
+
+    async def _fetch(self, claimed: Claimed, walk: _Walk) -> tuple[Page, _Cost, float]:
+        target = claimed.target
         started = self.clock()
         tries = self.policy.start(started)
         cost = _Cost()
         while True:
-            credits = await self.budget.reserve(target.key)
+            try:
+                credits = await self.budget.reserve(walk.credits)
+            except BudgetExhausted as exc:
+                if exc.job_wide:
+                    self.door.close("budget")
+                    raise _Stopped from None
+                raise _GiveUp(str(exc), cost, Status.BUDGET) from None
             # the gate is the last wait before sending, so a 429 pause that began during any
             # earlier wait (a lease, a backoff) still holds this request back
             await self.gate.acquire()
-            if not self.door.open:
-                self.budget.unreserve(target.key, credits)
+            # a budget stop ends the leasing, not the requests already covered: they go, so a
+            # ceiling is used up by the run that meets it
+            if not self.door.open and self.door.reason != "budget":
+                self.budget.unreserve(credits)
                 raise _Stopped
             cost.credits += credits
+            walk.credits += credits
             self.counters.requests += 1
             try:
-                page = await self.client.fetch(self.endpoint, target, cursor)
+                page = await self.client.fetch(self.endpoint, target, walk.cursor)
             except RateLimited as exc:
                 cost.rate_limited += 1
                 self.counters.rate_limited += 1
@@ -194,6 +255,29 @@ class Walker:
             except TargetError as exc:
                 raise _GiveUp(str(exc), cost) from None
             return page, cost, self.clock() - started
+
+
+def _finish(page: Page, walk: _Walk, same: bool, max_pages: int | None) -> Finish | None:
+    """Why the walk ends with this page, or None when it goes on."""
+    if not page.has_more:
+        return Finish.END
+    if same:
+        return Finish.SAME
+    if walk.goal is not None and walk.new >= walk.goal:
+        return Finish.GOAL
+    if max_pages is not None and walk.pages >= max_pages:
+        return Finish.CAP
+    return None
+
+
+def _expected(page: Page, goal: int | None, max_pages: int | None) -> int:
+    """Pages the walk will take in all, guessed from its first page."""
+    if not page.has_more or not page.items or page.total is None:
+        return 1
+    pages = math.ceil(page.total / len(page.items))
+    if goal is not None:  # the last of k new reviews lies, on average, k/(k+1) of the way in
+        pages = math.ceil(pages * goal / (goal + 1))
+    return max(1, min(pages, max_pages) if max_pages is not None else pages)
 
 
 def _now() -> str:

@@ -1,68 +1,60 @@
 """Pages in, reviews out: drop ids already seen, append to the open shard, commit, roll over.
 
 The writer is the only owner of shards and the seen-set. Its commit order is what makes resume
-exact: shard bytes and seen ids are fsynced first, then the state events that count them.
+exact: shard bytes and seen ids are fsynced first, then the state change that counts them.
 
-A page is rendered as soon as it is handed over (``put``): its duplicates dropped, its reviews
-turned into record lines, and the parsed page freed at once, which keeps memory small and hot.
-Then two stages: ``plan`` splits a batch of rendered pages over shards; ``commit`` writes and
-fsyncs the previous batch in a thread meanwhile, then records its events. Each page carries
-exactly its own lines and ids, so a batch's events never count bytes of another.
+A walker renders its page at once (``render``): duplicates dropped, reviews turned into record
+lines, the parsed page freed, which keeps memory small and hot. It hands over the rendered page
+with the state change it makes (``put``). Then two stages: ``plan`` splits a batch of pages over
+shards; ``commit`` writes and fsyncs the previous batch in a thread meanwhile, then commits its
+changes to the store. Each page carries exactly its own lines and ids, so a batch's commit never
+counts bytes of another.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import structlog
 
-from crawler.config import Target
 from crawler.dedup import SeenLog
-from crawler.endpoint import Cursor, CursorEndpoint
-from crawler.journal import Event
+from crawler.endpoint import CursorEndpoint
+from crawler.events import (
+    Commit,
+    PageCommitted,
+    ShardOpened,
+    ShardSealed,
+    Status,
+    TargetFailed,
+    WriterPosition,
+)
 from crawler.layout import Layout, shard_name
 from crawler.shards import OpenShard, compressor, write_manifest
-from crawler.state import ShardInfo, StateStore
+from crawler.state import ShardInfo, StateStore, TargetState
+from crawler.targets import Target
 
 log = structlog.get_logger("crawler.writer")
 
 
-@dataclass(frozen=True, slots=True)
-class PageDone:
-    """A page fetched by a walker, with what it cost to get it."""
+@dataclass(slots=True)
+class Rendered:
+    """A page's new reviews as record lines, and their ids."""
 
-    target: Target
-    items: list[dict[str, Any]]
-    next_cursor: Cursor | None
-    exhausted: bool
-    total: int | None
-    fetched_at: str
-    credits: int
-    retries: int
-    rate_limited: int
-    seconds: float
-    last: bool = False  # the target's walk ends with this page: log its summary once committed
-
-
-@dataclass(frozen=True, slots=True)
-class TargetFailed:
-    target: Target
-    reason: str
-    credits: int
-    retries: int
-    rate_limited: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    event: Event
     lines: list[bytes]
     ids: bytes
     other_ids: bytes
-    finishes: Target | None = None
+    new: int
+    duplicates: int
+
+
+@dataclass(slots=True)
+class _Work:
+    change: PageCommitted | TargetFailed
+    target: Target
+    rendered: Rendered | None
 
 
 _CLOSE = None
@@ -70,17 +62,17 @@ _CLOSE = None
 
 @dataclass
 class _Prepared:
-    """A rendered batch: file operations in order, then the events that commit them."""
+    """A batch planned over shards: file operations in order, then the changes they commit."""
 
-    ops: list[tuple[OpenShard, list[bytes]] | Event]  # a segment to write, or an O event
-    ids: list[bytes]
-    other_ids: list[bytes]
-    page_events: list[Event]
-    finished: list[Target]
+    ops: list[tuple[OpenShard, list[bytes]] | ShardOpened]  # a segment to write, or an opening
+    ids: list[bytes] = field(default_factory=list)
+    other_ids: list[bytes] = field(default_factory=list)
+    changes: list[PageCommitted | TargetFailed] = field(default_factory=list)
+    targets: dict[int, Target] = field(default_factory=dict)
 
 
 class Writer:
-    """Owns the output: feed it with ``put``; ``run`` commits until ``close``."""
+    """Owns the output: ``render`` a page, ``put`` it; ``run`` commits until ``close``."""
 
     def __init__(
         self,
@@ -102,134 +94,31 @@ class Writer:
         self._compress = compressor(compression)
         self._shard_max = shard_max_records
         self._commit_every = commit_every_pages
-        self._queue: asyncio.Queue[_Rendered | None] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=queue_size)
         self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
         self._loaded = asyncio.Event()
-        state = store.state
-        # the shard the committer appends to, and the one the renderer plans for (ahead of it)
+        # the shard the committer appends to, and the one the planner plans for (ahead of it)
         self._shard: OpenShard | None = None
-        if state.open_shard is not None:
-            self._shard = OpenShard(layout.shard(state.open_shard.file), state.open_shard)
+        if store.open_shard is not None:
+            self._shard = OpenShard(layout.shard(store.open_shard.file), store.open_shard)
         self._plan_shard = self._shard
         self._plan_records = self._shard.records if self._shard else 0
-        self._next_shard = state.next_shard
+        self._next_shard = store.next_shard
 
-    async def put(self, work: PageDone | TargetFailed) -> None:
-        """Hand over a page or a failure; waits while the queue is full, so a slow disk slows
-        the walkers."""
+    async def render(self, target: Target, items: list[Any], fetched_at: str) -> Rendered:
+        """Dedup a page's items into record lines (in the caller's task: the page is freed
+        as soon as this returns)."""
         if not self._loaded.is_set():  # only the first pages of a resumed run wait here
             await self._loaded.wait()
-        await self._queue.put(self._render(work))
-
-    async def close(self) -> None:
-        await self._queue.put(_CLOSE)
-
-    async def run(self) -> None:
-        """Render and commit until ``close``; then seal the open shard and write the manifest."""
-        if not self._seen.loaded:  # off the loop: the first requests go out meanwhile
-            await asyncio.to_thread(self._seen.load)
-        self._loaded.set()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._render_loop())
-            group.create_task(self._commit_loop())
-        await self._finish()
-
-    async def _render_loop(self) -> None:
-        while True:
-            batch, closing = await self._next_batch()
-            if batch:
-                await self._prepared.put(self._prepare(batch))
-            if closing:
-                await self._prepared.put(None)
-                return
-
-    async def _commit_loop(self) -> None:
-        while (prepared := await self._prepared.get()) is not None:
-            shard_events = await asyncio.to_thread(self._write_files, prepared)
-            position = self._position()
-            for event in prepared.page_events:
-                if event["e"] == "P":
-                    event["w"] = position
-            await self._store.record(shard_events + prepared.page_events)
-            if any(e["e"] == "S" for e in shard_events):
-                write_manifest(self._layout, self._store.state)
-            for target in prepared.finished:
-                self._log_finished(target)
-
-    def _log_finished(self, target: Target) -> None:
-        saved = self._store.state.target(target.key)
-        log.info(
-            "target finished",
-            product_id=target.product_id,
-            region=target.region,
-            pages=saved.pages,
-            reviews=saved.records,
-            duplicates=saved.duplicates,
-            credits=saved.credits,
-            retries=saved.retries,
-            rate_limited=saved.rate_limited,
-            seconds=round(saved.seconds, 3),
-            review_count=saved.review_count,
-        )
-
-    async def _next_batch(self) -> tuple[list[_Rendered], bool]:
-        first = await self._queue.get()
-        if first is _CLOSE:
-            return [], True
-        batch: list[_Rendered] = [first]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if len(batch) >= self._commit_every:
-                    return batch, False
-                try:  # saving rarely: wait for more pages, up to a second
-                    item = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
-                except TimeoutError:
-                    return batch, False
-            if item is _CLOSE:
-                return batch, True
-            batch.append(item)
-
-    def _render(self, work: PageDone | TargetFailed) -> _Rendered:
-        if isinstance(work, TargetFailed):
-            event = {
-                "e": "F",
-                "k": work.target.key,
-                "why": work.reason,
-                "c": work.credits,
-                "r": work.retries,
-                "q": work.rate_limited,
-            }
-            return _Rendered(event, [], b"", b"")
         lines: list[bytes] = []
-        event = self._add_page(work, lines)
-        ids, other_ids = self._seen.take()
-        return _Rendered(event, lines, ids, other_ids, work.target if work.last else None)
-
-    def _prepare(self, batch: list[_Rendered]) -> _Prepared:
-        lines = [line for page in batch for line in page.lines]
-        return _Prepared(
-            self._plan(lines),
-            [page.ids for page in batch],
-            [page.other_ids for page in batch],
-            [page.event for page in batch],
-            [page.finishes for page in batch if page.finishes is not None],
-        )
-
-    def _add_page(self, work: PageDone, lines: list[bytes]) -> Event:
-        """Dedup a page's items into record lines; the page's commit event."""
         new = dups = missing = 0
-        target = work.target
         # the per-review hot path: one line is the same bytes orjson would give for the record
         # {"review_id", "product_id", "region", "fetched_at", "item"}, with the fields the whole
         # page shares encoded once, and no dict built per review
         shared = b',"product_id":%b,"region":%b,"fetched_at":%b,"item":' % (
             orjson.dumps(target.product_id),
             orjson.dumps(target.region),
-            orjson.dumps(work.fetched_at),
+            orjson.dumps(fetched_at),
         )
         item_id, seen_add, dumps, append = (
             self._endpoint.item_id,
@@ -237,7 +126,7 @@ class Writer:
             orjson.dumps,
             lines.append,
         )
-        for item in work.items:
+        for item in items:
             review_id = item_id(item)
             if review_id is None:
                 missing += 1
@@ -254,24 +143,84 @@ class Writer:
                 region=target.region,
                 items=missing,
             )
-        return {
-            "e": "P",
-            "k": target.key,
-            "cur": work.next_cursor,
-            "x": work.exhausted,
-            "i": len(work.items),
-            "n": new,
-            "d": dups,
-            "c": work.credits,
-            "r": work.retries,
-            "q": work.rate_limited,
-            "t": round(work.seconds, 3),
-            "tot": work.total,
-        }
+        ids, other_ids = self._seen.take()
+        return Rendered(lines, ids, other_ids, new, dups)
 
-    def _plan(self, lines: list[bytes]) -> list[tuple[OpenShard, list[bytes]] | Event]:
+    async def put(
+        self, change: PageCommitted | TargetFailed, target: Target, rendered: Rendered | None
+    ) -> None:
+        """Hand over a page (or a failure) for commit; waits while the queue is full, so a slow
+        disk slows the walkers."""
+        await self._queue.put(_Work(change, target, rendered))
+
+    async def close(self) -> None:
+        await self._queue.put(_CLOSE)
+
+    async def run(self) -> None:
+        """Commit until ``close``; then seal the open shard and write the manifest."""
+        if not self._seen.loaded:  # off the loop: the first requests go out meanwhile
+            await asyncio.to_thread(self._seen.load)
+        self._loaded.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._plan_loop())
+            group.create_task(self._commit_loop())
+        await self._finish()
+
+    async def _plan_loop(self) -> None:
+        while True:
+            batch, closing = await self._next_batch()
+            if batch:
+                await self._prepared.put(self._prepare(batch))
+            if closing:
+                await self._prepared.put(None)
+                return
+
+    async def _commit_loop(self) -> None:
+        while (prepared := await self._prepared.get()) is not None:
+            opened_sealed = await asyncio.to_thread(self._write_files, prepared)
+            batch = Commit(prepared.changes, opened_sealed, self._position())
+            finished = await self._store.commit(batch)
+            if any(isinstance(e, ShardSealed) for e in opened_sealed):
+                self._write_manifest()
+            for state in finished:
+                if state.status is Status.DONE:  # failures were told as they happened
+                    _log_finished(prepared.targets[state.id], state)
+
+    async def _next_batch(self) -> tuple[list[_Work], bool]:
+        first = await self._queue.get()
+        if first is _CLOSE:
+            return [], True
+        batch: list[_Work] = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if len(batch) >= self._commit_every:
+                    return batch, False
+                try:  # saving rarely: wait for more pages, up to a second
+                    item = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                except TimeoutError:
+                    return batch, False
+            if item is _CLOSE:
+                return batch, True
+            batch.append(item)
+
+    def _prepare(self, batch: list[_Work]) -> _Prepared:
+        lines = [line for work in batch if work.rendered for line in work.rendered.lines]
+        prepared = _Prepared(self._plan(lines))
+        for work in batch:
+            if work.rendered is not None:
+                prepared.ids.append(work.rendered.ids)
+                prepared.other_ids.append(work.rendered.other_ids)
+            prepared.changes.append(work.change)
+            prepared.targets[work.change.target_id] = work.target
+        return prepared
+
+    def _plan(self, lines: list[bytes]) -> list[tuple[OpenShard, list[bytes]] | ShardOpened]:
         """Split record lines over shards of at most ``shard_max_records``, opening new ones."""
-        ops: list[tuple[OpenShard, list[bytes]] | Event] = []
+        ops: list[tuple[OpenShard, list[bytes]] | ShardOpened] = []
         start = 0
         while start < len(lines):
             if self._plan_shard is None or self._plan_records >= self._shard_max:
@@ -279,7 +228,7 @@ class Writer:
                 self._next_shard += 1
                 self._plan_shard = OpenShard(self._layout.shard(name), ShardInfo(name))
                 self._plan_records = 0
-                ops.append({"e": "O", "file": name})
+                ops.append(ShardOpened(name))
             room = self._shard_max - self._plan_records
             segment = lines[start : start + room]
             ops.append((self._plan_shard, segment))
@@ -287,14 +236,14 @@ class Writer:
             start += len(segment)
         return ops
 
-    def _write_files(self, prepared: _Prepared) -> list[Event]:
+    def _write_files(self, prepared: _Prepared) -> list[ShardOpened | ShardSealed]:
         """Off the loop: write and fsync the batch's segments and ids; seal full shards.
 
         Returns the shard events in the order they happened: each seal before the next open.
         """
-        events: list[Event] = []
+        events: list[ShardOpened | ShardSealed] = []
         for op in prepared.ops:
-            if isinstance(op, dict):
+            if isinstance(op, ShardOpened):
                 events.append(op)
                 continue
             shard, lines = op
@@ -306,23 +255,46 @@ class Writer:
         self._seen.write(b"".join(prepared.ids), b"".join(prepared.other_ids))
         return events
 
-    def _position(self) -> list[int]:
+    def _position(self) -> WriterPosition:
         shard = self._shard
-        return [
+        return WriterPosition(
             shard.bytes if shard else 0,
             shard.records if shard else 0,
             self._seen.count,
             self._seen.other_bytes,
-        ]
+        )
+
+    def _write_manifest(self) -> None:
+        write_manifest(self._layout, self._store.shards(), self._store.open_shard)
 
     async def _finish(self) -> None:
         """End of run: seal the open shard so every shard a run leaves is final."""
         shard = self._shard
         if shard is not None and shard.records > 0:
-            event = await asyncio.to_thread(shard.seal)
-            await self._store.record([event])
+            sealed = await asyncio.to_thread(shard.seal)
             self._shard = None
+            await self._store.commit(Commit(shards=[sealed], position=self._position()))
         elif shard is not None:
             shard.close()
-        write_manifest(self._layout, self._store.state)
+        self._write_manifest()
         self._seen.close()
+
+
+def _log_finished(target: Target, state: TargetState) -> None:
+    """One line per finished target, for the JSON log and the log file (not the console)."""
+    log.info(
+        "target finished",
+        product_id=target.product_id,
+        region=target.region,
+        status=str(state.status),
+        pages=state.pages,
+        reviews=state.records,
+        duplicates=state.duplicates,
+        credits=state.credits,
+        retries=state.retries,
+        rate_limited=state.rate_limited,
+        seconds=round(state.seconds, 3),
+        review_count=state.review_count,
+        walk=state.walk,
+        walk_new=state.walk_new,
+    )

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from crawler.layout import Layout
+from crawler.report import read_targets_csv
 from crawler.sandbox import Sandbox, SandboxOptions, serve
 from crawler.shards import read_lines
 
@@ -76,6 +77,11 @@ def output_ids(out_dir: Path) -> list[str]:
     for path in Layout(out_dir).shard_files():
         ids.extend(orjson.loads(line)["review_id"] for line in read_lines(path))
     return ids
+
+
+def target_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """The per-target CSV a run writes beside its report."""
+    return read_targets_csv(Layout(out_dir).targets_report)
 
 
 def crawler_command(*args: str) -> list[str]:

@@ -7,7 +7,7 @@ import asyncio
 from crawler import load_job, run_job
 from crawler.limits import RateGate
 from crawler.sandbox import Sandbox, key_fingerprint
-from tests.conftest import ENV, KEY, PRODUCTS, expected_ids, output_ids, write_job
+from tests.conftest import ENV, KEY, PRODUCTS, expected_ids, output_ids, target_rows, write_job
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
 PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
@@ -46,7 +46,7 @@ async def test_per_target_cap(tmp_path, served):
     job = load_job(write_job(tmp_path, url, targets, budget={"max_credits_per_target": 10}))
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 3
-    by_region = {t["region"]: t for t in result.report["targets"]}
+    by_region = {t["region"]: t for t in target_rows(job.output.dir)}
     assert by_region["GB"]["status"] == "stopped_budget" and by_region["GB"]["credits"] == 10
     assert by_region["US"]["status"] == "done"  # 13 reviews: 2 pages, under its cap
 
@@ -103,7 +103,7 @@ async def test_every_retryable_fault_is_retried(tmp_path, sandbox):
         api = {"timeout_seconds": 0.3, "retry": {"max_attempts": 12, "base_seconds": 0.01}}
         job = load_job(write_job(tmp_path, url, TARGETS, api=api))
         result = await run_job(job, environ=ENV)
-    assert result.exit_status == 0, result.report["targets"]
+    assert result.exit_status == 0, target_rows(job.output.dir)
     assert result.report["run"]["retries"] > 10
     ids = output_ids(job.output.dir)
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
@@ -116,7 +116,7 @@ async def test_retries_are_capped_then_the_target_fails(tmp_path, sandbox):
         job = load_job(write_job(tmp_path, url, targets, api=api))
         result = await run_job(job, environ=ENV)
     assert result.exit_status == 1
-    target = result.report["targets"][0]
+    target = target_rows(job.output.dir)[0]
     assert target["status"] == "failed" and "gave up after 3 attempts" in target["reason"]
     assert box.ledgers[key_fingerprint(KEY)].requests == 3
 

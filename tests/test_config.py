@@ -26,7 +26,7 @@ targets:
 CASES = {
     "yaml syntax": (
         GOOD.replace("  requests_per_second: 5", "   requests_per_second: 5"),
-        ":3: YAML syntax error: mapping values are not allowed here",
+        ":3: YAML syntax error: mapping values are not allowed",
     ),
     "unknown key": (
         GOOD.replace("requests_per_second", "requests_per_secnd"),

@@ -19,6 +19,7 @@ from tests.conftest import (
     expected_ids,
     output_ids,
     subprocess_env,
+    target_rows,
     write_job,
 )
 
@@ -76,7 +77,7 @@ async def test_a_bad_target_fails_alone(tmp_path: Path, served):
     job = load_job(write_job(tmp_path, url, targets))
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 1
-    failed = [t for t in result.report["targets"] if t["status"] == "failed"]
+    failed = [t for t in target_rows(job.output.dir) if t["status"] == "failed"]
     assert [(t["product_id"], t["reason"][:3]) for t in failed] == [("123", "400")]
     pairs = [(p, r) for p in PRODUCTS[:2] for r in ("US", "GB", "DE")]
     assert set(output_ids(job.output.dir)) == expected_ids(box, pairs)
@@ -120,7 +121,7 @@ async def test_max_pages_caps_a_target(tmp_path: Path, served):
     job = load_job(write_job(tmp_path, url, targets))
     result = await run_job(job, environ=ENV)
     assert result.exit_status == 0
-    assert result.report["targets"][0]["pages"] == 3
+    assert target_rows(job.output.dir)[0]["pages"] == 3
 
 
 async def test_the_key_never_leaves_the_environment(tmp_path: Path, sandbox: SandboxFactory):
@@ -151,14 +152,14 @@ async def test_a_feed_that_never_ends_stops_after_three_empty_pages(tmp_path: Pa
         job = load_job(write_job(tmp_path, url, [{"product_id": endless, "region": "US"}]))
         result = await run_job(job, environ=ENV)
     assert result.exit_status == 1
-    target = result.report["targets"][0]
+    target = target_rows(job.output.dir)[0]
     assert "3 empty pages" in target["reason"]
     pages_with_reviews = -(-len(box.catalogue.ids(endless, "US")) // 10)
     assert sum(b.requests for b in box.ledgers.values()) == pages_with_reviews + 3
 
 
 async def test_a_wrong_path_stops_the_run_after_few_requests(tmp_path: Path, served):
-    url, box = served
+    url, _ = served
     targets = [{"product_id": p, "regions": ["US", "GB", "DE", "FR"]} for p in PRODUCTS]
     job = load_job(write_job(tmp_path, url + "/wrong", targets))  # every answer is a 404
     result = await run_job(job, environ=ENV)
@@ -168,4 +169,4 @@ async def test_a_wrong_path_stops_the_run_after_few_requests(tmp_path: Path, ser
     assert "?" not in message and ENV["KEYAPI_API_KEY"] not in message
     # the sandbox counts only its own endpoint: count what reached the server at all
     assert result.report["run"]["requests"] <= job.api.concurrency
-    assert {t["status"] for t in result.report["targets"]} == {"pending"}
+    assert {t["status"] for t in target_rows(job.output.dir)} == {"pending"}

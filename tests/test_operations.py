@@ -15,7 +15,15 @@ import structlog.testing
 from crawler import load_job
 from crawler.progress import Figures, Progress
 from crawler.sandbox import key_fingerprint
-from tests.conftest import KEY, PRODUCTS, crawler_command, output_ids, subprocess_env, write_job
+from tests.conftest import (
+    KEY,
+    PRODUCTS,
+    crawler_command,
+    output_ids,
+    subprocess_env,
+    target_rows,
+    write_job,
+)
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
 
@@ -91,7 +99,7 @@ async def test_report_and_status_are_cumulative_across_a_kill(tmp_path: Path, sa
         # every request the sandbox charged is counted; a kill's unused lease is counted too
         assert charged <= totals["credits_charged"] <= charged + 2 * 64 * 8
     assert report["run"]["exit_status"] == 0
-    row = report["targets"][0]
+    row = target_rows(load_job(job).output.dir)[0]
     assert {
         "status",
         "pages",
@@ -117,6 +125,9 @@ async def test_without_a_terminal_progress_is_a_periodic_line():
         rate_limited=1,
         retries=2,
         failed=0,
+        capped=0,
+        episodes=1,
+        paused=False,
         pages_left=60,
     )
     progress = Progress(lambda: figures, live=False, interval=0.01, log_every=0.05)
@@ -137,16 +148,18 @@ async def test_plan_and_verify_from_the_command_line(tmp_path: Path, served):
     job = write_job(tmp_path, url, TARGETS[:2])
     status, stdout, _ = await _crawler("plan", "--json", str(job))
     assert status == 0
-    blind = orjson.loads(stdout)
+    blind = orjson.loads(stdout)["estimate"]
     assert blind["budget_covers"] is None and blind["targets_unknown"] == 6  # nothing known yet
     assert sum(b.requests for b in box.ledgers.values()) == 0  # plan alone sends nothing
-    status, stdout, _ = await _crawler("plan", "--probe", "--json", str(job))
+    status, stdout, _ = await _crawler("plan", "--probe", "--json", "--all", str(job))
     assert status == 0
     probed = orjson.loads(stdout)
-    assert probed["targets_unknown"] == 0 and probed["budget_covers"] is True
+    assert probed["estimate"]["targets_unknown"] == 0 and probed["estimate"]["budget_covers"]
     assert sum(b.requests for b in box.ledgers.values()) == 6  # page 1 of each target
     by_target = {(r["product_id"], r["region"]): r for r in probed["targets"]}
     assert by_target[(PRODUCTS[0], "GB")]["review_count"] == 545
+    # every page of it: 545 reviews at 10 a page, page 1 already walked
+    assert by_target[(PRODUCTS[0], "GB")]["walk_expected"] == 55
     status, _, stderr = await _crawler("run", str(job))
     assert status == 0, stderr.decode()
     status, stdout, _ = await _crawler("verify", str(job))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from crawler import StateError, load_job, run_job
-from crawler.journal import encode
 from crawler.layout import Layout
 from crawler.sandbox import key_fingerprint
 from crawler.verify import verify
@@ -144,7 +143,9 @@ async def test_corrupt_state_is_an_error_and_fresh_starts_over(tmp_path, served)
     await run_job(job, environ=ENV)
     layout = Layout(job.output.dir)
     shards = layout.shard_files()
-    layout.snapshot.write_bytes(b"{not json")
+    layout.state_db.write_bytes(b"not a database, " * 512)
+    for suffix in ("-wal", "-shm"):
+        layout.state_db.with_name(layout.state_db.name + suffix).unlink(missing_ok=True)
     with pytest.raises(StateError, match="unreadable state"):
         await run_job(job, environ=ENV)
     assert layout.shard_files() == shards  # nothing overwritten
@@ -161,9 +162,10 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     url, _ = served
     job = write_job(tmp_path, url, TARGETS[:1])
     await run_job(load_job(job), environ=ENV)
-    journal = next(Layout(load_job(job).output.dir).state_dir.glob("journal-*.log"))
-    good = encode({"e": "R", "k": f"{PRODUCTS[0]}:US", "c": 2})
-    journal.write_bytes(b"00000000 {}\n" + good)  # a bad line with a good one after it
+    layout = Layout(load_job(job).output.dir)
+    data = bytearray(layout.state_db.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the header's page and the schema behind it
+    layout.state_db.write_bytes(bytes(data))
     process = await asyncio.create_subprocess_exec(
         *crawler_command("run", str(job)),
         env=subprocess_env(),
@@ -171,8 +173,8 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await process.communicate()
-    assert process.returncode == 2
-    assert b"corrupt" in stderr and b"Traceback" not in stderr
+    assert process.returncode == 2, stderr.decode()
+    assert b"state.db" in stderr and b"Traceback" not in stderr
 
 
 async def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path, sandbox):

@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from crawler.config import REGIONS
 from crawler.endpoint import REVIEWS
 from crawler.sandbox.catalogue import Catalogue
+from crawler.targets import REGIONS
 
 FAULT_KINDS = ("500", "reset", "truncate", "code", "slow")
 _KEY = re.compile(r"sk_[A-Za-z0-9_]+")

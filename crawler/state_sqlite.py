@@ -1,0 +1,604 @@
+"""The job's state in one SQLite file (WAL): targets, credit ledger, shards, runs; one process.
+
+One transaction per commit batch holds the pages' target rows, the shard events and the writer's
+file positions, so they move together; ``synchronous=FULL`` makes each commit durable before it
+returns. All writes go through one thread, in order. Users may read the file while a run goes on
+(``sqlite3 out/state/state.db "select status, count(*) from targets group by 1"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import operator
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from crawler.errors import OutputError, StateError
+from crawler.events import (
+    WALKABLE,
+    Commit,
+    Finish,
+    ShardOpened,
+    Status,
+    WriterPosition,
+)
+from crawler.layout import Layout
+from crawler.state import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.targets import Target, TargetList
+
+VERSION = 2
+_CLAIM_BATCH = 256  # rows read per query while handing out targets
+_FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
+_T = TypeVar("_T")
+
+SCHEMA = """
+CREATE TABLE job (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    leased INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    next_shard INTEGER NOT NULL DEFAULT 1,
+    open_shard TEXT,
+    shard_bytes INTEGER NOT NULL DEFAULT 0,
+    shard_records INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL DEFAULT 0,
+    seen_other INTEGER NOT NULL DEFAULT 0,
+    targets_digest TEXT,
+    refresh INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE targets (
+    id INTEGER PRIMARY KEY,
+    product_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    max_pages INTEGER,
+    active INTEGER NOT NULL DEFAULT 1,
+    status TEXT NOT NULL DEFAULT 'pending',
+    finish TEXT,
+    cursor,
+    walk INTEGER NOT NULL DEFAULT 0,
+    walk_pages INTEGER NOT NULL DEFAULT 0,
+    walk_new INTEGER NOT NULL DEFAULT 0,
+    walk_goal INTEGER,
+    walk_credits INTEGER NOT NULL DEFAULT 0,
+    walk_expected INTEGER,
+    base_count INTEGER,
+    pages INTEGER NOT NULL DEFAULT 0,
+    items INTEGER NOT NULL DEFAULT 0,
+    records INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    review_count INTEGER,
+    reason TEXT,
+    UNIQUE (product_id, region)
+);
+CREATE TABLE shards (
+    seq INTEGER PRIMARY KEY,
+    file TEXT NOT NULL UNIQUE,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    refresh INTEGER,
+    exit_status INTEGER,
+    stop_reason TEXT,
+    stop_message TEXT,
+    requests INTEGER,
+    retries INTEGER,
+    rate_limited INTEGER,
+    rate_limit_episodes INTEGER
+);
+CREATE TABLE refreshes (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    mode TEXT NOT NULL
+);
+"""
+
+_STATE_COLUMNS = ", ".join(COLUMNS)
+_UPDATE_TARGET = f"UPDATE targets SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?"  # noqa: S608 -- column names are ours
+_row_of: Callable[[TargetState], tuple[Any, ...]] = operator.attrgetter(*COLUMNS[1:], "id")
+_SUMS = (
+    "count(*), sum(pages), sum(items), sum(records), sum(duplicates), sum(credits), "
+    "sum(retries), sum(rate_limited), sum(seconds), count(walk_expected), sum(walk_expected), "
+    "sum(CASE WHEN status != 'done' THEN max(0, walk_expected - walk_pages) ELSE 0 END)"
+)
+
+
+def state_of(row: tuple[Any, ...]) -> TargetState:
+    """A TargetState from a row of ``SELECT {COLUMNS} FROM targets``."""
+    t = TargetState(*row)
+    t.status = Status(t.status)
+    t.finish = Finish(t.finish) if t.finish else None
+    return t
+
+
+class SqliteStore:
+    """State of one job in ``state/state.db``, locked to one process (flock on ``state/lock``)."""
+
+    def __init__(self, layout: Layout, db: sqlite3.Connection, lock_fd: int) -> None:
+        self.layout = layout
+        self._db = db
+        self._lock_fd = lock_fd
+        # one thread, first in first out: commits and leases are durable in the order made
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        job = _job_row(db)
+        self.ledger = Ledger(job["leased"], job["credits"])
+        self.runs: int = job["runs"]
+        self.refresh: int = job["refresh"]
+        self._next_shard: int = job["next_shard"]
+        self._open_shard = (
+            ShardInfo(job["open_shard"], job["shard_records"], job["shard_bytes"])
+            if job["open_shard"]
+            else None
+        )
+        self._position = WriterPosition(
+            job["shard_bytes"], job["shard_records"], job["seen"], job["seen_other"]
+        )
+        self._digest: str | None = job["targets_digest"]
+        self._shards = [
+            ShardInfo(*row)
+            for row in db.execute("SELECT file, records, bytes, sha256 FROM shards ORDER BY seq")
+        ]
+        self.totals = totals_of(db)
+        self._live: dict[int, TargetState] = {}  # handed to walkers, until a final commit
+        self._queue: deque[Claimed] = deque()
+        self._after = 0  # the last target id handed out
+        self._drained = False
+        self._run_id: int | None = None
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, layout: Layout, output: dict[str, Any], *, fresh: bool = False
+    ) -> SqliteStore:
+        """Lock the job, open its state (or start one) and check it fits ``output``.
+
+        ``fresh`` first removes every file the job wrote, under the lock, so never under a
+        crawler that is still running it.
+        """
+        try:
+            layout.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.from_os(exc, layout.state_dir) from None
+        lock_fd = _lock(layout)
+        try:
+            if fresh:
+                layout.remove_job_files()
+            db = await asyncio.to_thread(_connect, layout, output)
+            return cls(layout, db, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    # -- what the run reads --------------------------------------------------------------------
+
+    @property
+    def position(self) -> WriterPosition:
+        return self._position
+
+    @property
+    def open_shard(self) -> ShardInfo | None:
+        return self._open_shard
+
+    @property
+    def next_shard(self) -> int:
+        return self._next_shard
+
+    def shards(self) -> list[ShardInfo]:
+        return list(self._shards)
+
+    # -- the run's life ------------------------------------------------------------------------
+
+    async def sync_targets(self, targets: TargetList) -> bool:
+        """Make the job's targets the active ones; False when they are unchanged since the last
+        run (then this costs nothing, whatever their number)."""
+        digest = targets.digest()
+        if digest == self._digest:
+            return False
+        await self._run(self._sync, targets, digest)
+        self._digest = digest
+        self.totals = await self._run(totals_of, self._db)
+        return True
+
+    def _sync(self, targets: TargetList, digest: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE targets SET active = 0 WHERE active")
+            self._db.executemany(
+                "INSERT INTO targets (product_id, region, max_pages) VALUES (?, ?, ?) "
+                "ON CONFLICT (product_id, region) DO UPDATE SET active = 1, "
+                "max_pages = excluded.max_pages",
+                targets.rows(),
+            )
+            # a walk that ended at a cap goes on once the cap is raised or removed
+            self._db.execute(
+                "UPDATE targets SET status = 'pending', finish = NULL WHERE status = 'done' "
+                "AND finish = 'cap' AND (max_pages IS NULL OR walk_pages < max_pages)"
+            )
+            self._db.execute("UPDATE job SET targets_digest = ?", (digest,))
+
+    async def begin_run(self, *, refresh: bool, mode: str) -> int:
+        """Count a new run; with ``refresh``, start a refresh unless one is still under way.
+        Returns the refresh the run works on (0: none)."""
+        started = time.time()
+        self.refresh = await self._run(self._begin, started, refresh, mode)
+        if self.totals.count(Status.BUDGET) or refresh:
+            self.totals = await self._run(totals_of, self._db)
+        self.runs += 1
+        return self.refresh
+
+    def _begin(self, started: float, refresh: bool, mode: str) -> int:
+        db = self._db
+        current = self.refresh
+        with self._transaction():
+            # targets stopped by a budget are walked again: it may have been raised
+            db.execute("UPDATE targets SET status = 'pending' WHERE status = 'stopped_budget'")
+            under_way = self._refresh_open(current)
+            if refresh and not under_way:
+                current += 1
+                db.execute(
+                    "INSERT INTO refreshes (id, started_at, mode) VALUES (?, ?, ?)",
+                    (current, started, mode),
+                )
+                db.execute(
+                    "UPDATE targets SET walk = ?, status = 'pending', finish = NULL, "
+                    "cursor = NULL, walk_pages = 0, walk_new = 0, walk_goal = NULL, "
+                    "walk_credits = 0, walk_expected = NULL WHERE active AND status = 'done'",
+                    (current,),
+                )
+                under_way = True
+            db.execute("UPDATE job SET runs = runs + 1, refresh = ?", (current,))
+            cursor = db.execute(
+                "INSERT INTO runs (started_at, refresh) VALUES (?, ?)",
+                (started, current if under_way else None),
+            )
+            self._run_id = cursor.lastrowid
+        return current
+
+    def _refresh_open(self, refresh: int) -> bool:
+        if refresh == 0:
+            return False
+        row = self._db.execute(
+            "SELECT 1 FROM targets WHERE active AND walk = ? AND status IN ('pending', "
+            "'stopped_budget') LIMIT 1",
+            (refresh,),
+        ).fetchone()
+        return row is not None
+
+    async def end_run(self, info: dict[str, Any], *, budget_stopped: bool) -> None:
+        """Record how the run ended; a job-wide budget stop leaves its pending targets
+        ``stopped_budget`` until a run with a larger budget."""
+        await self._run(self._end, info, budget_stopped)
+        if budget_stopped:
+            self.totals = await self._run(totals_of, self._db)
+
+    def _end(self, info: dict[str, Any], budget_stopped: bool) -> None:
+        with self._transaction():
+            if budget_stopped:
+                self._db.execute(
+                    "UPDATE targets SET status = 'stopped_budget' WHERE active AND "
+                    "status = 'pending'"
+                )
+            names = list(info)
+            self._db.execute(
+                f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",  # noqa: S608 -- names are ours
+                [*(info[n] for n in names), self._run_id],
+            )
+
+    # -- targets -------------------------------------------------------------------------------
+
+    async def claim(self) -> Claimed | None:
+        """The next walkable active target, in the order targets were first listed."""
+        if not self._queue and not self._drained:
+            self._queue.extend(await self._run(self._next_batch))
+            self._drained = not self._queue
+        if not self._queue:
+            return None
+        claimed = self._queue.popleft()
+        self._live[claimed.saved.id] = claimed.saved
+        return claimed
+
+    def _next_batch(self) -> list[Claimed]:
+        rows = self._db.execute(
+            f"SELECT product_id, region, max_pages, {_STATE_COLUMNS} FROM targets "  # noqa: S608 -- column names are ours
+            "WHERE id > ? AND active AND status IN (?, ?, ?) ORDER BY id LIMIT ?",
+            (self._after, *WALKABLE, _CLAIM_BATCH),
+        ).fetchall()
+        if rows:
+            self._after = rows[-1][3]
+        return [Claimed(Target(r[0], r[1], r[2]), state_of(r[3:])) for r in rows]
+
+    # -- credits -------------------------------------------------------------------------------
+
+    async def lease(self, credits: int, cost: int, ceiling: int) -> int:
+        return await self._run(self._lease, credits, cost, ceiling)
+
+    async def give_back(self, credits: int) -> None:
+        await self._run(self._lease, -credits, 1, None)
+
+    def _lease(self, credits: int, cost: int, ceiling: int | None) -> int:
+        """Read, check and add in one transaction, in the store's one thread: atomic."""
+        with self._transaction():
+            (leased,) = self._db.execute("SELECT leased FROM job").fetchone()
+            size = credits
+            if ceiling is not None:
+                room = ceiling - leased
+                size = min(credits, room - room % cost)
+                if size < cost:
+                    return 0
+            self._db.execute("UPDATE job SET leased = ?", (leased + size,))
+        self.ledger.leased = leased + size
+        return size
+
+    # -- commits -------------------------------------------------------------------------------
+
+    async def commit(self, batch: Commit) -> list[TargetState]:
+        """Apply a batch; returns the targets it brought to a final status."""
+        changed: dict[int, TargetState] = {}
+        for change in batch.changes:
+            target = self._live[change.target_id]
+            self.totals.add(target, -1)
+            target.apply(change)
+            self.totals.add(target)
+            self.ledger.credits += change.credits
+            changed[target.id] = target
+        await self._run(self._write, list(changed.values()), batch, self.ledger.credits)
+        for event in batch.shards:
+            if isinstance(event, ShardOpened):
+                self._open_shard = ShardInfo(event.file)
+                self._next_shard += 1
+            else:
+                self._shards.append(ShardInfo(event.file, event.records, event.bytes, event.sha256))
+                self._open_shard = None
+        self._position = batch.position
+        finished = [t for t in changed.values() if t.status in _FINAL]
+        for target in finished:
+            del self._live[target.id]
+        return finished
+
+    def _write(self, targets: list[TargetState], batch: Commit, credits: int) -> None:
+        db = self._db
+        with self._transaction():
+            for event in batch.shards:
+                if isinstance(event, ShardOpened):
+                    db.execute(
+                        "UPDATE job SET open_shard = ?, next_shard = next_shard + 1", (event.file,)
+                    )
+                else:
+                    db.execute(
+                        "INSERT INTO shards (file, records, bytes, sha256) VALUES (?, ?, ?, ?)",
+                        (event.file, event.records, event.bytes, event.sha256),
+                    )
+                    db.execute("UPDATE job SET open_shard = NULL")
+            db.executemany(_UPDATE_TARGET, map(_row_of, targets))
+            p = batch.position
+            db.execute(
+                "UPDATE job SET credits = ?, shard_bytes = ?, shard_records = ?, seen = ?, "
+                "seen_other = ?",
+                (credits, p.shard_bytes, p.shard_records, p.seen, p.seen_other),
+            )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _error(exc, self.layout.state_db) from None
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
+    path = layout.state_db
+    if not path.exists() and layout.old_snapshot.exists():
+        raise StateError(
+            f"{layout.old_snapshot}: state saved by an older crawler; finish the job with that "
+            "version, or start over with --fresh"
+        )
+    created = not path.exists()
+    if created and layout.shard_files():  # before any state exists: never theirs to cut
+        raise StateError(
+            f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
+        )
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        if created:
+            db.executescript(f"BEGIN; {SCHEMA}; COMMIT;")
+            db.execute(
+                "INSERT INTO job (id, version, output) VALUES (1, ?, ?)",
+                (VERSION, orjson.dumps(output).decode()),
+            )
+        job = _job_row(db)
+    except sqlite3.Error as exc:
+        raise _error(exc, path) from None
+    if job["version"] != VERSION:
+        db.close()
+        raise StateError(
+            f"{path}: state version {job['version']}, this crawler reads version {VERSION}; "
+            "start over with --fresh"
+        )
+    saved = orjson.loads(job["output"])
+    if saved != output:
+        db.close()
+        changed = ", ".join(
+            f"{k}={saved.get(k)!r}, now {output.get(k)!r}"
+            for k in output
+            if saved.get(k) != output.get(k)
+        )
+        raise StateError(
+            f"{layout.root}: the output settings changed since this job started (saved "
+            f"{changed}); put them back, or use another output.dir, or start over with --fresh"
+        )
+    return db
+
+
+def _job_row(db: sqlite3.Connection) -> dict[str, Any]:
+    cursor = db.execute("SELECT * FROM job WHERE id = 1")
+    row = cursor.fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError("the job row is missing")
+    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+
+
+def totals_of(db: sqlite3.Connection) -> Totals:
+    """Every active target's figures, summed by status: one pass over the table."""
+    totals = Totals()
+    query = f"SELECT status, {_SUMS} FROM targets WHERE active GROUP BY status"  # noqa: S608 -- ours
+    for status, *figures in db.execute(query):
+        totals.by_status[Status(status)] = Sums(*(f or 0 for f in figures))
+    return totals
+
+
+def _error(exc: sqlite3.Error, path: Path) -> Exception:
+    """A full disk or a read-only folder is an output problem; anything else, bad state."""
+    text = str(exc)
+    for words, code in _OUTPUT_ERRORS:
+        if isinstance(exc, sqlite3.OperationalError) and words in text:
+            return OutputError.from_os(OSError(code, os.strerror(code)), path)
+    return StateError(f"{path}: unreadable state ({text}); start over with --fresh")
+
+
+# sqlite3 reports errno only as words in its message
+_OUTPUT_ERRORS = (
+    ("full", errno.ENOSPC),
+    ("readonly", errno.EROFS),
+    ("disk I/O", errno.EIO),
+    ("unable to open", errno.EACCES),
+)
+
+
+def _lock(layout: Layout) -> int:
+    try:
+        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError.from_os(exc, layout.lock) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"{layout.root}: another crawler is running this job") from None
+    return fd
+
+
+class SqliteView:
+    """A job's saved state, read-only: for status, plan and the run report, beside a run or not
+    (WAL lets readers and the one writer go on together)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.job = _job_row(db)
+
+    @classmethod
+    def open(cls, layout: Layout) -> SqliteView | None:
+        """None before the job's first run."""
+        if not layout.state_db.exists():
+            if layout.old_snapshot.exists():
+                raise StateError(f"{layout.old_snapshot}: state saved by an older crawler")
+            return None
+        try:
+            db = sqlite3.connect(
+                f"file:{layout.state_db}?mode=ro", uri=True, check_same_thread=False
+            )
+            return cls(db)
+        except sqlite3.Error as exc:
+            raise _error(exc, layout.state_db) from None
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.job["leased"], self.job["credits"])
+
+    def totals(self) -> Totals:
+        return totals_of(self._db)
+
+    def shards(self) -> list[ShardInfo]:
+        query = "SELECT file, records, bytes, sha256 FROM shards ORDER BY seq"
+        return [ShardInfo(*row) for row in self._db.execute(query)]
+
+    def last_run(self) -> dict[str, Any] | None:
+        runs = self._dicts("SELECT * FROM runs ORDER BY id DESC LIMIT 1", ())
+        return runs[0] if runs else None
+
+    def refreshes(self) -> list[dict[str, Any]]:
+        """Per refresh: targets it covers, how many changed, new reviews, credits, pages."""
+        return self._dicts(
+            "SELECT r.id AS refresh, r.mode, r.started_at, count(t.id) AS targets, "
+            "sum(t.walk_pages > 0) AS probed, "
+            "sum(t.walk_pages > 0 AND coalesce(t.finish, '') != 'same') AS changed, "
+            "coalesce(sum(t.walk_new), 0) AS new_reviews, "
+            "coalesce(sum(t.walk_credits), 0) AS credits, "
+            "coalesce(sum(t.walk_pages), 0) AS pages, "
+            "sum(t.status = 'done') AS done "
+            "FROM refreshes r LEFT JOIN targets t ON t.walk = r.id AND t.active "
+            "GROUP BY r.id ORDER BY r.id",
+            (),
+        )
+
+    def attention(self, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` targets a person should look at: failed first, then stopped at a
+        credit cap, then walks under way."""
+        rows: list[dict[str, Any]] = []
+        for where in (
+            "status = 'failed'",
+            "status = 'stopped_budget' AND walk_pages > 0",
+            "status = 'pending' AND walk_pages > 0",
+        ):
+            if len(rows) >= limit:
+                break
+            rows += self._dicts(
+                f"SELECT * FROM targets WHERE active AND {where} ORDER BY id LIMIT ?",  # noqa: S608 -- ours
+                (limit - len(rows),),
+            )
+        return rows
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every active target, in the order first listed."""
+        cursor = self._db.execute("SELECT * FROM targets WHERE active ORDER BY id")
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
+
+    def _dicts(self, query: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        cursor = self._db.execute(query, args)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+    def close(self) -> None:
+        self._db.close()

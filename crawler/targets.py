@@ -1,0 +1,282 @@
+"""The job's targets: product x region pairs from the job file and a targets file, kept in columns.
+
+A million targets as Python objects would cost several hundred bytes each; here a target is 13
+bytes (a 64-bit product id, a region index, a page cap), and a ``Target`` is made only when one is
+walked or listed. A targets file is a CSV with a header naming ``product_id`` and ``region`` (and
+optionally ``max_pages``), or a plain list of product ids combined with ``default_regions``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+REGIONS = (
+    "US",
+    "GB",
+    "DE",
+    "FR",
+    "IT",
+    "ID",
+    "MY",
+    "MX",
+    "PH",
+    "SG",
+    "ES",
+    "TH",
+    "VN",
+    "BR",
+    "JP",
+    "IE",
+)
+REGION_INDEX = {region: index for index, region in enumerate(REGIONS)}
+MAX_ERRORS = 20  # bad rows listed one by one; the rest are counted
+_U64 = (1 << 64) - 1
+_NO_CAP = 0  # max_pages column: 0 means no cap (a cap is always > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One walk: a product in one region."""
+
+    product_id: str
+    region: str
+    max_pages: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.product_id}:{self.region}"
+
+
+class TargetList:
+    """Targets in columns, in the order they were listed; iterating yields ``Target``s."""
+
+    def __init__(self) -> None:
+        self._ids = array("Q")  # the product id as a number, or 0 when it is kept in _odd
+        self._odd: dict[int, str] = {}  # ids a number cannot hold: leading zeros, > 64 bits
+        self._regions = array("B")
+        self._caps = array("I")
+
+    def append(self, product_id: str, region: int, max_pages: int | None) -> None:
+        number = _as_number(product_id)
+        if number is None:
+            self._odd[len(self._ids)] = product_id
+            number = 0
+        self._ids.append(number)
+        self._regions.append(region)
+        self._caps.append(max_pages or _NO_CAP)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: int) -> Target:
+        number = self._ids[index]
+        product_id = str(number) if number else self._odd[index]
+        cap = self._caps[index]
+        return Target(product_id, REGIONS[self._regions[index]], cap or None)
+
+    def __iter__(self) -> Iterator[Target]:
+        for index in range(len(self._ids)):
+            yield self[index]
+
+    def rows(self) -> Iterator[tuple[str, str, int | None]]:
+        """(product_id, region, max_pages) per target: what the state database stores."""
+        odd, regions = self._odd, REGIONS
+        for index, (number, region, cap) in enumerate(
+            zip(self._ids, self._regions, self._caps, strict=True)
+        ):
+            yield (str(number) if number else odd[index]), regions[region], cap or None
+
+    def digest(self) -> str:
+        """Changes whenever a target is added, removed, reordered or gets another cap."""
+        digest = hashlib.blake2b(digest_size=16)
+        for column in (self._ids, self._regions, self._caps):
+            digest.update(column.tobytes())
+        digest.update(repr(sorted(self._odd.items())).encode())
+        return digest.hexdigest()
+
+
+def _as_number(product_id: str) -> int | None:
+    if product_id[0] == "0" or len(product_id) > 20:  # "007" and "7" are different products
+        return None
+    number = int(product_id)
+    return number if number <= _U64 else None
+
+
+class Collector:
+    """Builds a TargetList from several sources; refuses duplicates and collects bad rows.
+
+    A source is a label with one ``{}`` for the position (``job.yaml:12: targets[{}]``,
+    ``targets.csv:{}``); each target remembers its source and position, so a duplicate can name
+    where its first listing was.
+    """
+
+    def __init__(self) -> None:
+        self.targets = TargetList()
+        self.errors: list[str] = []
+        self.bad = 0  # bad rows in all, listed or not
+        self._keys: set[object] = set()  # ~60 bytes a target while loading, freed with this
+        self._sources: list[tuple[str, str]] = []
+        self._source_of = array("B")
+        self._position_of = array("I")
+
+    def source(self, label: str, short: str) -> int:
+        """A new source; ``short`` names a position within the same source."""
+        self._sources.append((label, short))
+        return len(self._sources) - 1
+
+    def _where(self, index: int, *, seen_from: int) -> str:
+        source = self._source_of[index]
+        label, short = self._sources[source]
+        return (short if source == seen_from else label).format(self._position_of[index])
+
+    def add(
+        self, product_id: str, region: str, max_pages: int | None, source: int, position: int
+    ) -> None:
+        number = _as_number(product_id)
+        region_index = REGION_INDEX[region]
+        key: object = (number << 4 | region_index) if number else (product_id, region)
+        if key in self._keys:
+            first = self._where(self._first(product_id, region), seen_from=source)
+            self.problem(
+                f"{self._sources[source][0].format(position)}: product {product_id} in {region} "
+                f"is already listed at {first}"
+            )
+            return
+        self._keys.add(key)
+        self.targets.append(product_id, region_index, max_pages)
+        self._source_of.append(source)
+        self._position_of.append(position)
+
+    def _first(self, product_id: str, region: str) -> int:
+        # only for a duplicate, at most MAX_ERRORS times: a scan instead of a map of every key
+        return next(
+            i
+            for i, t in enumerate(self.targets)
+            if t.product_id == product_id and t.region == region
+        )
+
+    def problem(self, message: str) -> None:
+        self.bad += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(message)
+
+    def summary(self) -> list[str]:
+        more = self.bad - len(self.errors)
+        tail = [f"... and {more:,} more bad targets ({self.bad:,} in all)"] if more > 0 else []
+        return self.errors + tail
+
+
+def check_product_id(value: str) -> str | None:
+    """Why ``value`` is not a product id, or None when it is one."""
+    if value.isascii() and value.isdigit():
+        return None
+    if value and value.replace(".", "", 1).replace("E+", "", 1).replace("e+", "", 1).isdigit():
+        return f"'{value}' is not a product id (a string of digits): a spreadsheet made it a number"
+    return f"'{value}' is not a product id (a string of digits)"
+
+
+def check_region(value: str) -> str | None:
+    if value in REGION_INDEX:
+        return None
+    return f"unknown region '{value}'; one of {', '.join(REGIONS)}"
+
+
+def read_targets_file(
+    path: Path, default_regions: Sequence[str] | None, into: Collector, *, shown: str
+) -> None:
+    """Add every target of a CSV or plain-text targets file; bad rows go to ``into.errors``.
+
+    ``shown`` is how the file is named in messages (as the job file gives it).
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as spreadsheets write, is fine
+    except OSError as exc:
+        into.problem(f"{shown}: cannot read targets_file: {exc.strerror}")
+        return
+    except UnicodeDecodeError as exc:
+        into.problem(f"{shown}: not UTF-8 text (byte {exc.start})")
+        return
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    header = [name.strip().lower() for name in first.split(",")]
+    if "product_id" in header:
+        _read_csv(text, shown, default_regions, into)
+    else:
+        _read_list(text, shown, default_regions, into)
+
+
+def _read_csv(
+    text: str, shown: str, default_regions: Sequence[str] | None, into: Collector
+) -> None:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] = []
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            header = [name.strip().lower() for name in row]
+            break
+    columns = {name: index for index, name in enumerate(header)}
+    at_id, at_region, at_cap = (columns.get(n, -1) for n in ("product_id", "region", "max_pages"))
+    if at_region < 0 and not default_regions:
+        into.problem(
+            f"{shown}:{reader.line_num}: the header names no 'region' column; add one, or give "
+            "default_regions in the job file"
+        )
+        return
+    width = max(at_id, at_region, at_cap) + 1
+    source = into.source(f"{shown}:{{}}", "line {}")
+    for row in reader:
+        if len(row) < width:
+            if any(cell.strip() for cell in row):
+                into.problem(f"{shown}:{reader.line_num}: {len(row)} columns, the header has more")
+            continue
+        line = reader.line_num
+        product_id = row[at_id].strip()
+        if (why := check_product_id(product_id)) is not None:
+            into.problem(f"{shown}:{line}: product_id: {why}")
+            continue
+        cap = _cap(row[at_cap].strip() if at_cap >= 0 else "", f"{shown}:{line}", into)
+        if cap is False:
+            continue
+        for region in (row[at_region].strip(),) if at_region >= 0 else default_regions or ():
+            if (why := check_region(region)) is not None:
+                into.problem(f"{shown}:{line}: region: {why}")
+                continue
+            into.add(product_id, region, cap, source, line)
+
+
+def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None:
+    """The row's max_pages: None when empty, False (after reporting) when it is bad."""
+    if not value:
+        return None
+    if value.isascii() and value.isdigit() and int(value) > 0:
+        return int(value)
+    into.problem(f"{where}: max_pages: '{value}' is not a whole number above 0")
+    return False
+
+
+def _read_list(
+    text: str, shown: str, default_regions: Sequence[str] | None, into: Collector
+) -> None:
+    if not default_regions:
+        into.problem(
+            f"{shown}: a plain list of product ids needs default_regions in the job file "
+            "(or make it a CSV with a header row naming product_id and region)"
+        )
+        return
+    source = into.source(f"{shown}:{{}}", "line {}")
+    for number, line in enumerate(text.splitlines(), start=1):
+        product_id = line.strip()
+        if not product_id or product_id.startswith("#"):
+            continue
+        if (why := check_product_id(product_id)) is not None:
+            hint = "; a CSV needs a header row naming product_id" if "," in product_id else ""
+            into.problem(f"{shown}:{number}: product_id: {why}{hint}")
+            continue
+        for region in default_regions:
+            into.add(product_id, region, None, source, number)

@@ -1,0 +1,116 @@
+"""The seen-set is exact and persisted; the state store commits whole batches, holds the ceiling."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from crawler.dedup import SeenIds, SeenLog
+from crawler.errors import StateError
+from crawler.events import (
+    Commit,
+    PageCommitted,
+    ShardOpened,
+    Status,
+    TargetFailed,
+    WriterPosition,
+)
+from crawler.layout import Layout
+from crawler.recovery import recover
+from crawler.state_sqlite import SqliteStore
+from crawler.targets import TargetList
+
+
+def test_seen_ids_is_exactly_a_set():
+    rng = random.Random(1)
+    ids = [str(rng.randrange(10**18, 10**19)) for _ in range(20_000)]
+    ids += ids[:500] + ["0", "007", "abc", "18446744073709551616", "18446744073709551615"] * 2
+    seen, reference = SeenIds(capacity=10), set()
+    for review_id in ids:
+        assert seen.add(review_id) == (review_id not in reference)
+        reference.add(review_id)
+    assert len(seen) == len(reference)
+
+
+def test_recovery_keeps_committed_ids_only(tmp_path: Path):
+    layout = Layout(tmp_path)
+    layout.state_dir.mkdir()
+    log = SeenLog(layout.seen_ids, layout.seen_other, 0, 0)
+    assert log.add("1234567890123456789") and log.add("x-1")
+    log.write(*log.take())
+    committed = WriterPosition(seen=log.count, seen_other=log.other_bytes)
+    assert log.add("1234567890123456790")
+    log.write(*log.take())  # written, but say a crash came before the state counted it
+    log.close()
+    found = recover(layout, committed, [], None, 1)
+    assert found.bytes_cut == 8
+    reopened = SeenLog(layout.seen_ids, layout.seen_other, committed.seen, committed.seen_other)
+    reopened.load()
+    assert not reopened.add("1234567890123456789") and not reopened.add("x-1")
+    assert reopened.add("1234567890123456790")  # uncommitted: cut off, so new again
+    reopened.close()
+    assert layout.seen_ids.stat().st_size == committed.seen * 8
+    with pytest.raises(StateError, match="do not belong"):  # files shorter than the state says
+        recover(layout, WriterPosition(seen=committed.seen + 5), [], None, 1)
+
+
+OUTPUT = {"shard_max_records": 10, "compression": "none"}
+
+
+async def test_leases_never_pass_the_ceiling_and_survive_a_reopen(tmp_path: Path):
+    layout = Layout(tmp_path)
+    store = await SqliteStore.open(layout, OUTPUT)
+    # many leases at once, as walkers of several runs would ask: never past the ceiling
+    granted = await asyncio.gather(*(store.lease(8, 2, 101) for _ in range(40)))
+    assert sum(granted) == 100 and store.ledger.leased == 100
+    assert await store.lease(8, 2, 101) == 0  # not even one request fits
+    await store.give_back(6)
+    await store.close()
+    reopened = await SqliteStore.open(layout, OUTPUT)
+    assert reopened.ledger.leased == 94
+    await reopened.close()
+
+
+async def test_a_commit_is_whole_after_reopening(tmp_path: Path):
+    layout = Layout(tmp_path)
+    targets = TargetList()
+    targets.append("1234567890", 0, None)
+    targets.append("1234567891", 1, 3)
+    store = await SqliteStore.open(layout, OUTPUT)
+    assert await store.sync_targets(targets)
+    assert not await store.sync_targets(targets)  # unchanged: nothing to do
+    await store.begin_run(refresh=False, mode="early_stop")
+    first, second = await store.claim(), await store.claim()
+    assert first and second and await store.claim() is None
+    page = PageCommitted(
+        first.saved.id, 0, 2, Status.PENDING, None, 10, 9, 1, 2, 0, 0, 0.1, 40, None, 4
+    )
+    failed = TargetFailed(second.saved.id, 0, "400 invalid parameters", 2, 0, 0)
+    position = WriterPosition(900, 9, 9, 0)
+    finished = await store.commit(
+        Commit([page, failed], [ShardOpened("reviews-000001.jsonl")], position)
+    )
+    assert [t.id for t in finished] == [second.saved.id]
+    assert store.totals.count(Status.FAILED) == 1 and store.totals.total("records") == 9
+    await store.close()
+    reopened = await SqliteStore.open(layout, OUTPUT)
+    assert reopened.position == position and reopened.ledger.credits == 4
+    assert reopened.open_shard is not None and reopened.open_shard.file == "reviews-000001.jsonl"
+    assert reopened.totals.count(Status.FAILED) == 1
+    assert reopened.totals.by_status[Status.PENDING].pages_left == 3
+    await reopened.begin_run(refresh=False, mode="early_stop")
+    again = await reopened.claim()
+    assert again is not None and again.saved.cursor == 2 and again.saved.walk_pages == 1
+    await reopened.close()
+
+
+async def test_a_second_crawler_on_the_same_job_is_refused(tmp_path: Path):
+    layout = Layout(tmp_path)
+    store = await SqliteStore.open(layout, OUTPUT)
+    with pytest.raises(StateError, match="another crawler is running this job"):
+        await SqliteStore.open(layout, OUTPUT)
+    await store.close()
+    await (await SqliteStore.open(layout, OUTPUT)).close()  # free again once closed
