@@ -201,7 +201,8 @@ def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
             return 0
         doc = report.build(job, view)
         if args.all:
-            doc["targets"] = list(view.rows())
+            columns = report.CSV_COLUMNS
+            doc["targets"] = [dict(zip(columns, r, strict=True)) for r in view.rows(columns)]
         if args.json:
             import orjson  # noqa: PLC0415
 
@@ -236,14 +237,9 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
 
 
 def _print_csv(view: SqliteView) -> None:
-    import csv  # noqa: PLC0415
+    from crawler.report import write_csv  # noqa: PLC0415
 
-    from crawler.report import CSV_COLUMNS  # noqa: PLC0415
-
-    out = csv.writer(sys.stdout)
-    out.writerow(CSV_COLUMNS)
-    for row in view.rows():
-        out.writerow(["" if row[name] is None else row[name] for name in CSV_COLUMNS])
+    write_csv(view, sys.stdout)
 
 
 def _verify(args: argparse.Namespace) -> int:

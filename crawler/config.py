@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crawler.errors import ConfigError
-from crawler.targets import REGIONS, Collector, TargetList, read_targets_file
+from crawler.targets import REGION_INDEX, REGIONS, Collector, TargetList, read_targets_file
 
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
@@ -195,7 +195,7 @@ def _collect(path: Path, text: str, model: _JobModel) -> TargetList:
             )
             continue
         for region in regions:
-            into.add(spec.product_id, region, spec.max_pages, source, index)
+            into.add(spec.product_id, REGION_INDEX[region], spec.max_pages, source, index)
     if model.targets_file is not None:
         file = model.targets_file
         located = file if file.is_absolute() else path.parent / file

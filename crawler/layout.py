@@ -58,10 +58,6 @@ class Layout:
     def report(self) -> Path:
         return self.root / "run-report.json"
 
-    @property
-    def targets_report(self) -> Path:
-        return self.root / "targets-report.csv"
-
     def shard_files(self) -> list[Path]:
         if not self.shards_dir.is_dir():
             return []
@@ -70,7 +66,7 @@ class Layout:
     def remove_job_files(self) -> list[Path]:
         """Delete what this job wrote, and nothing else a user may have put beside it."""
         removed: list[Path] = []
-        written = (self.manifest, self.report, self.targets_report)
+        written = (self.manifest, self.report)
         candidates = [*self.shard_files(), *written, self.seen_ids, self.seen_other]
         candidates += [
             self.state_db.with_name(self.state_db.name + s) for s in ("", "-wal", "-shm")

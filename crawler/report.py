@@ -1,16 +1,13 @@
 """The picture of a job from its saved state: totals by status, what needs attention, runs and
-refreshes (``run-report.json``, ``status``); every target's figures as CSV beside it."""
+refreshes (``run-report.json``, ``status``); every target's figures as CSV on demand."""
 
 from __future__ import annotations
 
 import csv
-import os
-from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from crawler import planner
 from crawler.config import Job
-from crawler.errors import OutputError
 from crawler.state_sqlite import SqliteView
 
 ATTENTION = 20  # targets listed by name: a screenful; the CSV and --all have them all
@@ -30,6 +27,7 @@ CSV_COLUMNS = (
     "walk",
     "walk_pages",
     "walk_new",
+    "walk_expected",
     "max_pages",
 )
 _SUMMED = ("pages", "items", "records", "duplicates", "credits", "retries", "rate_limited")
@@ -60,7 +58,8 @@ def build(job: Job, view: SqliteView, *, run: dict[str, Any] | None = None) -> d
         "refreshes": view.refreshes(),
         **({"run": run} if run else {}),
         "attention": [_row(r) for r in view.attention(ATTENTION)],
-        "targets_report": "targets-report.csv",
+        # every target's figures: too many for this document at a million targets
+        "targets_detail": "state/state.db, table targets (or: crawler status --csv)",
     }
 
 
@@ -68,44 +67,12 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in CSV_COLUMNS if row.get(name) is not None}
 
 
-def write_targets_csv(view: SqliteView, path: Path) -> int:
-    """Every target's figures, one row each: what pandas and DuckDB read. Written beside the
-    final file and renamed over it, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_csv(view: SqliteView, out: TextIO) -> int:
+    """Every target's figures as CSV, one row each (what pandas and DuckDB read); the rows."""
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
     count = 0
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as file:
-            out = csv.writer(file)
-            out.writerow(CSV_COLUMNS)
-            for row in view.rows():
-                out.writerow([_cell(row[name]) for name in CSV_COLUMNS])
-                count += 1
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError.from_os(exc, path) from None
+    for row in view.rows(CSV_COLUMNS):
+        writer.writerow(row)
+        count += 1
     return count
-
-
-def _cell(value: Any) -> Any:
-    return round(value, 3) if isinstance(value, float) else ("" if value is None else value)
-
-
-def read_targets_csv(path: Path) -> list[dict[str, Any]]:
-    """The per-target CSV back as dicts with numbers (for scripts and tests)."""
-    with path.open(newline="", encoding="utf-8") as file:
-        return [
-            {
-                k: (_number(v) if k not in ("product_id", "region", "status", "reason") else v)
-                for k, v in row.items()
-            }
-            for row in csv.DictReader(file)
-        ]
-
-
-def _number(value: str) -> int | float | None:
-    if value == "":
-        return None
-    return float(value) if "." in value else int(value)

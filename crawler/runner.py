@@ -301,14 +301,13 @@ async def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
 
 
 def _write_reports(job: Job, layout: Layout, run_info: dict[str, Any]) -> dict[str, Any]:
-    """The run report and the per-target CSV, from the saved state (off the event loop: a
-    million targets take seconds)."""
+    """The run report, from the saved state (off the event loop: its totals read every
+    target, a second for a million)."""
     view = SqliteView.open(layout)
     assert view is not None  # noqa: S101 -- this run created it at the latest
     try:
         doc = report.build(job, view, run=run_info)
         write_atomically(layout.report, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-        report.write_targets_csv(view, layout.targets_report)
     finally:
         view.close()
     return doc

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crawler.config import Job
+from crawler.report import CSV_COLUMNS
 from crawler.state_sqlite import SqliteView
 
 _COLUMNS = ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
@@ -36,14 +37,18 @@ def print_summary(job: Job, doc: dict[str, Any], view: SqliteView, *, every: boo
             f"targets, {refresh['probed'] or 0:,} probed, {refresh['changed'] or 0:,} changed, "
             f"{refresh['new_reviews']:,} new reviews, {refresh['credits']:,} credits"
         )
-    rows = list(view.rows()) if every else doc["attention"]
+    if every:
+        rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in view.rows(CSV_COLUMNS)]
+    else:
+        rows = doc["attention"]
     if rows:
         console.print(_table(rows, "every target" if every else "needs attention"))
-    listed = len(rows)
-    if not every and doc["targets_total"] > listed:
+    elif not every:
+        console.print("nothing needs attention")
+    if not every and doc["targets_total"] > len(rows):
         console.print(
-            f"{doc['targets_total'] - listed:,} more not listed: --all lists them; "
-            f"{job.output.dir / doc['targets_report']} has every target's figures"
+            f"{doc['targets_total'] - len(rows):,} targets not listed: --all lists every one, "
+            "--csv gives every target's figures as CSV"
         )
 
 

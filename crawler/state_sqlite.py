@@ -588,12 +588,13 @@ class SqliteView:
             )
         return rows
 
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """Every active target, in the order first listed."""
-        cursor = self._db.execute("SELECT * FROM targets WHERE active ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        for row in cursor:
-            yield dict(zip(names, row, strict=True))
+    def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]:
+        """Every active target's ``columns``, in the order first listed; a million in a few
+        seconds (seconds rounded to milliseconds)."""
+        chosen = ", ".join("round(seconds, 3)" if c == "seconds" else c for c in columns)
+        yield from self._db.execute(
+            f"SELECT {chosen} FROM targets WHERE active ORDER BY id"  # noqa: S608 -- ours
+        )
 
     def _dicts(self, query: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         cursor = self._db.execute(query, args)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
+
+from crawler.dedup import SeenIds
 
 REGIONS = (
     "US",
@@ -64,7 +65,12 @@ class TargetList:
         self._caps = array("I")
 
     def append(self, product_id: str, region: int, max_pages: int | None) -> None:
-        number = _as_number(product_id)
+        self.append_number(_as_number(product_id), product_id, region, max_pages)
+
+    def append_number(
+        self, number: int | None, product_id: str, region: int, max_pages: int | None
+    ) -> None:
+        """``append`` for a caller that has the id as a number already (None: not one)."""
         if number is None:
             self._odd[len(self._ids)] = product_id
             number = 0
@@ -121,7 +127,8 @@ class Collector:
         self.targets = TargetList()
         self.errors: list[str] = []
         self.bad = 0  # bad rows in all, listed or not
-        self._keys: set[object] = set()  # ~60 bytes a target while loading, freed with this
+        self._keys = SeenIds(capacity=1 << 16)  # ~11 bytes a target while loading
+        self._odd_keys: set[tuple[str, int]] = set()
         self._sources: list[tuple[str, str]] = []
         self._source_of = array("B")
         self._position_of = array("I")
@@ -137,29 +144,35 @@ class Collector:
         return (short if source == seen_from else label).format(self._position_of[index])
 
     def add(
-        self, product_id: str, region: str, max_pages: int | None, source: int, position: int
+        self, product_id: str, region: int, max_pages: int | None, source: int, position: int
     ) -> None:
+        """Add a checked target (``region`` as its index), unless it is listed already."""
         number = _as_number(product_id)
-        region_index = REGION_INDEX[region]
-        key: object = (number << 4 | region_index) if number else (product_id, region)
-        if key in self._keys:
-            first = self._where(self._first(product_id, region), seen_from=source)
+        if number is not None:  # 64 bits of the pair; a match is checked exactly below
+            new = self._keys.add_u64(((number << 4 | region) & _U64) or 1)
+        else:
+            new = (product_id, region) not in self._odd_keys
+            self._odd_keys.add((product_id, region))
+        if not new and (first := self._first(product_id, REGIONS[region])) is not None:
             self.problem(
-                f"{self._sources[source][0].format(position)}: product {product_id} in {region} "
-                f"is already listed at {first}"
+                f"{self._sources[source][0].format(position)}: product {product_id} in "
+                f"{REGIONS[region]} is already listed at {self._where(first, seen_from=source)}"
             )
             return
-        self._keys.add(key)
-        self.targets.append(product_id, region_index, max_pages)
+        self.targets.append_number(number, product_id, region, max_pages)
         self._source_of.append(source)
         self._position_of.append(position)
 
-    def _first(self, product_id: str, region: str) -> int:
-        # only for a duplicate, at most MAX_ERRORS times: a scan instead of a map of every key
+    def _first(self, product_id: str, region: str) -> int | None:
+        # only when 64 bits of the pair match: a duplicate (at most MAX_ERRORS are looked up
+        # before the load fails) or, about once in 10**7 jobs of a million, two pairs alike
         return next(
-            i
-            for i, t in enumerate(self.targets)
-            if t.product_id == product_id and t.region == region
+            (
+                i
+                for i, t in enumerate(self.targets)
+                if t.product_id == product_id and t.region == region
+            ),
+            None,
         )
 
     def problem(self, message: str) -> None:
@@ -193,28 +206,29 @@ def read_targets_file(
 ) -> None:
     """Add every target of a CSV or plain-text targets file; bad rows go to ``into.errors``.
 
-    ``shown`` is how the file is named in messages (as the job file gives it).
+    ``shown`` is how the file is named in messages (as the job file gives it). The file is
+    streamed, never held whole: a million rows are tens of megabytes of text.
     """
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as spreadsheets write, is fine
+        # utf-8-sig: a BOM, as spreadsheets write, is fine
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            first = next((line for line in file if line.strip()), "")
+            file.seek(0)
+            header = [name.strip().lower() for name in first.split(",")]
+            if "product_id" in header:
+                _read_csv(file, shown, default_regions, into)
+            else:
+                _read_list(file, shown, default_regions, into)
     except OSError as exc:
         into.problem(f"{shown}: cannot read targets_file: {exc.strerror}")
-        return
     except UnicodeDecodeError as exc:
-        into.problem(f"{shown}: not UTF-8 text (byte {exc.start})")
-        return
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    header = [name.strip().lower() for name in first.split(",")]
-    if "product_id" in header:
-        _read_csv(text, shown, default_regions, into)
-    else:
-        _read_list(text, shown, default_regions, into)
+        into.problem(f"{shown}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block)")
 
 
 def _read_csv(
-    text: str, shown: str, default_regions: Sequence[str] | None, into: Collector
+    file: TextIO, shown: str, default_regions: Sequence[str] | None, into: Collector
 ) -> None:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(file)
     header: list[str] = []
     for row in reader:
         if any(cell.strip() for cell in row):
@@ -230,24 +244,32 @@ def _read_csv(
         return
     width = max(at_id, at_region, at_cap) + 1
     source = into.source(f"{shown}:{{}}", "line {}")
-    for row in reader:
+    fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
+    regions_index, add = REGION_INDEX, into.add
+    for row in reader:  # the per-row path: a million rows, so checks are inlined
         if len(row) < width:
             if any(cell.strip() for cell in row):
                 into.problem(f"{shown}:{reader.line_num}: {len(row)} columns, the header has more")
             continue
         line = reader.line_num
         product_id = row[at_id].strip()
-        if (why := check_product_id(product_id)) is not None:
-            into.problem(f"{shown}:{line}: product_id: {why}")
+        if not (product_id.isdigit() and product_id.isascii()):
+            into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
             continue
-        cap = _cap(row[at_cap].strip() if at_cap >= 0 else "", f"{shown}:{line}", into)
-        if cap is False:
-            continue
-        for region in (row[at_region].strip(),) if at_region >= 0 else default_regions or ():
-            if (why := check_region(region)) is not None:
-                into.problem(f"{shown}:{line}: region: {why}")
+        cap: int | Literal[False] | None = None
+        if at_cap >= 0 and (cell := row[at_cap].strip()):
+            cap = _cap(cell, f"{shown}:{line}", into)
+            if cap is False:
                 continue
-            into.add(product_id, region, cap, source, line)
+        if at_region < 0:
+            for fixed_region in fixed:
+                add(product_id, fixed_region, cap, source, line)
+            continue
+        region = row[at_region].strip()
+        if (index := regions_index.get(region)) is None:
+            into.problem(f"{shown}:{line}: region: {check_region(region)}")
+            continue
+        add(product_id, index, cap, source, line)
 
 
 def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None:
@@ -261,7 +283,7 @@ def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None
 
 
 def _read_list(
-    text: str, shown: str, default_regions: Sequence[str] | None, into: Collector
+    file: TextIO, shown: str, default_regions: Sequence[str] | None, into: Collector
 ) -> None:
     if not default_regions:
         into.problem(
@@ -270,7 +292,7 @@ def _read_list(
         )
         return
     source = into.source(f"{shown}:{{}}", "line {}")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(file, start=1):
         product_id = line.strip()
         if not product_id or product_id.startswith("#"):
             continue
@@ -279,4 +301,4 @@ def _read_list(
             into.problem(f"{shown}:{number}: product_id: {why}{hint}")
             continue
         for region in default_regions:
-            into.add(product_id, region, None, source, number)
+            into.add(product_id, REGION_INDEX[region], None, source, number)

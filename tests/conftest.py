@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from crawler.layout import Layout
-from crawler.report import read_targets_csv
+from crawler.report import CSV_COLUMNS
 from crawler.sandbox import Sandbox, SandboxOptions, serve
 from crawler.shards import read_lines
+from crawler.state_sqlite import SqliteView
 
 KEY = "sk_test_alpha"
 ENV = {"KEYAPI_API_KEY": KEY}
@@ -80,8 +81,14 @@ def output_ids(out_dir: Path) -> list[str]:
 
 
 def target_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """The per-target CSV a run writes beside its report."""
-    return read_targets_csv(Layout(out_dir).targets_report)
+    """Every target's saved figures, as ``crawler status --csv`` gives them."""
+    columns = CSV_COLUMNS
+    view = SqliteView.open(Layout(out_dir))
+    assert view is not None
+    try:
+        return [dict(zip(columns, row, strict=True)) for row in view.rows(columns)]
+    finally:
+        view.close()
 
 
 def crawler_command(*args: str) -> list[str]:
