@@ -242,14 +242,16 @@ def _read_csv(
             "default_regions in the job file"
         )
         return
-    width = max(at_id, at_region, at_cap) + 1
+    width = max(at_id, at_region) + 1  # an optional column left off the end is empty
     source = into.source(f"{shown}:{{}}", "line {}")
     fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
     regions_index, add = REGION_INDEX, into.add
     for row in reader:  # the per-row path: a million rows, so checks are inlined
         if len(row) < width:
             if any(cell.strip() for cell in row):
-                into.problem(f"{shown}:{reader.line_num}: {len(row)} columns, the header has more")
+                into.problem(
+                    f"{shown}:{reader.line_num}: {len(row)} columns, too few for the header"
+                )
             continue
         line = reader.line_num
         product_id = row[at_id].strip()
@@ -257,7 +259,7 @@ def _read_csv(
             into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
             continue
         cap: int | Literal[False] | None = None
-        if at_cap >= 0 and (cell := row[at_cap].strip()):
+        if 0 <= at_cap < len(row) and (cell := row[at_cap].strip()):
             cap = _cap(cell, f"{shown}:{line}", into)
             if cap is False:
                 continue

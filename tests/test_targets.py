@@ -1,0 +1,168 @@
+"""Targets from a CSV or a list of ids beside the job file: every bad row named, no duplicates."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from crawler import ConfigError, load_job, run_job
+from crawler.targets import MAX_ERRORS
+from tests.conftest import (
+    ENV,
+    PRODUCTS,
+    crawler_command,
+    expected_ids,
+    output_ids,
+    subprocess_env,
+)
+
+HEAD = """\
+api: {base_url: sandbox}
+budget: {max_credits: 100}
+output: {dir: out}
+"""
+
+
+def _job(folder: Path, extra: str, targets: str, name: str = "targets.csv") -> Path:
+    (folder / name).write_text(targets, encoding="utf-8")
+    path = folder / "job.yaml"
+    path.write_text(HEAD + extra)
+    return path
+
+
+def test_a_csv_with_header_caps_blank_lines_and_extra_columns(tmp_path: Path):
+    text = (
+        "\ufeffproduct_id,region,title,max_pages\n"  # a BOM, as spreadsheets write
+        "1729679758111249333,US,tea,\n"
+        "\n"
+        " 1729679758111249333 , GB ,tea,3\n"
+        "0012345678,DE,zeros kept,\n"
+    )
+    job = load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert [(t.product_id, t.region, t.max_pages) for t in job.targets] == [
+        ("1729679758111249333", "US", None),
+        ("1729679758111249333", "GB", 3),
+        ("0012345678", "DE", None),
+    ]
+
+
+def test_a_list_of_ids_takes_the_default_regions(tmp_path: Path):
+    extra = "targets_file: ids.txt\ndefault_regions: [US, GB]\n"
+    text = "# a watch list\n1729679758111249333\n\n1729679758111249334\n"
+    job = load_job(_job(tmp_path, extra, text, name="ids.txt"))
+    assert [t.key for t in job.targets] == [
+        "1729679758111249333:US",
+        "1729679758111249333:GB",
+        "1729679758111249334:US",
+        "1729679758111249334:GB",
+    ]
+
+
+def test_inline_targets_and_a_file_together(tmp_path: Path):
+    extra = (
+        "default_regions: [FR]\n"
+        "targets_file: targets.csv\n"
+        "targets:\n"
+        '  - {product_id: "1729679758111249335"}\n'
+        '  - {product_id: "1729679758111249336", region: US}\n'
+    )
+    job = load_job(_job(tmp_path, extra, "product_id\n1729679758111249333\n"))
+    assert [t.key for t in job.targets] == [
+        "1729679758111249335:FR",
+        "1729679758111249336:US",
+        "1729679758111249333:FR",
+    ]
+
+
+def test_every_bad_row_is_named_up_to_a_cap(tmp_path: Path):
+    good = [f"{1729679758111249333 + i},US\n" for i in range(5)]
+    bad = [f"17296797581112{i:05d},UK\n" for i in range(MAX_ERRORS + 5)]
+    text = "product_id,region,max_pages\n" + "".join(good)
+    text += "1.72968E+18,US,\n1729679758111249333,US,\n1729679758111249399,US,0\n"
+    text += "".join(f"{line.strip()},\n" for line in bad)
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    lines = str(caught.value).splitlines()
+    csv = tmp_path / "targets.csv"
+    assert lines[0] == (
+        f"{csv}:7: product_id: '1.72968E+18' is not a product id (a string of digits): a "
+        "spreadsheet made it a number"
+    )
+    assert lines[1] == f"{csv}:8: product 1729679758111249333 in US is already listed at line 2"
+    assert lines[2] == f"{csv}:9: max_pages: '0' is not a whole number above 0"
+    assert lines[3].startswith(f"{csv}:10: region: unknown region 'UK'; one of US, GB")
+    assert len(lines) == MAX_ERRORS + 1
+    assert lines[-1] == f"... and 8 more bad targets ({MAX_ERRORS + 8} in all)"
+
+
+def test_a_duplicate_across_the_job_file_and_the_targets_file(tmp_path: Path):
+    extra = (
+        'targets_file: targets.csv\ntargets:\n  - {product_id: "1729679758111249333", region: US}\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, extra, "product_id,region\n1729679758111249333,US\n"))
+    assert str(caught.value) == (
+        f"{tmp_path / 'targets.csv'}:2: product 1729679758111249333 in US is already listed at "
+        f"{tmp_path / 'job.yaml'}: targets[0]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "text", "expected"),
+    [
+        ("targets_file: ids.txt\n", "1729679758111249333\n", "needs default_regions"),
+        ("targets_file: ids.txt\n", "product,region\n", "needs default_regions"),
+        ("targets_file: missing.csv\n", None, "cannot read targets_file"),
+        (
+            "targets_file: ids.txt\ndefault_regions: [US]\n",
+            "1729679758111249333,US\n",
+            "a CSV needs a header row naming product_id",
+        ),
+        ("targets_file: ids.txt\n", "product_id\n1729679758111249333\n", "no 'region' column"),
+        ("targets_file: ids.txt\ndefault_regions: [UK]\n", "1\n", "unknown region 'UK'"),
+    ],
+)
+def test_targets_file_problems_are_named(tmp_path: Path, extra, text, expected):
+    path = tmp_path / "job.yaml"
+    path.write_text(HEAD + extra)
+    if text is not None:
+        (tmp_path / "ids.txt").write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_job(path)
+
+
+def test_bad_rows_exit_2_without_traceback(tmp_path: Path):
+    job = _job(tmp_path, "targets_file: targets.csv\n", "product_id,region\nabc,US\n1,XX\n")
+    done = subprocess.run(
+        crawler_command("plan", str(job)),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"crawler: {tmp_path / 'targets.csv'}:2: product_id: 'abc' is not a product id (a string "
+        "of digits)",
+        f"crawler: {tmp_path / 'targets.csv'}:3: region: unknown region 'XX'; one of US, GB, DE, "
+        "FR, IT, ID, MY, MX, PH, SG, ES, TH, VN, BR, JP, IE",
+    ]
+
+
+async def test_a_job_from_a_targets_file_crawls_exactly(tmp_path: Path, served):
+    url, box = served
+    rows = "".join(f"{p},{r}\n" for p in PRODUCTS[:4] for r in ("US", "DE"))
+    path = _job(tmp_path, "targets_file: targets.csv\n", "product_id,region\n" + rows)
+    path.write_text(
+        path.read_text()
+        .replace("base_url: sandbox", f"base_url: '{url}'")
+        .replace("max_credits: 100", "max_credits: 100000")
+    )
+    job = load_job(path)
+    assert (await run_job(job, environ=ENV)).exit_status == 0
+    ids = output_ids(job.output.dir)
+    pairs = [(p, r) for p in PRODUCTS[:4] for r in ("US", "DE")]
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, pairs)
