@@ -118,10 +118,10 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 -- see the module docstring
 
     from crawler.config import load_job  # noqa: PLC0415
-    from crawler.runner import run_job  # noqa: PLC0415
 
     job = load_job(args.job)
     job.api_key()  # a missing key is a usage error before anything starts
+    from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
     live = sys.stderr.isatty() and not args.no_progress
     result = asyncio.run(
         run_job(
