@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     job.api_key()  # a missing key is a usage error before anything starts
     from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
+
     live = sys.stderr.isatty() and not args.no_progress
     result = asyncio.run(
         run_job(
