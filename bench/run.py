@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
+from targets import targets_at_scale  # bench/targets.py: the script's folder is on the path
 
 from crawler import load_job, logs, run_job
 from crawler.dedup import SeenLog
 from crawler.endpoint import REVIEWS
-from crawler.sandbox import Catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
@@ -467,6 +467,7 @@ SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "rate": rate_fidelity,
     "seen-set": seen_and_resume,
     "crawl-memory-and-resume": crawler_memory_and_resume,
+    "targets": targets_at_scale,
 }
 
 
@@ -476,32 +477,43 @@ async def main() -> None:
         "--only",
         choices=SECTIONS,
         action="append",
-        help="run this section only (repeatable); prints its table, leaves docs/benchmarks.md",
+        help="run this section only (repeatable); updates only its part of docs/benchmarks.md",
     )
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default 3)")
+    parser.add_argument("--no-write", action="store_true", help="print, leave the docs alone")
     args = parser.parse_args()
     global ROUNDS  # noqa: PLW0603 -- the one knob the sections share, set once before they run
     ROUNDS = args.rounds
     logs.configure(level="warning")
-    rows: list[str] = []
-    for name in args.only or SECTIONS:
-        await SECTIONS[name](rows)
-    table = "\n".join(rows).strip("\n")
-    print(table)
-    if args.only:
-        return
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    doc = (
-        "# Benchmarks\n\n"
-        f"Measured with `make bench` (`python bench/run.py`) on {machine}, "
-        f"{time.strftime('%Y-%m-%d')}. Walk: {len(targets())} targets, "
-        f"{sum(Catalogue().review_count(p, r) for p, r in targets()):,} reviews, "
-        f"concurrency {CONCURRENCY}, server pre-rendered in a second process.\n\n"
-        f"{table}\n"
-    )
     target = ROOT / "docs" / "benchmarks.md"
-    notes = target.read_text().partition(NOTES)[2] if target.exists() else ""
-    target.write_text(doc + "\n" + NOTES + notes)
+    doc = target.read_text() if target.exists() else ""
+    for name in args.only or SECTIONS:
+        rows: list[str] = []
+        await SECTIONS[name](rows)
+        table = "\n".join(rows).strip("\n")
+        print(table)
+        measured = f"Measured on {machine}, {time.strftime('%Y-%m-%d')}."
+        doc = _with_section(doc, name, f"{measured}\n\n{table}")
+    if not args.no_write:
+        target.write_text(doc)
+
+
+def _with_section(doc: str, name: str, body: str) -> str:
+    """The document with section ``name`` replaced (or added before the hand-written notes):
+    each section between its own markers, so one can be measured again alone."""
+    start, end = f"<!-- section: {name} -->\n", f"\n<!-- /section: {name} -->"
+    block = f"{start}{body}{end}"
+    if start in doc:
+        before, _, rest = doc.partition(start)
+        return before + block + rest.partition(end)[2]
+    head, notes, tail = doc.partition(NOTES)
+    if not head:
+        head = (
+            "# Benchmarks\n\nMeasured with `make bench` (`python bench/run.py`); "
+            "`python bench/run.py --only SECTION` measures one section again.\n"
+        )
+    return f"{head.rstrip()}\n\n{block}\n\n{notes}{tail}"
 
 
 if __name__ == "__main__":
