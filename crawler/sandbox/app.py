@@ -54,6 +54,17 @@ class SandboxOptions:
     retry_after: str | None = None  # every 429 carries exactly this Retry-After value
     answer_status: int | None = None  # the reviews endpoint answers only this, without JSON
 
+    def problem(self) -> str | None:
+        """What makes these options unusable, in words for a command line; None when fine."""
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            return f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}"
+        if self.generation < 0:
+            return "--generation must be 0 or more"
+        if self.answer_status is not None and not 100 <= self.answer_status <= 599:
+            return "--answer-status must be an HTTP status, 100 to 599"
+        return None
+
 
 _WINDOW_ARRIVALS = 1000  # arrival times kept per throttle window: enough to read, bounded
 
