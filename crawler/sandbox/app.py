@@ -61,8 +61,8 @@ class SandboxOptions:
             return f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}"
         if self.generation < 0:
             return "--generation must be 0 or more"
-        if self.answer_status is not None and not 100 <= self.answer_status <= 599:
-            return "--answer-status must be an HTTP status, 100 to 599"
+        if self.answer_status is not None and not 200 <= self.answer_status <= 599:
+            return "--answer-status must be a final HTTP status, 200 to 599"
         return None
 
 
@@ -327,7 +327,7 @@ async def _generations(request: web.Request) -> int | None:
 def _not_the_api(request: web.Request, status: int) -> web.Response:
     """What a wrong base_url meets: a web server's page, not this API's JSON."""
     headers = {"Location": f"/moved{request.path_qs}"} if 300 <= status < 400 else None
-    if status < 200 or status in (204, 304):  # answers HTTP allows no body on
+    if status in (204, 304):  # answers HTTP allows no body on
         return web.Response(status=status, headers=headers)
     page = f"<html><body><h1>{status}</h1><p>Not the reviews API.</p></body></html>"
     return web.Response(status=status, text=page, content_type="text/html", headers=headers)
