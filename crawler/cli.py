@@ -283,6 +283,31 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
     sandbox.add_argument("--slow-seconds", type=float, default=2.0)
     sandbox.add_argument("--latency-ms", default="0-0", help="e.g. 50-300")
     sandbox.add_argument("--seed", type=int, default=0)
+    sandbox.add_argument(
+        "--endless", default="", help="comma-separated product ids whose feed never ends"
+    )
+    sandbox.add_argument(
+        "--generation", type=int, default=0, help="start the catalogue at this generation"
+    )
+    sandbox.add_argument(
+        "--shrink", action="store_true", help="each generation also removes a few reviews"
+    )
+    sandbox.add_argument(
+        "--throttle-after",
+        type=int,
+        default=None,
+        help="past a key's Nth request, answer 429 for --throttle-seconds",
+    )
+    sandbox.add_argument("--throttle-seconds", type=float, default=2.0)
+    sandbox.add_argument(
+        "--retry-after", default=None, help="every 429 carries exactly this Retry-After value"
+    )
+    sandbox.add_argument(
+        "--answer-status",
+        type=int,
+        default=None,
+        help="the reviews endpoint answers only this status, without JSON (a wrong base_url)",
+    )
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -306,13 +331,17 @@ def _sandbox(args: argparse.Namespace) -> int:
         slow_seconds=args.slow_seconds,
         latency=(float(low) / 1000, float(high or low) / 1000),
         seed=args.seed,
+        endless=frozenset(p for p in args.endless.split(",") if p),
+        generation=args.generation,
+        shrink=args.shrink,
+        throttle_after=args.throttle_after,
+        throttle_seconds=args.throttle_seconds,
+        retry_after=args.retry_after,
+        answer_status=args.answer_status,
     )
-    unknown = set(options.faults) - set(FAULT_KINDS)
-    if unknown:
-        print(
-            f"crawler sandbox: unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}",
-            file=sys.stderr,
-        )
+    problem = options.problem()
+    if problem:
+        print(f"crawler sandbox: {problem}", file=sys.stderr)
         return EXIT_USAGE
 
     async def serve_forever() -> None:

@@ -1,4 +1,4 @@
-"""The API emulator as an aiohttp.web app: auth, parameters, paging, ledger, limit, faults."""
+"""The API emulator as an aiohttp.web app: auth, parameters, paging, ledger, limits, faults."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -47,6 +47,26 @@ class SandboxOptions:
     latency: tuple[float, float] = (0.0, 0.0)  # seconds, uniform
     seed: int = 0
     endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
+    generation: int = 0  # the catalogue's generation at start; POST /_sandbox/grow adds to it
+    shrink: bool = False  # each generation also removes a review or two from a few targets
+    throttle_after: int | None = None  # past a key's Nth request, 429s for throttle_seconds
+    throttle_seconds: float = 2.0
+    retry_after: str | None = None  # every 429 carries exactly this Retry-After value
+    answer_status: int | None = None  # the reviews endpoint answers only this, without JSON
+
+    def problem(self) -> str | None:
+        """What makes these options unusable, in words for a command line; None when fine."""
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            return f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}"
+        if self.generation < 0:
+            return "--generation must be 0 or more"
+        if self.answer_status is not None and not 200 <= self.answer_status <= 599:
+            return "--answer-status must be a final HTTP status, 200 to 599"
+        return None
+
+
+_WINDOW_ARRIVALS = 1000  # arrival times kept per throttle window: enough to read, bounded
 
 
 @dataclass
@@ -56,9 +76,18 @@ class KeyLedger:
     statuses: Counter[str] = field(default_factory=Counter)
     tokens: float = 0.0
     refilled: float = 0.0
+    throttle_opened: float | None = None  # monotonic time the key's throttle window opened
+    requests_while_throttled: int = 0  # arrivals in the window after the one that opened it
+    while_throttled_at: list[float] = field(default_factory=list)  # their seconds into it
 
     def as_json(self) -> dict[str, Any]:
-        return {"charged": self.charged, "requests": self.requests, "statuses": dict(self.statuses)}
+        return {
+            "charged": self.charged,
+            "requests": self.requests,
+            "statuses": dict(self.statuses),
+            "requests_while_throttled": self.requests_while_throttled,
+            "while_throttled_at": list(self.while_throttled_at),
+        }
 
 
 class Sandbox:
@@ -66,7 +95,7 @@ class Sandbox:
 
     def __init__(self, options: SandboxOptions) -> None:
         self.options = options
-        self.catalogue = Catalogue(options.page_size)
+        self.catalogue = Catalogue(options.page_size, options.generation, options.shrink)
         self.ledgers: dict[str, KeyLedger] = {}
         self._rng = random.Random(options.seed)
         burst = options.burst
@@ -79,16 +108,39 @@ class Sandbox:
         app.router.add_get(REVIEWS.path, self.reviews)
         app.router.add_get("/_sandbox/ids", self.ids)
         app.router.add_get("/_sandbox/ledger", self.ledger)
+        app.router.add_get("/_sandbox/changes", self.changes)
+        app.router.add_post("/_sandbox/grow", self.grow_handler)
         return app
 
+    @property
+    def generation(self) -> int:
+        return self.catalogue.generation
+
+    def grow(self, generations: int = 1) -> int:
+        """Move the live catalogue on by ``generations``; walks in progress see it at once."""
+        self.catalogue = replace(self.catalogue, generation=self.generation + generations)
+        return self.generation
+
     async def reviews(self, request: web.Request) -> web.StreamResponse:
-        key = _bearer(request.headers.get("Authorization", ""))
+        header = request.headers.get("Authorization", "")
         opts = self.options
+        if opts.answer_status is not None:
+            # not this API at all, so no key check; counted under whatever token came
+            book = self._book(header.partition(" ")[2])
+            return self._count(book, _not_the_api(request, opts.answer_status))
+        key = _bearer(header)
         if key is None or (opts.keys is not None and key not in opts.keys):
             return _error(401, 40100, "missing or invalid API key")
+        book = self._book(key)
+        return self._count(book, await self._answer(request, key, book))
+
+    def _book(self, key: str) -> KeyLedger:
         book = self.ledgers.setdefault(key_fingerprint(key), KeyLedger(tokens=self._burst))
         book.requests += 1
-        response = await self._answer(request, key, book)
+        return book
+
+    @staticmethod
+    def _count(book: KeyLedger, response: web.StreamResponse) -> web.StreamResponse:
         book.statuses[str(response.status)] += 1
         return response
 
@@ -96,9 +148,9 @@ class Sandbox:
         opts = self.options
         if key in opts.forbidden_keys:
             return _error(403, 40300, "this key is not allowed on this endpoint")
-        wait = self._take_token(book)
+        wait = self._throttle(book) or self._take_token(book)
         if wait > 0:
-            return _error(429, 42900, "rate limited", {"Retry-After": str(max(1, math.ceil(wait)))})
+            return _error(429, 42900, "rate limited", {"Retry-After": self._retry_after(wait)})
         problem, params = _check(request.query)
         if problem:
             return _error(400, 40000, problem)
@@ -113,6 +165,29 @@ class Sandbox:
             return await self._fault(request, self._rng.choice(opts.faults), params)
         book.charged += cost
         return web.Response(body=self.page_body(*params), content_type="application/json")
+
+    def _throttle(self, book: KeyLedger) -> float:
+        """Seconds left in the key's throttle window, 0 outside it. The first request past
+        ``throttle_after`` opens the window, so its 429 says the whole ``throttle_seconds``."""
+        after, seconds = self.options.throttle_after, self.options.throttle_seconds
+        if after is None or book.requests <= after:
+            return 0.0
+        now = time.monotonic()
+        if book.throttle_opened is None:
+            book.throttle_opened = now
+            return max(seconds, 1e-9)  # a zero-length window still throttles its opener
+        into = now - book.throttle_opened
+        if into >= seconds:
+            return 0.0
+        book.requests_while_throttled += 1
+        if len(book.while_throttled_at) < _WINDOW_ARRIVALS:
+            book.while_throttled_at.append(round(into, 4))
+        return seconds - into
+
+    def _retry_after(self, wait: float) -> str:
+        if self.options.retry_after is not None:
+            return self.options.retry_after
+        return str(max(1, math.ceil(wait)))
 
     def _take_token(self, book: KeyLedger) -> float:
         """Token bucket per key; seconds until a token, 0 when one was taken."""
@@ -180,7 +255,33 @@ class Sandbox:
         """Every distinct review id of a target: what a complete crawl must write."""
         product_id, region = request.query.get("product_id", ""), request.query.get("region", "")
         ids = self.catalogue.ids(product_id, region)
-        return web.json_response({"product_id": product_id, "region": region, "ids": ids})
+        return web.json_response(
+            {"product_id": product_id, "region": region, "generation": self.generation, "ids": ids}
+        )
+
+    async def changes(self, request: web.Request) -> web.Response:
+        """What the target gained (and lost, with shrink) between generation 0 and now."""
+        product_id, region = request.query.get("product_id", ""), request.query.get("region", "")
+        added, removed = self.catalogue.changes(product_id, region)
+        return web.json_response(
+            {
+                "product_id": product_id,
+                "region": region,
+                "generation": self.generation,
+                "added": len(added),
+                "removed": len(removed),
+                "review_count": self.catalogue.review_count(product_id, region),
+                "added_ids": added,
+                "removed_ids": removed,
+            }
+        )
+
+    async def grow_handler(self, request: web.Request) -> web.Response:
+        """``POST /_sandbox/grow``: one generation more, or ``generations`` (query or JSON body)."""
+        generations = await _generations(request)
+        if generations is None:
+            return _error(400, 40000, "generations must be an integer >= 0")
+        return web.json_response({"generation": self.grow(generations)})
 
     async def ledger(self, request: web.Request) -> web.Response:
         keys = {fp: book.as_json() for fp, book in self.ledgers.items()}
@@ -201,6 +302,35 @@ def _check(query: Any) -> tuple[str | None, tuple[str, str, int]]:
     if not (offset.isdigit() and int(offset) >= 1):
         return f"invalid offset '{offset}'", ("", "", 0)
     return None, (product_id, region, int(offset))
+
+
+async def _generations(request: web.Request) -> int | None:
+    """How many generations a grow request asks for: 1 unless the query or a JSON body says;
+    None when what it says is not an integer >= 0."""
+    body = await request.read()
+    raw: Any = request.query.get("generations")
+    if raw is None and body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        raw = doc.get("generations", 1)
+    if raw is None:
+        return 1
+    if isinstance(raw, str):
+        return int(raw) if raw.isascii() and raw.isdigit() else None
+    return raw if type(raw) is int and raw >= 0 else None  # type(): True is not a count
+
+
+def _not_the_api(request: web.Request, status: int) -> web.Response:
+    """What a wrong base_url meets: a web server's page, not this API's JSON."""
+    headers = {"Location": f"/moved{request.path_qs}"} if 300 <= status < 400 else None
+    if status in (204, 304):  # answers HTTP allows no body on
+        return web.Response(status=status, headers=headers)
+    page = f"<html><body><h1>{status}</h1><p>Not the reviews API.</p></body></html>"
+    return web.Response(status=status, text=page, content_type="text/html", headers=headers)
 
 
 def _error(
