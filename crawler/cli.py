@@ -287,6 +287,9 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
         "--endless", default="", help="comma-separated product ids whose feed never ends"
     )
     sandbox.add_argument(
+        "--stuck", default="", help="comma-separated product ids whose page 2 repeats its cursor"
+    )
+    sandbox.add_argument(
         "--generation", type=int, default=0, help="start the catalogue at this generation"
     )
     sandbox.add_argument(
@@ -332,6 +335,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         latency=(float(low) / 1000, float(high or low) / 1000),
         seed=args.seed,
         endless=frozenset(p for p in args.endless.split(",") if p),
+        stuck=frozenset(p for p in args.stuck.split(",") if p),
         generation=args.generation,
         shrink=args.shrink,
         throttle_after=args.throttle_after,

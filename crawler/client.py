@@ -117,7 +117,12 @@ def _error(
         return ServerError(f"{status} server error{message}", status=status)
     # a status this API never gives: every target would get it, so the run stops (the URL has
     # no secret in it: the key rides in a header, and the query is left out anyway)
-    moved = f", redirecting to {location[:200]}" if location and 300 <= status < 400 else ""
+    # where a redirect points, without its query: the path is what tells a wrong base_url
+    moved = (
+        f", redirecting to {location.partition('?')[0][:200]}"
+        if location and 300 <= status < 400
+        else ""
+    )
     return WrongEndpoint(
         f"{status} {_reason(status)} from GET {url}{moved}: not an answer of the reviews API; "
         "check api.base_url",

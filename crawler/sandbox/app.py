@@ -47,6 +47,7 @@ class SandboxOptions:
     latency: tuple[float, float] = (0.0, 0.0)  # seconds, uniform
     seed: int = 0
     endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
+    stuck: frozenset[str] = frozenset()  # product ids whose page 2 gives its own cursor again
     generation: int = 0  # the catalogue's generation at start; POST /_sandbox/grow adds to it
     shrink: bool = False  # each generation also removes a review or two from a few targets
     throttle_after: int | None = None  # past a key's Nth request, 429s for throttle_seconds
@@ -209,6 +210,8 @@ class Sandbox:
         data["review_items"] = [self._item(template, product_id, rid) for rid in page.ids]
         data["has_more"] = page.has_more or product_id in self.options.endless
         data["next_cursor"] = page.next_cursor
+        if product_id in self.options.stuck and offset >= 2:
+            data["has_more"], data["next_cursor"] = True, offset
         count = self.catalogue.review_count(product_id, region)
         data["review_count"] = count
         data["review_count_str_v2"] = f"{count:,}"

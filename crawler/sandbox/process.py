@@ -57,6 +57,7 @@ _FLAGS: dict[str, Callable[[Any], list[str]]] = {
     "latency": lambda v: [f"--latency-ms={_ms(v[0])}-{_ms(v[1])}"],
     "seed": _optional("--seed"),
     "endless": lambda v: [f"--endless={_joined(v, 'endless')}"] if v else [],
+    "stuck": lambda v: [f"--stuck={_joined(v, 'stuck')}"] if v else [],
     "generation": _optional("--generation"),
     "shrink": _switch("--shrink"),
     "throttle_after": _optional("--throttle-after"),

@@ -1,0 +1,217 @@
+"""The edges: the 429 pause holds every walker, wrong URLs stop early, Retry-After is capped."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from crawler import load_job, run_job
+from crawler.budget import Budget
+from crawler.config import BudgetSettings
+from crawler.errors import BudgetExhausted, ComeBackLater
+from crawler.layout import Layout
+from crawler.limits import RateGate
+from crawler.retry import RetryPolicy
+from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
+from crawler.state_sqlite import SqliteStore
+from tests.conftest import (
+    ENV,
+    KEY,
+    PRODUCTS,
+    expected_ids,
+    output_ids,
+    target_rows,
+    write_job,
+)
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
+PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
+
+
+async def test_no_request_leaves_during_a_429_pause(tmp_path: Path):
+    """The API answers 429 to everything for 3 s after its 40th request. Walkers are queued in
+    the rate limiter when that happens: none of them may go out before the pause ends."""
+    options = SandboxOptions(throttle_after=40, throttle_seconds=3.0)
+    async with serve_in_process(options) as (url, box):
+        api = {"requests_per_second": 20, "concurrency": 8}
+        job = load_job(write_job(tmp_path, url, TARGETS[:2], api=api))
+        result = await run_job(job, environ=ENV)
+        book = (await box.ledger())[key_fingerprint(KEY)]
+        pairs = [(p, r) for p in PRODUCTS[:2] for r in ("US", "GB", "DE")]
+        expected = set()
+        for product_id, region in pairs:
+            expected.update(await box.ids(product_id, region))
+    assert result.exit_status == 0
+    # only a request already on its way when the first 429 came back can arrive in the window
+    # (the walkers queued in the limiter used to: 8 of them at this rate)
+    assert book["requests_while_throttled"] <= 1, book
+    assert result.report["run"]["rate_limit_episodes"] == 1
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+
+
+@pytest.mark.parametrize("status", [301, 404, 405, 410])
+async def test_a_status_this_api_never_gives_stops_the_run(tmp_path: Path, sandbox, status):
+    async with sandbox(answer_status=status) as (url, box):
+        targets = [{"product_id": p, "regions": ["US", "GB", "DE", "FR"]} for p in PRODUCTS]
+        job = load_job(write_job(tmp_path, url, targets))  # 32 targets
+        result = await run_job(job, environ=ENV)
+        sent = sum(b.requests for b in box.ledgers.values())
+    assert result.exit_status == 5
+    assert 1 <= sent <= job.api.concurrency  # not one request per target
+    message = result.report["run"]["stop_message"]
+    assert message.startswith(f"{status} ") and f"GET {url}/v1/tiktok/product/reviews" in message
+    assert KEY not in message and "product_id" not in message
+    assert {row["status"] for row in target_rows(job.output.dir)} == {"pending"}
+
+
+async def test_408_is_retried_like_a_server_error(tmp_path: Path, sandbox):
+    async with sandbox(answer_status=408) as (url, box):
+        api = {"retry": {"max_attempts": 3, "base_seconds": 0}}
+        job = load_job(write_job(tmp_path, url, TARGETS[:1], api=api))
+        result = await run_job(job, environ=ENV)
+        sent = sum(b.requests for b in box.ledgers.values())
+    assert result.exit_status == 1  # each target failed on its own, after its tries
+    assert sent == 3 * 3
+    assert all("408" in row["reason"] for row in target_rows(job.output.dir))
+
+
+@pytest.mark.parametrize("retry_after", ["86400000", "Fri, 01 Jan 2100 00:00:00 GMT"])
+async def test_a_retry_after_beyond_the_cap_stops_cleanly_and_resumes(
+    tmp_path: Path, sandbox, retry_after
+):
+    options = {"throttle_after": 30, "throttle_seconds": 3600.0, "retry_after": retry_after}
+    async with sandbox(**options) as (url, _):
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await run_job(job, environ=ENV)
+        assert loop.time() - started < 15  # not the thousand days asked for
+    assert result.exit_status == 6
+    message = result.report["run"]["stop_message"]
+    assert "api.retry.max_retry_after_seconds (300)" in message and "run again after" in message
+    async with sandbox() as (url, box):  # the API is back: the same job carries on
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        assert (await run_job(job, environ=ENV)).exit_status == 0
+    ids = output_ids(job.output.dir)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+
+
+async def test_a_cursor_given_again_fails_the_target_at_once(tmp_path: Path, sandbox):
+    stuck = PRODUCTS[0]
+    async with sandbox(stuck=frozenset({stuck})) as (url, box):
+        job = load_job(write_job(tmp_path, url, [{"product_id": stuck, "region": "GB"}]))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 1
+    (row,) = target_rows(job.output.dir)
+    assert row["reason"] == "the API gave the same cursor 2 again"
+    assert box.ledgers[key_fingerprint(KEY)].requests == 2
+
+
+async def test_no_429_at_or_below_the_allowed_rate(tmp_path: Path):
+    """The server in a process of its own, so a busy machine slows both sides alike."""
+    async with serve_in_process(SandboxOptions(rate=50, burst=2)) as (url, box):
+        targets = [
+            {"product_id": PRODUCTS[0], "region": "GB"},
+            {"product_id": PRODUCTS[7], "region": "US"},
+        ]
+        job = load_job(write_job(tmp_path, url, targets, api={"requests_per_second": 50}))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await run_job(job, environ=ENV)
+        seconds = loop.time() - started
+        book = (await box.ledger())[key_fingerprint(KEY)]
+    assert result.exit_status == 0
+    assert book["statuses"].get("429", 0) == 0
+    requests = result.report["run"]["requests"]
+    assert requests == book["requests"] > 100
+    assert requests / seconds > 0.9 * 50  # start-up and the last page are in the time too
+
+
+class FakeTime:
+    """A clock tests move by hand, and a sleep that moves it: no waiting, exact figures."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_the_rate_halves_once_per_episode_and_climbs_back():
+    time = FakeTime()
+    gate = RateGate(100, clock=time.clock, sleep=time.sleep)
+    gate.on_rate_limited(2.0)
+    gate.on_rate_limited(1.0)  # the same episode
+    assert gate.episodes == 1 and gate.current == 50
+    await gate.acquire()  # waits out the pause, by the clock
+    assert sum(time.slept) == pytest.approx(2.0)
+    # a tenth of the configured rate back per quiet second, counted from the last change
+    for quiet_seconds, rate in ((0.5, 50), (1.0, 60), (2.0, 70), (5.0, 100)):
+        time.now = 1002.0 + quiet_seconds
+        await gate.acquire()
+        assert gate.current == pytest.approx(rate)
+    gate.on_rate_limited(None)  # a new episode, no Retry-After: a second's pause
+    assert gate.episodes == 2 and gate.current == 50
+
+
+async def test_a_429_pause_begun_while_waiting_in_the_limiter_holds_the_request():
+    gate = RateGate(2)  # a slot every half second
+    await gate.acquire()
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(gate.acquire())  # owned here, awaited below
+    await asyncio.sleep(0.1)  # now inside the limiter, its slot 0.4 s away
+    paused_at = loop.time()
+    gate.on_rate_limited(1.0)
+    await waiting
+    assert loop.time() - paused_at >= 0.99
+
+
+async def test_leases_grow_while_fast_shrink_when_slow_and_go_back(tmp_path: Path):
+    time = FakeTime()
+    output = {"shard_max_records": 1, "compression": "none"}
+    store = await SqliteStore.open(Layout(tmp_path), output)
+    settings = BudgetSettings(max_credits=1000, credits_per_request=2)
+    budget = Budget(settings, store, lease_requests=4, clock=time.clock)
+
+    async def lease(after: float) -> int:
+        """Use up the lease in hand, ``after`` seconds later take the next; its size."""
+        while budget.spent < store.ledger.leased:
+            await budget.reserve(0)
+        time.now += after
+        before = store.ledger.leased
+        await budget.reserve(0)
+        return store.ledger.leased - before
+
+    # leases less than a second apart double; a slow patch halves the next one
+    assert [await lease(0.1) for _ in range(4)] == [8, 16, 32, 64]
+    assert await lease(5.0) == 32
+    await budget.give_back()  # one request of the last lease was used: the rest goes back
+    assert store.ledger.leased == 8 + 16 + 32 + 64 + 2 and budget.spent == store.ledger.leased
+    capped = BudgetSettings(max_credits=1000, max_credits_per_target=10)
+    with pytest.raises(BudgetExhausted, match="max_credits_per_target"):
+        await Budget(capped, store, lease_requests=1).reserve(10)
+    await store.close()
+
+
+def test_retries_stop_at_the_attempt_cap_and_the_time_cap():
+    policy = RetryPolicy(max_attempts=4, max_seconds=10, base_seconds=1, cap_seconds=8)
+    tries = policy.start(0.0)
+    delays = [tries.next_delay(0.0) for _ in range(4)]
+    assert delays[3] is None and all(d is not None for d in delays[:3])  # 4 tries in all
+    seeded = RetryPolicy(max_seconds=10, base_seconds=1, cap_seconds=8, rng=random.Random(3))
+    tries = seeded.start(0.0)
+    assert tries.next_delay(10.0) is None  # any wait would pass max_seconds
+    zero = RetryPolicy(base_seconds=0).start(0.0)
+    assert zero.next_delay(0.0) == 0.0  # the zero-wait mode: same decisions, no sleeping
+    with pytest.raises(ComeBackLater, match="wait 301 s"):
+        RetryPolicy().check_retry_after(301.0)
+    RetryPolicy().check_retry_after(300.0)  # at the cap: waited for
