@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -49,8 +49,12 @@ class Progress:
         interval: float = 0.5,
         log_every: float = 10.0,
         console: Console | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._figures = figures
+        self._clock = clock
+        self._sleep = sleep
         self._live = live
         self._interval = interval
         self._log_every = log_every
@@ -73,7 +77,7 @@ class Progress:
 
     def _sample(self) -> Figures:
         figures = self._figures()
-        self._samples.append((time.monotonic(), figures.requests))
+        self._samples.append((self._clock(), figures.requests))
         return figures
 
     async def run(self) -> None:
@@ -83,15 +87,15 @@ class Progress:
                 try:
                     while True:
                         live.update(self.render(self._sample()))
-                        await asyncio.sleep(self._interval)
+                        await self._sleep(self._interval)
                 finally:
                     live.update(self.render(self._sample()))
         else:
-            next_log = time.monotonic() + self._log_every
+            next_log = self._clock() + self._log_every
             while True:
-                await asyncio.sleep(min(self._interval, self._log_every))
+                await self._sleep(min(self._interval, self._log_every))
                 figures = self._sample()
-                if time.monotonic() >= next_log:
+                if self._clock() >= next_log:
                     next_log += self._log_every
                     log.info("progress", **self.summary(figures))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -89,6 +90,20 @@ def target_rows(out_dir: Path) -> list[dict[str, Any]]:
         return [dict(zip(columns, row, strict=True)) for row in view.rows(columns)]
     finally:
         view.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for something to have happened (not for a time that is usually long enough);
+    a minute at most."""
+    async with asyncio.timeout(60):
+        # polled: the condition is another process's progress, which signals nothing here
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def requests_to(box: Sandbox) -> int:
+    """Requests the in-test sandbox has answered, over every key."""
+    return sum(book.requests for book in box.ledgers.values())
 
 
 def crawler_command(*args: str) -> list[str]:

@@ -58,3 +58,24 @@ async def test_a_full_disk_stops_naming_the_file_and_resumes_exactly(tmp_path: P
     ids = output_ids(copy)
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
     assert verify(Layout(copy)).ok
+
+
+async def test_a_read_only_output_folder_is_named(tmp_path: Path, served):
+    url, _ = served
+    job = write_job(tmp_path, url, [{"product_id": PRODUCTS[0], "region": "US"}])
+    out = load_job(job).output.dir
+    out.mkdir()
+    run = shlex.join(crawler_command("run", "--no-progress", str(job)))
+    script = f"mount -t tmpfs -o ro tmpfs {out} && {run} 2> {tmp_path}/err; echo $? > {tmp_path}/st"
+    process = await asyncio.create_subprocess_exec(
+        "unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
+        env=subprocess_env(),
+    )  # fmt: skip
+    assert await process.wait() == 0
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "st").read_text().strip() == "7", err
+    assert err.splitlines() == [
+        f"crawler: {out}/state: cannot write: Read-only file system; the file system is "
+        "read-only: remount it writable or point output.dir elsewhere, then run the same "
+        "command again: the state is saved and the run carries on where it stopped"
+    ]

@@ -20,8 +20,10 @@ from tests.conftest import (
     PRODUCTS,
     crawler_command,
     output_ids,
+    requests_to,
     subprocess_env,
     target_rows,
+    until,
     write_job,
 )
 
@@ -76,7 +78,7 @@ async def test_report_and_status_are_cumulative_across_a_kill(tmp_path: Path, sa
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        await asyncio.sleep(1.5)
+        await until(lambda: requests_to(box) >= 100)
         process.send_signal(signal.SIGKILL)
         await process.wait()
         status, stdout, _ = await _crawler("status", "--json", str(job))
@@ -130,15 +132,20 @@ async def test_without_a_terminal_progress_is_a_periodic_line():
         paused=False,
         pages_left=60,
     )
-    progress = Progress(lambda: figures, live=False, interval=0.01, log_every=0.05)
-    with structlog.testing.capture_logs() as logged:
-        task = asyncio.create_task(progress.run())
-        await asyncio.sleep(0.28)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:  # the clock moves only as the display sleeps
+        now[0] += seconds
+        if now[0] >= 35.0:
+            raise asyncio.CancelledError  # as its owner cancels it at the end of a run
+
+    progress = Progress(
+        lambda: figures, live=False, interval=0.5, clock=lambda: now[0], sleep=sleep
+    )
+    with structlog.testing.capture_logs() as logged, contextlib.suppress(asyncio.CancelledError):
+        await progress.run()
     lines = [e for e in logged if e["event"] == "progress"]
-    assert 3 <= len(lines) <= 6  # periodic, not one per sample
+    assert len(lines) == 3  # at 10, 20 and 30 s: periodic, not one per sample (70 samples)
     assert lines[-1]["targets_done"] == 3 and lines[-1]["credits"] == 80
     assert {"rate", "eta_seconds", "rate_limited", "retries", "duplicates"} <= set(lines[-1])
 
