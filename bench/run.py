@@ -31,6 +31,7 @@ from targets import targets_at_scale  # bench/targets.py: the script's folder is
 from crawler import load_job, logs, run_job
 from crawler.dedup import SeenLog
 from crawler.endpoint import REVIEWS
+from crawler.sandbox import Catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTS = [str(1729679758111249333 + i) for i in range(60)]
@@ -220,6 +221,12 @@ async def throughput(rows: list[str]) -> None:
         "ready",
     )
     url = f"http://127.0.0.1:{port}"
+    reviews = sum(Catalogue().review_count(p, r) for p, r in targets())
+    rows.append(
+        f"Walk: {len(targets())} targets, {reviews:,} reviews, concurrency {CONCURRENCY}, "
+        "server pre-rendered in a second process."
+    )
+    rows.append("")
     runs: dict[str, list[Walk]] = {name: [] for name in WALKS}
     try:
         await bare_loop(url)  # warm-up: connections, caches

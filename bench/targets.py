@@ -29,7 +29,7 @@ def write_job(folder: Path, url: str, targets: int) -> Path:
             out.write(f"{1729679758111249333 + k // 4},{('US', 'GB', 'DE', 'FR')[k % 4]}\n")
     job = folder / "job.yaml"
     job.write_text(
-        f"api: {{base_url: '{url}', requests_per_second: 200, concurrency: 16}}\n"
+        f"api: {{base_url: '{url}', requests_per_second: 20, concurrency: 16}}\n"
         "budget: {max_credits: 100000000}\n"
         "output: {dir: out}\n"
         "targets_file: targets.csv\n"
@@ -121,6 +121,6 @@ async def targets_at_scale(rows: list[str]) -> None:
     rows.append(
         "Whole commands, launch to answer (Python start-up included); the first request is "
         "the sandbox's next request after the launch. Each job is a CSV of `product_id,region` "
-        "rows; the run is at 200 requests/s and interrupted with Ctrl-C after 3 s; RSS is read "
+        "rows; the run is at 20 requests/s and interrupted with Ctrl-C after 3 s; RSS is read "
         "from /proc then."
     )
