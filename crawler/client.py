@@ -83,20 +83,8 @@ class ApiClient:
             # the exception's repr may carry request headers; keep only its class name
             raise ServerError(f"network fault ({type(exc).__name__})") from None
         if status == 200:
-            return _parse(endpoint, body)
+            return endpoint.decode(body)
         raise _error(status, body, headers.get("Retry-After"), headers.get("Location"), url)
-
-
-def _parse(endpoint: CursorEndpoint, body: bytes) -> Page:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ServerError("truncated or non-JSON body", status=200) from None
-    if not isinstance(doc, dict):
-        raise ServerError("body is not a JSON object", status=200)
-    if doc.get("code") != 0:
-        raise ServerError(f"API code {doc.get('code')!r}: {_message(doc)}", status=200)
-    return endpoint.parse(doc)
 
 
 def _error(

@@ -1,14 +1,18 @@
-"""A cursor endpoint described as data: path, parameters, and where items, cursor and ids live.
+"""A cursor endpoint described as data: path, parameters, and how an answer decodes into a page.
 
-The walker and the client read only this description, so another cursor endpoint of the same API
-is added by writing one more ``CursorEndpoint``, not by copying the walker.
+Of a page, the crawler needs three values (has_more, the next cursor, each item's id) and each
+item's bytes. Only those are decoded into Python objects; items stay the bytes the API sent
+(``msgspec.Raw``), so they are written as they came, never parsed and encoded again. Another
+cursor endpoint of the same API is one more ``CursorEndpoint``, not a copy of the walker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from crawler.errors import ServerError
 from crawler.targets import Target
@@ -18,9 +22,10 @@ Cursor = int | str
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One parsed answer: its items, where to go next, and what the API says of the whole."""
+    """One decoded answer: its items as sent, their ids, where to go next, the total."""
 
-    items: list[dict[str, Any]]
+    items: list[bytes | msgspec.Raw]  # each item's JSON as sent, on one line
+    ids: list[str | None]  # each item's id; None when it has none
     next_cursor: Cursor | None
     has_more: bool
     total: int | None
@@ -32,11 +37,7 @@ class CursorEndpoint:
     path: str
     cursor_param: str
     first_cursor: Cursor
-    items_at: tuple[str, ...]
-    has_more_at: tuple[str, ...]
-    next_cursor_at: tuple[str, ...]
-    total_at: tuple[str, ...]
-    item_id_at: tuple[str, ...]
+    decode: Callable[[bytes], Page]  # raises ServerError for an answer that does not fit
 
     def params(self, target: Target, cursor: Cursor) -> dict[str, str]:
         return {
@@ -45,36 +46,89 @@ class CursorEndpoint:
             self.cursor_param: str(cursor),
         }
 
-    def parse(self, body: Mapping[str, Any]) -> Page:
-        """Read a successful envelope's page; a shape that does not fit is a server fault."""
-        items = _dig(body, self.items_at)
-        has_more = _dig(body, self.has_more_at)
-        if not isinstance(items, list) or not isinstance(has_more, bool):
-            raise ServerError("answer lacks the item list or has_more")
-        cursor = _dig(body, self.next_cursor_at)
-        if has_more and not isinstance(cursor, int | str):
-            raise ServerError("answer says has_more but gives no next cursor")
-        total = _dig(body, self.total_at)
-        return Page(items, cursor, has_more, total if isinstance(total, int) else None)
 
-    def item_id(self, item: Mapping[str, Any]) -> str | None:
-        try:  # the per-review hot path: plain indexing first, the careful walk only on a miss
-            value = item
-            for key in self.item_id_at:
-                value = value[key]  # a miss raises, caught below
-        except (KeyError, TypeError, IndexError):
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        return value if isinstance(value, str) and value else None
+# -- the reviews endpoint: only the fields the crawler reads are declared; msgspec skips the rest
 
 
-def _dig(doc: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(doc, Mapping):
-            return None
-        doc = doc.get(key)
-    return doc
+class _ReviewData(msgspec.Struct):
+    review_items: list[msgspec.Raw]
+    has_more: bool
+    next_cursor: int | str | None = None
+    review_count: int | None = None
+
+
+class _Envelope(msgspec.Struct):
+    code: int
+    data: _ReviewData | None = None
+
+
+class _Status(msgspec.Struct):
+    code: Any = None
+    message: Any = None
+
+
+class _ReviewId(msgspec.Struct):
+    review_id: str | int
+
+
+class _ItemId(msgspec.Struct):
+    review: _ReviewId
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_status = msgspec.json.Decoder(_Status)
+_item_id = msgspec.json.Decoder(_ItemId)
+_any = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder()
+
+
+def decode_reviews(body: bytes) -> Page:
+    """A reviews answer -> Page; anything that does not fit the contract is a server fault."""
+    try:
+        doc = _envelope.decode(body)
+    except msgspec.DecodeError:
+        raise ServerError(_unfit(body), status=200) from None
+    data = doc.data
+    if doc.code != 0 or data is None:
+        raise ServerError(_unfit(body), status=200)
+    if data.has_more and data.next_cursor is None:
+        raise ServerError("answer says has_more but gives no next cursor", status=200)
+    raws = data.review_items
+    # a line break inside an item would split its record line: re-encode such items compactly
+    # (only an API that pretty-prints sends any; one look at the whole body rules it out)
+    spread = b"\n" in body or b"\r" in body
+    items: list[bytes | msgspec.Raw] = [_one_line(raw) for raw in raws] if spread else [*raws]
+    ids = [_id_of(raw) for raw in raws]
+    return Page(items, ids, data.next_cursor, data.has_more, data.review_count)
+
+
+def _id_of(raw: msgspec.Raw) -> str | None:
+    try:
+        value = _item_id.decode(raw).review.review_id
+    except msgspec.DecodeError:
+        return None
+    if isinstance(value, int):
+        return str(value) if value >= 0 else None
+    return value or None
+
+
+def _one_line(raw: msgspec.Raw) -> bytes:
+    data = bytes(raw)
+    if b"\n" not in data and b"\r" not in data:
+        return data
+    # msgspec keeps integers wider than 64 bits exact, where other decoders make them floats
+    return _encode.encode(_any.decode(data))
+
+
+def _unfit(body: bytes) -> str:
+    """Why an answer with status 200 is not a page, for the retry log."""
+    try:
+        status = _status.decode(body)
+    except msgspec.DecodeError:
+        return "truncated or non-JSON body"
+    if status.code != 0:
+        return f"API code {status.code!r}: {str(status.message or '')[:200]}"
+    return "answer does not fit the contract (data, review_items, has_more)"
 
 
 REVIEWS = CursorEndpoint(
@@ -82,9 +136,5 @@ REVIEWS = CursorEndpoint(
     path="/v1/tiktok/product/reviews",
     cursor_param="offset",
     first_cursor=1,
-    items_at=("data", "review_items"),
-    has_more_at=("data", "has_more"),
-    next_cursor_at=("data", "next_cursor"),
-    total_at=("data", "review_count"),
-    item_id_at=("review", "review_id"),
+    decode=decode_reviews,
 )

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 import structlog
 
 from crawler.dedup import SeenLog
-from crawler.endpoint import CursorEndpoint
+from crawler.endpoint import CursorEndpoint, Page
 from crawler.events import (
     Commit,
     PageCommitted,
@@ -105,36 +104,30 @@ class Writer:
         self._plan_records = self._shard.records if self._shard else 0
         self._next_shard = store.next_shard
 
-    async def render(self, target: Target, items: list[Any], fetched_at: str) -> Rendered:
+    async def render(self, target: Target, page: Page, fetched_at: str) -> Rendered:
         """Dedup a page's items into record lines (in the caller's task: the page is freed
         as soon as this returns)."""
         if not self._loaded.is_set():  # only the first pages of a resumed run wait here
             await self._loaded.wait()
         lines: list[bytes] = []
         new = dups = missing = 0
-        # the per-review hot path: one line is the same bytes orjson would give for the record
-        # {"review_id", "product_id", "region", "fetched_at", "item"}, with the fields the whole
-        # page shares encoded once, and no dict built per review
+        # the per-review hot path: a line is the record {"review_id", "product_id", "region",
+        # "fetched_at", "item"} with the item's bytes as the API sent them, the fields the whole
+        # page shares encoded once, and no object built per review
         shared = b',"product_id":%b,"region":%b,"fetched_at":%b,"item":' % (
             orjson.dumps(target.product_id),
             orjson.dumps(target.region),
             orjson.dumps(fetched_at),
         )
-        item_id, seen_add, dumps, append = (
-            self._endpoint.item_id,
-            self._seen.add,
-            orjson.dumps,
-            lines.append,
-        )
-        for item in items:
-            review_id = item_id(item)
+        seen_add, dumps, append, join = self._seen.add, orjson.dumps, lines.append, b"".join
+        for review_id, item in zip(page.ids, page.items, strict=True):
             if review_id is None:
                 missing += 1
                 continue
             if not seen_add(review_id):
                 dups += 1
                 continue
-            append(b"".join((b'{"review_id":', dumps(review_id), shared, dumps(item), b"}\n")))
+            append(join((b'{"review_id":', dumps(review_id), shared, item, b"}\n")))
             new += 1
         if missing:  # the contract says every item has one: say so rather than guess an id
             log.warning(

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from crawler import load_job
 from crawler.client import parse_retry_after
 from crawler.endpoint import REVIEWS
+from crawler.errors import ServerError
 from crawler.runner import run_job
 from tests.conftest import ENV, KEY, PRODUCTS, target_rows, write_job
 
@@ -18,9 +20,41 @@ SAMPLE = Path(__file__).resolve().parent.parent / "crawler" / "sandbox" / "sampl
 
 
 def test_contract_sample_parses():
-    page = REVIEWS.parse(orjson.loads(SAMPLE.read_bytes()))
+    body = SAMPLE.read_bytes()
+    page = REVIEWS.decode(body)
     assert page.has_more and page.next_cursor == 2 and page.total == 26134
-    assert [REVIEWS.item_id(i) for i in page.items] == ["7585673214710253325"]
+    assert page.ids == ["7585673214710253325"]
+    # the sample is pretty-printed: its item is made one line, the same JSON value
+    (item,) = page.items
+    assert b"\n" not in bytes(item)
+    assert orjson.loads(bytes(item)) == orjson.loads(body)["data"]["review_items"][0]
+
+
+def test_items_stay_the_bytes_the_api_sent():
+    item = b'{"review":{"review_id":"7585673214710253325","n":12345678901234567890123},"x":1.10}'
+    body = b'{"code":0,"data":{"review_items":[%b,{"review":{"review_id":42}}],' % item
+    body += b'"has_more":false,"review_count":2},"requestId":"r"}'
+    page = REVIEWS.decode(body)
+    assert [bytes(i) for i in page.items] == [item, b'{"review":{"review_id":42}}']
+    assert page.ids == ["7585673214710253325", "42"] and not page.has_more
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"code":0,"data":{"review_items":[{"review":', "truncated or non-JSON body"),
+        (b"<html>busy</html>", "truncated or non-JSON body"),
+        (b'{"code":0,"data":{"has_more":false}}', "does not fit the contract"),
+        (b'{"code":0,"data":{"review_items":[],"has_more":"no"}}', "does not fit the contract"),
+        (b'{"code":0,"data":{"review_items":{},"has_more":false}}', "does not fit the contract"),
+        (b'{"code":0,"data":null}', "does not fit the contract"),
+        (b'{"code":50001,"message":"try later","data":null}', "API code 50001: try later"),
+        (b'{"code":0,"data":{"review_items":[],"has_more":true}}', "gives no next cursor"),
+    ],
+)
+def test_malformed_pages_are_server_faults_to_retry(body, why):
+    with pytest.raises(ServerError, match=why):
+        REVIEWS.decode(body)
 
 
 def test_retry_after_seconds_and_http_date():

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from crawler import load_job, run_job
 from crawler.layout import Layout
@@ -170,3 +171,43 @@ async def test_a_wrong_path_stops_the_run_after_few_requests(tmp_path: Path, ser
     # the sandbox counts only its own endpoint: count what reached the server at all
     assert result.report["run"]["requests"] <= job.api.concurrency
     assert {t["status"] for t in target_rows(job.output.dir)} == {"pending"}
+
+
+async def test_items_are_written_as_the_api_sent_them(tmp_path: Path):
+    """Page 1 compact, with an integer no 64 bits hold; page 2 pretty-printed, as some APIs
+    answer: the first's items land byte for byte, the second's one line each, same values."""
+    wide = b'{"review":{"review_id":"1000000000000000001","likes":12345678901234567890123}}'
+    plain = b'{"review":{"review_id":"1000000000000000002","text":"a\\nb"},"sku_id":"7"}'
+    page1 = b'{"code":0,"data":{"review_items":[%b,%b],"has_more":true,"next_cursor":2,' % (
+        wide,
+        plain,
+    )
+    page1 += b'"review_count":3},"requestId":"x"}'
+    spread = {"review": {"review_id": "1000000000000000003", "rating": 5}, "n": 1}
+    page2 = orjson.dumps(
+        {"code": 0, "data": {"review_items": [spread], "has_more": False, "review_count": 3}},
+        option=orjson.OPT_INDENT_2,
+    )
+
+    async def reviews(request: web.Request) -> web.Response:
+        body = page1 if request.query["offset"] == "1" else page2
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/tiktok/product/reviews", reviews)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        target = [{"product_id": PRODUCTS[0], "region": "US"}]
+        job = load_job(write_job(tmp_path, f"http://127.0.0.1:{port}", target))
+        assert (await run_job(job, environ=ENV)).exit_status == 0
+    finally:
+        await runner.cleanup()
+    lines = next((job.output.dir / "shards").iterdir()).read_bytes().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith(b',"item":' + wide + b"}")
+    assert lines[1].endswith(b',"item":' + plain + b"}")
+    assert orjson.loads(lines[2])["item"] == spread  # made one line, the same value
