@@ -102,7 +102,21 @@ def decode_reviews(body: bytes) -> Page:
     return Page(items, ids, data.next_cursor, data.has_more, data.review_count)
 
 
+# how the API writes an item: the review first, its id first. Read there, the id costs a look at
+# 60 bytes; decoding the item for it (msgspec skipping 6 KB of fields) cost 7 µs a review
+_PREFIX = b'{"review":{"review_id":"'
+_ID_END = len(_PREFIX) + 24  # the id's 19 to 20 digits and its closing quote fit in here
+
+
 def _id_of(raw: msgspec.Raw) -> str | None:
+    head = bytes(memoryview(raw)[:_ID_END])
+    if head.startswith(_PREFIX):
+        # the item is valid JSON (its page decoded), so after the opening quote comes the
+        # string's end; an id of plain digits is the id, anything else goes the careful way
+        end = head.find(b'"', len(_PREFIX))
+        found = head[len(_PREFIX) : end]
+        if end > 0 and found.isdigit():
+            return found.decode()
     try:
         value = _item_id.decode(raw).review.review_id
     except msgspec.DecodeError:
