@@ -15,6 +15,7 @@ CSV_COLUMNS = (
     "product_id",
     "region",
     "status",
+    "finish",
     "reason",
     "pages",
     "records",

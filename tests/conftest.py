@@ -46,6 +46,7 @@ def write_job(
     api: dict[str, Any] | None = None,
     budget: dict[str, Any] | None = None,
     output: dict[str, Any] | None = None,
+    **top: Any,
 ) -> Path:
     doc = {
         "api": {
@@ -60,6 +61,7 @@ def write_job(
         "budget": {"max_credits": 100_000, **(budget or {})},
         "output": {"dir": "out", "shard_max_records": 500, **(output or {})},
         "targets": list(targets),
+        **top,
     }
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
