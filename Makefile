@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test lint bench clean lock
+.PHONY: demo demo-refresh test lint bench clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/crawler run configs/demo.yaml
 	$(BIN)/crawler status configs/demo.yaml
+
+# a refresh for real: the sandbox in its own process grows between the harvest and the refresh
+demo-refresh: $(STAMP)
+	@$(BIN)/crawler sandbox --port 8700 > /dev/null & pid=$$!; trap "kill $$pid" EXIT; \
+	export SANDBOX_KEY=sk_demo; sleep 1; \
+	$(BIN)/crawler run --fresh configs/refresh-demo.yaml && \
+	$(BIN)/python -c "import urllib.request as u; print(u.urlopen(u.Request('http://127.0.0.1:8700/_sandbox/grow', method='POST')).read().decode())" && \
+	$(BIN)/crawler plan --refresh configs/refresh-demo.yaml && \
+	$(BIN)/crawler run --refresh configs/refresh-demo.yaml && \
+	$(BIN)/crawler status configs/refresh-demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check crawler tests bench
