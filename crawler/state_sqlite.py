@@ -561,7 +561,10 @@ class SqliteView:
         return self._dicts(
             "SELECT r.id AS refresh, r.mode, r.started_at, count(t.id) AS targets, "
             "sum(t.walk_pages > 0) AS probed, "
-            "sum(t.walk_pages > 0 AND coalesce(t.finish, '') != 'same') AS changed, "
+            # changed: page 1 told of a different count or of unseen reviews (a one-page feed
+            # with nothing new is as unchanged as a page 1 with the same count)
+            "sum(t.walk_pages > 0 AND coalesce(t.finish, '') != 'same' AND NOT (t.finish = 'end' "
+            "AND t.walk_pages = 1 AND t.walk_new = 0)) AS changed, "
             "coalesce(sum(t.walk_new), 0) AS new_reviews, "
             "coalesce(sum(t.walk_credits), 0) AS credits, "
             "coalesce(sum(t.walk_pages), 0) AS pages, "

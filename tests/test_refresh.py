@@ -74,6 +74,7 @@ async def test_a_refresh_writes_only_new_reviews_and_skips_unchanged_targets(tmp
     assert refresh_requests < harvest_requests / 2
     (refresh,) = result.report["refreshes"]
     assert refresh["refresh"] == 1 and refresh["targets"] == len(PAIRS)
+    assert refresh["changed"] == len(changed) and refresh["probed"] == len(PAIRS)
     assert refresh["new_reviews"] == len(ids) - written_before > 0
     assert refresh["credits"] == 2 * refresh_requests
 
