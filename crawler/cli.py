@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from crawler.config import Job
-    from crawler.state_sqlite import SqliteView
+    from crawler.state import StateView
 
 # exit statuses, as README lists them (runner.py has the same numbers for the library)
-EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 2, 7, 130
+EXIT_USAGE, EXIT_OUTPUT, EXIT_COORDINATION, EXIT_INTERRUPTED = 2, 7, 8, 130
 _LISTED = 20  # targets named at the end of a run; status --all lists them all
 
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from crawler import logs  # noqa: PLC0415 -- after --help, which needs none of it
-    from crawler.errors import JobError, OutputError  # noqa: PLC0415
+    from crawler.errors import CoordinationError, JobError, OutputError  # noqa: PLC0415
 
     opened = logs.configure(
         log_format=args.log_format, level=args.log_level, log_file=args.log_file
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         _say(exc)
         return EXIT_OUTPUT
+    except CoordinationError as exc:
+        _say(exc)
+        return EXIT_COORDINATION
     except OSError as exc:  # a full disk, a folder without permission: the file and the reason
         _say(OutputError.from_os(exc, exc.filename or "output"))
         return EXIT_OUTPUT
@@ -79,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help="walk finished targets again for their new reviews (only what changed)",
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
+    _coordination_arguments(run, worker=True)
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser("plan", help="check a job and estimate pages, credits and time")
@@ -102,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--all", action="store_true", help="list every target")
     status.add_argument("--csv", action="store_true", help="every target's figures as CSV")
+    _coordination_arguments(status, worker=False)
     status.set_defaults(handler=_status)
 
     check = commands.add_parser("verify", help="check shards against the manifest; no duplicates")
@@ -114,19 +119,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _coordination_arguments(parser: argparse.ArgumentParser, *, worker: bool) -> None:
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="work the job with other processes through this Redis (redis://HOST:PORT/DB)",
+    )
+    if worker:
+        parser.add_argument(
+            "--worker", default=None, help="this worker's name (default: host name and pid)"
+        )
+
+
+def _load(args: argparse.Namespace) -> Job:
+    """The job file, coordinated through ``--redis`` when given."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from crawler.config import load_job  # noqa: PLC0415
+    from crawler.errors import ConfigError  # noqa: PLC0415
+
+    job = load_job(args.job)
+    try:
+        return job.coordinated(getattr(args, "redis", None))
+    except ValidationError:
+        raise ConfigError(
+            f"--redis: '{args.redis}' is not a Redis URL (redis://HOST:PORT/DB)"
+        ) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 -- see the module docstring
 
-    from crawler.config import load_job  # noqa: PLC0415
-
-    job = load_job(args.job)
+    job = _load(args)
     job.api_key()  # a missing key is a usage error before anything starts
     from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
 
     live = sys.stderr.isatty() and not args.no_progress
     result = asyncio.run(
         run_job(
-            job, fresh=args.fresh, refresh=args.refresh, handle_signals=True, live_progress=live
+            job,
+            fresh=args.fresh,
+            refresh=args.refresh,
+            handle_signals=True,
+            live_progress=live,
+            worker=args.worker,
         )
     )
     _print_outcome(result.report, result.exit_status)
@@ -162,9 +199,7 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 -- see the module docstring
 
-    from crawler.config import load_job  # noqa: PLC0415
-
-    job = load_job(args.job)
+    job = _load(args)
     if args.probe or args.refresh:
         from crawler.runner import run_job  # noqa: PLC0415
 
@@ -177,19 +212,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from crawler.config import load_job  # noqa: PLC0415
-
-    job = load_job(args.job)
-    return _show(job, args, title="status")
+    return _show(_load(args), args, title="status")
 
 
 def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
     """The job's summary, what needs attention, and (with --all) every target."""
     from crawler import report  # noqa: PLC0415
-    from crawler.layout import Layout  # noqa: PLC0415
-    from crawler.state_sqlite import SqliteView  # noqa: PLC0415
 
-    view = SqliteView.open(Layout(job.output.dir))
+    view = _view(job)
     if view is None:
         if title == "status":
             print(f"crawler: {job.output.dir}: the job has not run yet", file=sys.stderr)
@@ -212,9 +242,25 @@ def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
         from crawler.show import print_summary  # noqa: PLC0415
 
         print_summary(job, doc, view, every=args.all)
+        if job.coordination is not None:
+            from crawler.show import print_workers  # noqa: PLC0415
+
+            print_workers(view)
     finally:
         view.close()
     return 0
+
+
+def _view(job: Job) -> StateView | None:
+    """The saved state to read: the job's SQLite file, or Redis for a coordinated job."""
+    if job.coordination is not None:
+        from crawler.coordination.view import RedisView  # noqa: PLC0415
+
+        return RedisView(job.coordination.redis_url, job.name)
+    from crawler.layout import Layout  # noqa: PLC0415
+    from crawler.state_sqlite import SqliteView  # noqa: PLC0415
+
+    return SqliteView.open(Layout(job.output.dir))
 
 
 def _print_unstarted(job: Job, *, as_json: bool) -> None:
@@ -237,18 +283,17 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
     )
 
 
-def _print_csv(view: SqliteView) -> None:
+def _print_csv(view: StateView) -> None:
     from crawler.report import write_csv  # noqa: PLC0415
 
     write_csv(view, sys.stdout)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from crawler.config import load_job  # noqa: PLC0415
     from crawler.layout import Layout  # noqa: PLC0415
     from crawler.verify import verify  # noqa: PLC0415
 
-    job = load_job(args.job)
+    job = _load(args)
     verdict = verify(Layout(job.output.dir))
     for note in verdict.notes:
         print(f"note: {note}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -73,6 +73,15 @@ class OutputSettings(_Model):
     commit_every_pages: int = Field(1, gt=0)
 
 
+class CoordinationSettings(_Model):
+    """Several processes, on one machine or many, working one job through Redis."""
+
+    redis_url: str = Field(pattern=r"^(redis|rediss|unix)://")
+    job: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the job file's name
+    lease_seconds: float = Field(30.0, gt=0)
+    unavailable_seconds: float = Field(300.0, gt=0)
+
+
 class TargetSpec(_Model):
     product_id: str
     region: str | None = None
@@ -115,6 +124,7 @@ class _JobModel(_Model):
     targets_file: Path | None = None
     default_regions: tuple[str, ...] | None = Field(None, min_length=1)
     refresh: Literal["early_stop", "full"] = "early_stop"
+    coordination: CoordinationSettings | None = None
 
     @field_validator("default_regions")
     @classmethod
@@ -132,6 +142,21 @@ class Job:
     output: OutputSettings
     targets: TargetList
     refresh: str = "early_stop"  # what --refresh walks of a changed target: see README
+    coordination: CoordinationSettings | None = None
+
+    @property
+    def name(self) -> str:
+        """The job's name among the jobs of one Redis: ``coordination.job``, or the file's."""
+        named = self.coordination.job if self.coordination else None
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.path.stem)
+        return named or stem
+
+    def coordinated(self, redis_url: str | None) -> Job:
+        """This job worked through Redis at ``redis_url`` (the command line's ``--redis``)."""
+        if redis_url is None:
+            return self
+        settings = self.coordination or CoordinationSettings(redis_url=redis_url)
+        return replace(self, coordination=settings.model_copy(update={"redis_url": redis_url}))
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment (never from the file); ConfigError names the variable."""
@@ -174,7 +199,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
     output = model.output.model_copy(update={"dir": out_dir})
     targets = _collect(path, text, model)
-    return Job(path, model.api, model.budget, output, targets, model.refresh)
+    return Job(path, model.api, model.budget, output, targets, model.refresh, model.coordination)
 
 
 # libyaml's loader when PyYAML was built with it: several times faster on long target lists

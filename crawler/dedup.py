@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from crawler.errors import OutputError, StateError
 
@@ -127,6 +129,25 @@ class SeenIds:
             add(key)
 
 
+class SeenSet(Protocol):
+    """What the writer needs of a seen-set: this module's ``SeenLog`` for one process, a
+    per-product set held in Redis for many."""
+
+    loaded: bool
+    count: int  # ids in the seen file, for the writer's committed position
+    other_bytes: int
+
+    def adder(self, product_id: str) -> Callable[[str], bool]: ...
+
+    def take(self) -> tuple[bytes, bytes]: ...
+
+    def load(self) -> None: ...
+
+    def write(self, ids: bytes, other: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class SeenLog:
     """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line).
 
@@ -156,6 +177,10 @@ class SeenLog:
             self.seen.add(review_id)
         self._saved, self._saved_other = array("Q"), []
         self.loaded = True
+
+    def adder(self, product_id: str) -> Callable[[str], bool]:
+        """The add function for a product's reviews: one set for every product here."""
+        return self.add
 
     def add(self, review_id: str) -> bool:
         """True when new; the id is then queued until ``take``."""

@@ -15,7 +15,10 @@
             +-- WrongEndpoint         3xx, 404, 405, 410...: not this API's answer (exit 5)
             +-- ComeBackLater         Retry-After longer than the job allows (exit 6)
     +-- OutputError                   output or state cannot be written: disk full, read-only
-                                      folder, permission; the run stops, resumable (exit 7)
+    |                                 folder, permission; the run stops, resumable (exit 7)
+    +-- CoordinationError             Redis unreachable too long, or this worker's lease was
+        |                             taken over; the worker stops, nothing is lost (exit 8)
+        +-- LeaseLost                 a product this worker walked is another's now
 
 Budget exhaustion on our side is not an error of the API: it is ``BudgetExhausted``,
 raised before a request is sent, never after.
@@ -71,6 +74,14 @@ _ADVICE = {
     errno.EPERM: "give this user write permission on that folder",
     errno.EIO: "the disk reported an I/O error: check it",
 }
+
+
+class CoordinationError(CrawlerError):
+    """The coordinated mode cannot go on: Redis unreachable, or a lease lost. Start again."""
+
+
+class LeaseLost(CoordinationError):
+    """Another worker holds what this one was walking: it was paused longer than its lease."""
 
 
 class BudgetExhausted(CrawlerError):

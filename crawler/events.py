@@ -52,7 +52,10 @@ class PageCommitted:
     review_count: int | None
     walk_goal: int | None  # set by page 1 of a refresh walk: new reviews it stops after
     expected: int | None  # pages the walk is expected to take in all, once page 1 tells
-    ids: bytes = b""  # the new review ids (u64), for stores that keep the seen-set themselves
+    # the page's new review ids, as the seen-set gave them (u64s; others one a line), for a store
+    # that keeps the seen-set itself
+    ids: bytes = b""
+    other_ids: bytes = b""
 
 
 @dataclass(slots=True)

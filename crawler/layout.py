@@ -10,7 +10,9 @@ from pathlib import Path
 
 from crawler.errors import OutputError
 
-SHARD_PATTERN = re.compile(r"reviews-(\d{6,})\.jsonl(\.gz|\.zst)?")
+# reviews-000001.jsonl in one process; reviews-<worker>-000001.jsonl for a worker of a
+# coordinated job (each worker its own series)
+SHARD_PATTERN = re.compile(r"reviews-(?:(?P<worker>.+)-)?(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?")
 SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 
 
@@ -85,8 +87,21 @@ class Layout:
         return removed
 
 
-def shard_name(sequence: int, compression: str) -> str:
-    return f"reviews-{sequence:06d}.jsonl{SUFFIX[compression]}"
+def shard_name(prefix: str, sequence: int, compression: str) -> str:
+    return f"{prefix}{sequence:06d}.jsonl{SUFFIX[compression]}"
+
+
+def shard_sequence(name: str) -> int:
+    found = SHARD_PATTERN.fullmatch(name)
+    if found is None:
+        raise ValueError(f"{name!r} is not a shard's name")
+    return int(found["seq"])
+
+
+def shard_owner(name: str) -> str | None:
+    """The worker whose series a shard is in; None for a one-process job's shard."""
+    found = SHARD_PATTERN.fullmatch(name)
+    return None if found is None else found["worker"]
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -27,6 +28,27 @@ _DEFAULT_PAUSE = 1.0  # seconds to pause on a 429 without Retry-After
 log = structlog.get_logger("crawler.limits")
 
 
+def slack_requests(rate: float) -> float:
+    """Requests that may go out at once at ``rate``: 1.5, or 35 ms of requests (see above)."""
+    return max(_SLACK, rate * _SLACK_SECONDS)
+
+
+class Gate(Protocol):
+    """What a walker needs of a rate gate: this module's for one process, or one shared in
+    Redis by every process on the key (``coordination/gate.py``)."""
+
+    configured: float
+    current: float
+    episodes: int
+
+    @property
+    def paused(self) -> bool: ...
+
+    async def acquire(self) -> None: ...
+
+    async def on_rate_limited(self, retry_after: float | None) -> None: ...
+
+
 class RateGate:
     """Admits requests at the configured rate; after a 429, pauses everyone and climbs back."""
 
@@ -48,7 +70,7 @@ class RateGate:
 
     @staticmethod
     def _make_limiter(rate: float) -> AsyncLimiter:
-        capacity = max(_SLACK, rate * _SLACK_SECONDS)
+        capacity = slack_requests(rate)
         return AsyncLimiter(capacity, capacity / rate)
 
     async def acquire(self) -> None:
@@ -72,7 +94,7 @@ class RateGate:
     def paused(self) -> bool:
         return self._resume_at > self._clock()
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 answer: pause every walker; halve the rate once per episode, not per answer."""
         now = self._clock()
         pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crawler.errors import OutputError, StateError
 from crawler.events import WriterPosition
-from crawler.layout import SHARD_PATTERN, Layout
+from crawler.layout import SHARD_PATTERN, Layout, shard_owner
 from crawler.state import ShardInfo
 
 
@@ -33,14 +33,19 @@ def recover(
     sealed: list[ShardInfo],
     open_shard: ShardInfo | None,
     next_shard: int,
+    *,
+    owner: str | None = None,
 ) -> Recovered:
+    """``owner``: the worker whose shard series this is (a coordinated job: the other
+    workers' files in the folder are theirs, not touched); None for a one-process job, which
+    also has seen files."""
     found = Recovered()
     known = {s.file for s in sealed} | ({open_shard.file} if open_shard else set())
     for path in layout.shard_files():
-        if path.name in known:
+        if path.name in known or (owner is not None and shard_owner(path.name) != owner):
             continue
         match = SHARD_PATTERN.fullmatch(path.name)
-        if match is None or int(match.group(1)) < next_shard:
+        if match is None or int(match["seq"]) < next_shard or shard_owner(path.name) != owner:
             raise StateError(
                 f"{path}: a shard this job's state does not know; move it away or use "
                 "another output.dir"
@@ -49,8 +54,9 @@ def recover(
         found.removed.append(path)
     if open_shard is not None:
         found.bytes_cut += _cut(layout.shard(open_shard.file), position.shard_bytes)
-    found.bytes_cut += _cut(layout.seen_ids, position.seen * 8)
-    found.bytes_cut += _cut(layout.seen_other, position.seen_other)
+    if owner is None:
+        found.bytes_cut += _cut(layout.seen_ids, position.seen * 8)
+        found.bytes_cut += _cut(layout.seen_other, position.seen_other)
     return found
 
 

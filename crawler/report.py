@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from crawler import planner
 from crawler.config import Job
-from crawler.state_sqlite import SqliteView
+from crawler.state import StateView
 
 ATTENTION = 20  # targets listed by name: a screenful; the CSV and --all have them all
 CSV_COLUMNS = (
@@ -34,7 +34,7 @@ CSV_COLUMNS = (
 _SUMMED = ("pages", "items", "records", "duplicates", "credits", "retries", "rate_limited")
 
 
-def build(job: Job, view: SqliteView, *, run: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status / run report document: small whatever the number of targets."""
     totals = view.totals()
     ledger = view.ledger
@@ -68,7 +68,7 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in CSV_COLUMNS if row.get(name) is not None}
 
 
-def write_csv(view: SqliteView, out: TextIO) -> int:
+def write_csv(view: StateView, out: TextIO) -> int:
     """Every target's figures as CSV, one row each (what pandas and DuckDB read); the rows."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)

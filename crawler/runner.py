@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,22 +17,24 @@ from crawler import report
 from crawler.budget import Budget
 from crawler.client import ApiClient
 from crawler.config import Job
-from crawler.dedup import SeenLog
+from crawler.dedup import SeenLog, SeenSet
 from crawler.endpoint import REVIEWS
 from crawler.errors import (
     AuthError,
     ComeBackLater,
+    ConfigError,
     OutputError,
     RunStopped,
     WrongEndpoint,
 )
 from crawler.events import WALKABLE, Status
 from crawler.layout import Layout, write_atomically
-from crawler.limits import RateGate
+from crawler.limits import Gate, RateGate
 from crawler.planner import pages_left
 from crawler.progress import Figures, Progress
 from crawler.recovery import recover
 from crawler.retry import RetryPolicy
+from crawler.state import StateStore, StateView
 from crawler.state_sqlite import SqliteStore, SqliteView
 from crawler.walker import Door, RunCounters, Walker
 from crawler.writer import Writer
@@ -56,7 +58,7 @@ class _Run:
     """The live parts of one run, for the workers, the watchdog and the progress display."""
 
     job: Job
-    store: SqliteStore
+    store: StateStore
     walker: Walker
     door: Door
     hurry: asyncio.Event
@@ -73,13 +75,15 @@ async def run_job(
     handle_signals: bool = False,
     live_progress: bool = False,
     retry_policy: RetryPolicy | None = None,
+    worker: str | None = None,
 ) -> RunResult:
     """Run (or resume) a job to the end, to its budget, or to a stop; return how it ended.
 
     ``refresh`` re-walks finished targets for their new reviews (see README). ``max_pages``
     caps every walk for this run only (``plan --probe`` walks page 1 and leaves it pending).
+    A job with ``coordination`` runs as one worker (named ``worker``) of many, through Redis.
     Raises JobError subclasses for bad input or state, OutputError when a file cannot be
-    written; every other stop is in the result.
+    written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
     layout = Layout(job.output.dir)
@@ -87,18 +91,23 @@ async def run_job(
         "shard_max_records": job.output.shard_max_records,
         "compression": job.output.compression,
     }
-    store = await SqliteStore.open(layout, output, fresh=fresh)
+    parts = await _open(job, layout, output, fresh=fresh, worker=worker, api_key=api_key)
+    store = parts.store
     try:
-        found = recover(layout, store.position, store.shards(), store.open_shard, store.next_shard)
+        found = recover(
+            layout,
+            store.position,
+            store.shards(),
+            store.open_shard,
+            store.next_shard,
+            owner=parts.owner,
+        )
         try:
             layout.shards_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise OutputError.from_os(exc, layout.shards_dir) from None
         await store.sync_targets(job.targets)
         refreshing = await store.begin_run(refresh=refresh, mode=job.refresh)
-        seen = SeenLog(
-            layout.seen_ids, layout.seen_other, store.position.seen, store.position.seen_other
-        )
         started = time.time()
         async with (
             _api_base(job) as base_url,
@@ -109,12 +118,13 @@ async def run_job(
                 timeout_seconds=job.api.timeout_seconds,
             ) as client,
         ):
-            run = _prepare(job, store, seen, client, max_pages, retry_policy)
+            run = _prepare(job, parts, parts.seen(), client, max_pages, retry_policy)
             log.info(
                 "run started",
                 targets=store.totals.targets,
                 to_walk=store.totals.count(*WALKABLE),
                 refresh=refreshing or None,
+                worker=parts.owner,
                 credits_spent=run.walker.budget.spent,
                 max_credits=job.budget.max_credits,
                 recovered_bytes=found.bytes_cut or None,
@@ -124,9 +134,59 @@ async def run_job(
                     await _crawl(run, live_progress=live_progress)
                 except ExceptionGroup as group:  # a task's own error, e.g. a full disk
                     raise _first_leaf(group) from None
-        return await _finish(run, layout, started)
+        return await _finish(run, layout, started, parts)
     finally:
         await store.close()
+
+
+@dataclass
+class _Parts:
+    """What differs between one process and a worker of many: where state, the seen-set and
+    the rate gate live."""
+
+    store: StateStore
+    seen: Callable[[], SeenSet]  # opened after recovery has cut its files back
+    gate: Callable[[float], Gate]
+    view: Callable[[], StateView | None]
+    owner: str | None = None  # the worker's name, coordinated
+
+
+async def _open(
+    job: Job,
+    layout: Layout,
+    output: dict[str, Any],
+    *,
+    fresh: bool,
+    worker: str | None,
+    api_key: str,
+) -> _Parts:
+    if job.coordination is None:
+        store = await SqliteStore.open(layout, output, fresh=fresh)
+        position = store.position
+
+        def seen() -> SeenSet:
+            return SeenLog(layout.seen_ids, layout.seen_other, position.seen, position.seen_other)
+
+        return _Parts(store, seen, RateGate, lambda: SqliteView.open(layout))
+    if fresh:
+        raise ConfigError(
+            f"{job.path}: --fresh cannot start a coordinated job over (other workers may be "
+            "running it); name another coordination.job, or delete its keys and its shards"
+        )
+    # only a coordinated job needs Redis: imported here, not above
+    from crawler.coordination import SharedRateGate, key_fingerprint, open_worker  # noqa: PLC0415
+    from crawler.coordination.view import RedisView  # noqa: PLC0415
+
+    redis_store = await open_worker(job, layout, output, worker)
+    fingerprint = key_fingerprint(api_key)
+    url, name = job.coordination.redis_url, job.name
+    return _Parts(
+        redis_store,
+        lambda: redis_store.seen,
+        lambda rate: SharedRateGate(redis_store.link, fingerprint, rate),
+        lambda: RedisView(url, name),
+        owner=redis_store.worker,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -144,15 +204,16 @@ async def _api_base(job: Job) -> AsyncIterator[str]:
 
 def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
     job: Job,
-    store: SqliteStore,
-    seen: SeenLog,
+    parts: _Parts,
+    seen: SeenSet,
     client: ApiClient,
     max_pages: int | None,
     retry_policy: RetryPolicy | None,
 ) -> _Run:
     door = Door()
+    store = parts.store
     writer = Writer(
-        store.layout,
+        Layout(job.output.dir),
         store,
         seen,
         REVIEWS,
@@ -164,7 +225,7 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
     walker = Walker(
         endpoint=REVIEWS,
         client=client,
-        gate=RateGate(job.api.requests_per_second),
+        gate=parts.gate(job.api.requests_per_second),
         budget=Budget(job.budget, store, lease_requests=job.api.concurrency),
         door=door,
         writer=writer,
@@ -188,6 +249,7 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         writer = run.walker.writer
         writer_task = group.create_task(writer.run())
         progress_task = group.create_task(progress.run())
+        upkeep = group.create_task(run.store.maintain())  # leases of a coordinated job
         workers = [group.create_task(_worker(run)) for _ in range(workers_count)]
         watchdog = group.create_task(_watchdog(run, workers))
         await asyncio.wait(workers)
@@ -196,6 +258,7 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         await writer.close()
         await writer_task
         progress_task.cancel()
+        upkeep.cancel()
     log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
 
 
@@ -280,7 +343,7 @@ def _figures(run: _Run) -> Figures:
     )
 
 
-async def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
+async def _finish(run: _Run, layout: Layout, started: float, parts: _Parts) -> RunResult:
     store = run.store
     budget_stopped = run.door.reason == "budget"
     counters = run.walker.counters
@@ -296,14 +359,18 @@ async def _finish(run: _Run, layout: Layout, started: float) -> RunResult:
     info["exit_status"] = status = _exit_status(run)
     await store.end_run(info, budget_stopped=budget_stopped)
     run_info = {"started_at": started, "refresh": store.refresh, **info}
-    doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info)
+    if parts.owner is not None:
+        run_info["worker"] = parts.owner
+    doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info, parts.view)
     return RunResult(status, run.door.reason, doc)
 
 
-def _write_reports(job: Job, layout: Layout, run_info: dict[str, Any]) -> dict[str, Any]:
+def _write_reports(
+    job: Job, layout: Layout, run_info: dict[str, Any], open_view: Callable[[], StateView | None]
+) -> dict[str, Any]:
     """The run report, from the saved state (off the event loop: its totals read every
     target, a second for a million)."""
-    view = SqliteView.open(layout)
+    view = open_view()
     assert view is not None  # noqa: S101 -- this run created it at the latest
     try:
         doc = report.build(job, view, run=run_info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,9 +32,18 @@ def compressor(kind: str) -> Callable[[bytes], bytes]:
     return lambda data: data
 
 
-def read_lines(path: Path) -> Iterator[bytes]:
-    """The lines of a shard, whatever its compression."""
-    if path.name.endswith(".gz"):
+def read_lines(path: Path, limit: int | None = None) -> Iterator[bytes]:
+    """The lines of a shard, whatever its compression; with ``limit``, of its first ``limit``
+    bytes only (an open shard's committed part: it ends on a line, member or frame boundary)."""
+    if limit is not None:
+        with path.open("rb") as raw:
+            data = raw.read(limit)
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif path.name.endswith(".zst"):
+            data = b"".join(_zstd_frames(data))
+        yield from io.BytesIO(data)
+    elif path.name.endswith(".gz"):
         with gzip.open(path, "rb") as stream:
             yield from stream
     elif path.name.endswith(".zst"):
@@ -50,6 +60,12 @@ def read_lines(path: Path) -> Iterator[bytes]:
     else:
         with path.open("rb") as stream:
             yield from stream
+
+
+def _zstd_frames(data: bytes) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+    while chunk := reader.read(1 << 20):
+        yield chunk
 
 
 def sha256_of(path: Path) -> str:
@@ -106,16 +122,20 @@ class OpenShard:
             self._fd = -1
 
 
-def write_manifest(layout: Layout, shards: list[ShardInfo], open_shard: ShardInfo | None) -> None:
-    """Every sealed shard with its records, bytes and sha256; the open one is named apart."""
+def write_manifest(layout: Layout, sealed: list[ShardInfo], open_shards: list[ShardInfo]) -> None:
+    """Every sealed shard with its records, bytes and sha256; open ones apart, with the length
+    committed so far: a reader reads those up to ``bytes`` only."""
     listed = [
         {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
-        for s in shards
+        for s in sealed
     ]
     doc = {
-        "version": 1,
-        "records": sum(s.records for s in shards),
+        "version": 2,
+        "records": sum(s.records for s in sealed),
         "shards": listed,
-        "open_shard": None if open_shard is None else f"shards/{open_shard.file}",
+        "open_shards": [
+            {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes}
+            for s in open_shards
+        ],
     }
     write_atomically(layout.manifest, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")

@@ -9,13 +9,13 @@ from rich.table import Table
 
 from crawler.config import Job
 from crawler.report import CSV_COLUMNS
-from crawler.state_sqlite import SqliteView
+from crawler.state import StateView
 
 _COLUMNS = ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
 _HEADERS = ("pages", "reviews", "dups", "credits", "retries", "429s")
 
 
-def print_summary(job: Job, doc: dict[str, Any], view: SqliteView, *, every: bool) -> None:
+def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool) -> None:
     console = Console(width=120)
     totals, estimate = doc["totals"], doc["estimate"]
     console.print(
@@ -50,6 +50,23 @@ def print_summary(job: Job, doc: dict[str, Any], view: SqliteView, *, every: boo
             f"{doc['targets_total'] - len(rows):,} targets not listed: --all lists every one, "
             "--csv gives every target's figures as CSV"
         )
+
+
+def print_workers(view: Any) -> None:
+    """A coordinated job's workers: who is alive, what each holds, how fast it goes."""
+    table = Table(
+        "worker", "last heartbeat", "products held", "rate (req/s)", "open shard",
+        title="workers", title_justify="left",
+    )  # fmt: skip
+    for w in view.workers():
+        table.add_row(
+            w["worker"],
+            "stopped" if w["stopped"] else f"{w['seconds_since_heartbeat']:,.1f} s ago",
+            str(w["products_held"]),
+            f"{w['rate']:.1f}",
+            w["open_shard"] or "-",
+        )
+    Console(width=120).print(table)
 
 
 def _estimate_line(job: Job, estimate: dict[str, Any]) -> str:

@@ -7,8 +7,9 @@ one process; a shared store for several processes fits behind the same ``StateSt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 from crawler.events import (
     Commit,
@@ -19,7 +20,7 @@ from crawler.events import (
     TargetFailed,
     WriterPosition,
 )
-from crawler.targets import Target
+from crawler.targets import Target, TargetList
 
 SUMMED = ("pages", "items", "records", "duplicates", "credits", "retries", "rate_limited")
 
@@ -101,6 +102,10 @@ class Sums:
     expected: int = 0  # the estimates summed
     pages_left: int = 0  # their pages still to walk, summed
 
+    def merge(self, other: Sums) -> None:
+        for name in _SUMS_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def add(self, t: TargetState, sign: int = 1) -> None:
         self.count += sign
         self.pages += sign * t.pages
@@ -116,6 +121,9 @@ class Sums:
             self.expected += sign * t.walk_expected
             if t.status is not Status.DONE:
                 self.pages_left += sign * max(0, t.walk_expected - t.walk_pages)
+
+
+_SUMS_FIELDS = tuple(f.name for f in fields(Sums))
 
 
 @dataclass
@@ -139,6 +147,12 @@ class Totals:
         return float(sum(getattr(s, name) for s in self.by_status.values()))
 
 
+class Held(Protocol):
+    """A lease on a target, as a walker sees it: ``lost`` once another process holds it."""
+
+    lost: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A target handed to a walker, with its state at that moment and the lease it holds."""
@@ -146,6 +160,7 @@ class Claimed:
     target: Target
     saved: TargetState
     fence: int = 0
+    lease: Held | None = None  # None: this process is the only one (no lease to lose)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +182,13 @@ class Ledger:
 
 class StateStore(Protocol):
     """What a run needs of saved state. Every method that changes state returns once the change
-    is durable; the file store and a shared store both fit behind it."""
+    is durable; the one-process SQLite store and the Redis store of a coordinated job both fit
+    behind it."""
 
     totals: Totals
     ledger: Ledger
+    refresh: int  # the refresh the run works on; 0: none
+    runs: int
 
     @property
     def position(self) -> WriterPosition:
@@ -182,8 +200,27 @@ class StateStore(Protocol):
     @property
     def next_shard(self) -> int: ...
 
+    @property
+    def shard_prefix(self) -> str:
+        """How this store's shard files are named: ``reviews-`` + (worker + ``-``) + number."""
+
     def shards(self) -> list[ShardInfo]:
-        """Sealed shards, in the order they were written."""
+        """This store's sealed shards, in the order they were written."""
+
+    async def manifest(self) -> tuple[list[ShardInfo], list[ShardInfo]]:
+        """The job's sealed shards and the committed part of its open ones."""
+
+    def holds(self, target_id: int) -> bool:
+        """Whether this process still holds the target (a lease can be lost)."""
+
+    async def sync_targets(self, targets: TargetList) -> bool:
+        """Make the job's targets the saved ones; False when nothing changed."""
+
+    async def begin_run(self, *, refresh: bool, mode: str) -> int:
+        """Count a run (start a refresh when asked); the refresh it works on."""
+
+    async def end_run(self, info: dict[str, Any], *, budget_stopped: bool) -> None:
+        """Record how the run ended."""
 
     async def claim(self) -> Claimed | None:
         """The next target to walk, or None when there is none left for this process."""
@@ -198,4 +235,31 @@ class StateStore(Protocol):
     async def commit(self, batch: Commit) -> list[TargetState]:
         """Apply one batch atomically and durably; the targets it brought to a final status."""
 
+    async def maintain(self) -> None:
+        """Upkeep while a run goes on (renewing leases, for a shared store); raises when the
+        run cannot go on; returns when there is nothing to do."""
+
     async def close(self) -> None: ...
+
+
+class StateView(Protocol):
+    """A job's saved state read for status and reports: the SQLite file or Redis."""
+
+    job: dict[str, Any]  # runs, open_shard
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    def totals(self) -> Totals: ...
+
+    def shards(self) -> list[ShardInfo]: ...
+
+    def refreshes(self) -> list[dict[str, Any]]: ...
+
+    def attention(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]: ...
+
+    def last_run(self) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...

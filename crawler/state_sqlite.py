@@ -205,8 +205,18 @@ class SqliteStore:
     def next_shard(self) -> int:
         return self._next_shard
 
+    @property
+    def shard_prefix(self) -> str:
+        return "reviews-"
+
     def shards(self) -> list[ShardInfo]:
         return list(self._shards)
+
+    async def manifest(self) -> tuple[list[ShardInfo], list[ShardInfo]]:
+        return self.shards(), [self._open_shard] if self._open_shard else []
+
+    def holds(self, target_id: int) -> bool:
+        return True  # one process: nobody can take a target over
 
     # -- the run's life ------------------------------------------------------------------------
 
@@ -397,6 +407,9 @@ class SqliteStore:
                 "seen_other = ?",
                 (credits, p.shard_bytes, p.shard_records, p.seen, p.seen_other),
             )
+
+    async def maintain(self) -> None:
+        """One process, one file: nothing to keep up."""
 
     # -- plumbing ------------------------------------------------------------------------------
 

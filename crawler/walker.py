@@ -17,7 +17,7 @@ from crawler.client import ApiClient
 from crawler.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
 from crawler.events import Finish, PageCommitted, Status, TargetFailed
-from crawler.limits import RateGate
+from crawler.limits import Gate
 from crawler.retry import RetryPolicy
 from crawler.state import Claimed, TargetState
 from crawler.writer import Writer
@@ -87,7 +87,7 @@ class _Walk:
 class Walker:
     endpoint: CursorEndpoint
     client: ApiClient
-    gate: RateGate
+    gate: Gate
     budget: Budget
     policy: RetryPolicy
     door: Door
@@ -114,7 +114,7 @@ class Walker:
         )
         empty_in_a_row = 0
         while self.max_pages is None or walk.pages < self.max_pages:
-            if not self.door.open:
+            if not self.door.open or (claimed.lease is not None and claimed.lease.lost):
                 return Status.PENDING
             try:
                 page, cost, seconds = await self._fetch(claimed, walk)
@@ -227,7 +227,8 @@ class Walker:
             await self.gate.acquire()
             # a budget stop ends the leasing, not the requests already covered: they go, so a
             # ceiling is used up by the run that meets it
-            if not self.door.open and self.door.reason != "budget":
+            stopped = not self.door.open and self.door.reason != "budget"
+            if stopped or (claimed.lease is not None and claimed.lease.lost):
                 self.budget.unreserve(credits)
                 raise _Stopped
             cost.credits += credits
@@ -239,7 +240,7 @@ class Walker:
                 cost.rate_limited += 1
                 self.counters.rate_limited += 1
                 self.policy.check_retry_after(exc.retry_after)
-                self.gate.on_rate_limited(exc.retry_after)
+                await self.gate.on_rate_limited(exc.retry_after)
                 if not tries.may_retry_rate_limited():
                     raise _GiveUp(f"{exc} (too many in a row)", cost) from None
                 continue

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import orjson
 import structlog
 
-from crawler.dedup import SeenLog
+from crawler.dedup import SeenSet
 from crawler.endpoint import CursorEndpoint, Page
 from crawler.events import (
     Commit,
@@ -77,7 +77,7 @@ class Writer:
         self,
         layout: Layout,
         store: StateStore,
-        seen: SeenLog,
+        seen: SeenSet,
         endpoint: CursorEndpoint,
         *,
         compression: str,
@@ -119,7 +119,8 @@ class Writer:
             orjson.dumps(target.region),
             orjson.dumps(fetched_at),
         )
-        seen_add, dumps, append, join = self._seen.add, orjson.dumps, lines.append, b"".join
+        seen_add = self._seen.adder(target.product_id)
+        dumps, append, join = orjson.dumps, lines.append, b"".join
         for review_id, item in zip(page.ids, page.items, strict=True):
             if review_id is None:
                 missing += 1
@@ -144,6 +145,8 @@ class Writer:
     ) -> None:
         """Hand over a page (or a failure) for commit; waits while the queue is full, so a slow
         disk slows the walkers."""
+        if rendered is not None and isinstance(change, PageCommitted):
+            change.ids, change.other_ids = rendered.ids, rendered.other_ids
         await self._queue.put(_Work(change, target, rendered))
 
     async def close(self) -> None:
@@ -174,7 +177,7 @@ class Writer:
             batch = Commit(prepared.changes, opened_sealed, self._position())
             finished = await self._store.commit(batch)
             if any(isinstance(e, ShardSealed) for e in opened_sealed):
-                self._write_manifest()
+                await self._write_manifest()
             for state in finished:
                 if state.status is Status.DONE:  # failures were told as they happened
                     _log_finished(prepared.targets[state.id], state)
@@ -201,6 +204,8 @@ class Writer:
             batch.append(item)
 
     def _prepare(self, batch: list[_Work]) -> _Prepared:
+        # a target this process no longer holds (its lease moved on) is another's to commit
+        batch = [work for work in batch if self._store.holds(work.change.target_id)]
         lines = [line for work in batch if work.rendered for line in work.rendered.lines]
         prepared = _Prepared(self._plan(lines))
         for work in batch:
@@ -217,7 +222,7 @@ class Writer:
         start = 0
         while start < len(lines):
             if self._plan_shard is None or self._plan_records >= self._shard_max:
-                name = shard_name(self._next_shard, self._compression)
+                name = shard_name(self._store.shard_prefix, self._next_shard, self._compression)
                 self._next_shard += 1
                 self._plan_shard = OpenShard(self._layout.shard(name), ShardInfo(name))
                 self._plan_records = 0
@@ -257,8 +262,8 @@ class Writer:
             self._seen.other_bytes,
         )
 
-    def _write_manifest(self) -> None:
-        write_manifest(self._layout, self._store.shards(), self._store.open_shard)
+    async def _write_manifest(self) -> None:
+        write_manifest(self._layout, *await self._store.manifest())
 
     async def _finish(self) -> None:
         """End of run: seal the open shard so every shard a run leaves is final."""
@@ -269,7 +274,7 @@ class Writer:
             await self._store.commit(Commit(shards=[sealed], position=self._position()))
         elif shard is not None:
             shard.close()
-        self._write_manifest()
+        await self._write_manifest()
         self._seen.close()
 
 

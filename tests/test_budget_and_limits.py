@@ -106,8 +106,10 @@ async def test_retries_are_capped_then_the_target_fails(tmp_path, sandbox):
 async def test_gate_pause_holds_every_walker():
     gate = RateGate(1000)
     loop = asyncio.get_running_loop()
-    gate.on_rate_limited(0.3)
-    gate.on_rate_limited(0.1)  # same episode: the pause is not shortened, the rate not halved again
+    await gate.on_rate_limited(0.3)
+    await gate.on_rate_limited(
+        0.1
+    )  # same episode: the pause is not shortened, the rate not halved again
     assert gate.episodes == 1 and gate.current == 500
     started = loop.time()
     await asyncio.gather(*(gate.acquire() for _ in range(5)))

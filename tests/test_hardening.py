@@ -149,8 +149,8 @@ class FakeTime:
 async def test_the_rate_halves_once_per_episode_and_climbs_back():
     time = FakeTime()
     gate = RateGate(100, clock=time.clock, sleep=time.sleep)
-    gate.on_rate_limited(2.0)
-    gate.on_rate_limited(1.0)  # the same episode
+    await gate.on_rate_limited(2.0)
+    await gate.on_rate_limited(1.0)  # the same episode
     assert gate.episodes == 1 and gate.current == 50
     await gate.acquire()  # waits out the pause, by the clock
     assert sum(time.slept) == pytest.approx(2.0)
@@ -159,7 +159,7 @@ async def test_the_rate_halves_once_per_episode_and_climbs_back():
         time.now = 1002.0 + quiet_seconds
         await gate.acquire()
         assert gate.current == pytest.approx(rate)
-    gate.on_rate_limited(None)  # a new episode, no Retry-After: a second's pause
+    await gate.on_rate_limited(None)  # a new episode, no Retry-After: a second's pause
     assert gate.episodes == 2 and gate.current == 50
 
 
@@ -170,7 +170,7 @@ async def test_a_429_pause_begun_while_waiting_in_the_limiter_holds_the_request(
     waiting = asyncio.create_task(gate.acquire())  # owned here, awaited below
     await asyncio.sleep(0.1)  # now inside the limiter, its slot 0.4 s away
     paused_at = loop.time()
-    gate.on_rate_limited(1.0)
+    await gate.on_rate_limited(1.0)
     await waiting
     assert loop.time() - paused_at >= 0.99
 

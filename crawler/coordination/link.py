@@ -1,0 +1,102 @@
+"""The connection to Redis, and what a worker does while Redis cannot be reached: wait, then stop.
+
+Every call of the coordinated mode goes through ``Link.call``. While Redis is unreachable the
+calls wait and try again (so no request is sent: the rate gate and the credit ledger are there),
+the worker says so once, and once Redis answers again it says that too; after
+``unavailable_seconds`` it gives up with ``CoordinationError``. Every script is idempotent, so a
+call whose answer was lost is simply sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+
+from crawler.errors import CoordinationError
+
+log = structlog.get_logger("crawler.coordination")
+_T = TypeVar("_T")
+
+
+class Link:
+    """One ``redis.asyncio`` client and its registered scripts."""
+
+    def __init__(self, url: str, *, unavailable_seconds: float) -> None:
+        import redis.asyncio  # noqa: PLC0415 -- only a coordinated job needs the client
+
+        self.url = _shown(url)
+        self.redis: Any = redis.asyncio.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, decode_responses=True
+        )
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError,
+            OSError,
+        )
+        self._unavailable = unavailable_seconds
+        self._down_since: float | None = None
+        self._scripts: dict[str, Any] = {}
+
+    def script(self, source: str) -> Callable[..., Awaitable[Any]]:
+        """A script registered once; called as ``await f(keys=[...], args=[...])``."""
+        if source not in self._scripts:
+            self._scripts[source] = self.redis.register_script(source)
+        registered = self._scripts[source]
+
+        async def run(*, keys: list[str], args: list[Any]) -> Any:
+            return await self.call(lambda: registered(keys=keys, args=args))
+
+        return run
+
+    async def call(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``command``, again and again while Redis is unreachable, up to the deadline."""
+        delay = 0.05
+        while True:
+            try:
+                result = await command()
+            except self._errors as exc:
+                self._went_down(exc)
+                assert self._down_since is not None  # noqa: S101 -- set just above
+                if time.monotonic() - self._down_since > self._unavailable:
+                    raise CoordinationError(
+                        f"Redis at {self.url} unreachable for more than "
+                        f"coordination.unavailable_seconds ({self._unavailable:g} s); nothing "
+                        "is lost: start the worker again once Redis is back"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            if self._down_since is not None:
+                log.warning(
+                    "Redis is back",
+                    redis=self.url,
+                    seconds=round(time.monotonic() - self._down_since, 1),
+                )
+                self._down_since = None
+            return result
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "Redis unreachable: no request is sent until it answers again",
+                redis=self.url,
+                error=type(exc).__name__,
+                give_up_after_seconds=self._unavailable,
+            )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _shown(url: str) -> str:
+    """The URL without a password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

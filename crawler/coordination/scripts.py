@@ -1,0 +1,279 @@
+"""The coordinated mode's atomic steps, as Lua scripts Redis runs whole: one script, one step.
+
+Time is Redis's (``TIME``), never a worker's clock: machines drift. Every script that a worker may
+send again after a lost reply is idempotent: it carries the worker's sequence number and answers
+a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
+
+    meta           hash   output settings, targets digest, targets count
+    init           string the lock held while one worker writes the targets into Redis
+    p:<product>    hash   e: lease epoch (the fencing token), o: holder, r:<REGION>: a target
+    todo           list   products to walk, not leased
+    leases         zset   product -> lease deadline (ms): an expired one may be taken over
+    seen:<product> set    review ids of the product committed to some shard
+    ledger         hash   leased, credits: the job's credit ledger
+    totals         hash   <status>|<figure> -> sum over targets: status without reading them all
+    attention      set    <product>:<REGION> of targets failed or at their credit cap
+    retry          set    products with such targets: queued again when a worker starts
+    shards         hash   file -> {worker, seq, records, bytes, sha256 (null while open)}
+    shardorder     zset   file -> the order shards were opened in
+    workers        zset   worker -> last heartbeat (ms)
+    w:<worker>     hash   inc (incarnation), commit_seq, lease_seq, next_shard, open_shard, info
+    runs           list   one summary per worker run, newest first
+
+The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``.
+"""
+
+from __future__ import annotations
+
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# a worker starts: a new incarnation (its earlier one, if alive, is retired by this), heartbeat
+REGISTER = (
+    _NOW
+    + """
+-- KEYS: w:<worker>, workers;  ARGV: worker, info (JSON)
+local inc = redis.call('HINCRBY', KEYS[1], 'inc', 1)
+redis.call('HSET', KEYS[1], 'info', ARGV[2], 'started', now)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
+        redis.call('HGET', KEYS[1], 'lease_seq') or '0',
+        redis.call('HGET', KEYS[1], 'next_shard') or '1',
+        redis.call('HGET', KEYS[1], 'open_shard') or ''}
+"""
+)
+
+# the next product to walk: one whose lease expired first (its holder died), else the queue's
+CLAIM = (
+    _NOW
+    + """
+-- KEYS: todo, leases, w:<worker>;  ARGV: prefix, worker, request id, lease ms, incarnation
+if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
+if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the same answer
+  local pid = redis.call('HGET', KEYS[3], 'claim_pid')
+  if pid == '' then return {} end
+  local key = ARGV[1] .. 'p:' .. pid
+  return {pid, redis.call('HGET', key, 'e'), redis.call('HGETALL', key)}
+end
+local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
+if not pid then pid = redis.call('LPOP', KEYS[1]) end
+if not pid then
+  redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', '')
+  return {}
+end
+local key = ARGV[1] .. 'p:' .. pid
+local epoch = redis.call('HINCRBY', key, 'e', 1)
+redis.call('HSET', key, 'o', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), pid)
+redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', pid)
+return {pid, tostring(epoch), redis.call('HGETALL', key)}
+"""
+)
+
+# heartbeat and lease renewal: the products whose epoch moved on are lost to this worker
+RENEW = (
+    _NOW
+    + """
+-- KEYS: leases, workers, w:<worker>;  ARGV: prefix, worker, lease ms, inc, info, pid, epoch, ...
+if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[4]) then return {'retired'} end
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+redis.call('HSET', KEYS[3], 'beat', now, 'live', ARGV[5])
+local lost = {'ok'}
+for i = 6, #ARGV, 2 do
+  local key = ARGV[1] .. 'p:' .. ARGV[i]
+  if redis.call('HGET', key, 'e') == ARGV[i + 1] then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+)
+
+# credits: read, check against the ceiling and add, in one step; a repeat answers as the first
+LEASE = """
+-- KEYS: ledger, w:<worker>;  ARGV: credits (< 0: given back), cost, ceiling (< 0: none), seq
+if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[2], 'lease_seq') or '0') then
+  return tonumber(redis.call('HGET', KEYS[2], 'lease_last') or '0')
+end
+local leased = tonumber(redis.call('HGET', KEYS[1], 'leased') or '0')
+local size = tonumber(ARGV[1])
+local ceiling = tonumber(ARGV[3])
+if ceiling >= 0 then
+  local cost = tonumber(ARGV[2])
+  local room = ceiling - leased
+  size = math.min(size, room - room % cost)
+  if size < cost then size = 0 end
+end
+if size ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', size) end
+redis.call('HSET', KEYS[2], 'lease_seq', ARGV[4], 'lease_last', size)
+return size
+"""
+
+# one writer batch: all of it or none. Refused whole when a product's lease moved on (fencing)
+# or this incarnation was retired: the shard bytes it counts are then never listed.
+COMMIT = """
+-- KEYS: w:<worker>, ledger, totals, shards, shardorder, leases, attention, retry, todo
+-- ARGV: prefix, payload (JSON)
+local prefix = ARGV[1]
+local p = cjson.decode(ARGV[2])
+local w = KEYS[1]
+if tonumber(redis.call('HGET', w, 'inc')) ~= p.inc then return {'retired'} end
+local done = tonumber(redis.call('HGET', w, 'commit_seq') or '0')
+if p.seq <= done then return {'ok'} end
+local stale = {'fenced'}
+for _, fence in ipairs(p.fences) do
+  if redis.call('HGET', prefix .. 'p:' .. fence[1], 'e') ~= fence[2] then
+    table.insert(stale, fence[1])
+  end
+end
+if #stale > 1 then return stale end
+for _, s in ipairs(p.shards) do
+  if s.sha256 == cjson.null then
+    redis.call('ZADD', KEYS[5], redis.call('ZCARD', KEYS[5]) + 1, s.file)
+    redis.call('HINCRBY', w, 'next_shard', 1)
+    redis.call('HSET', w, 'open_shard', s.file)
+  else
+    redis.call('HSET', w, 'open_shard', '')
+  end
+  redis.call('HSET', KEYS[4], s.file, cjson.encode(s))
+end
+if p.open ~= cjson.null then redis.call('HSET', KEYS[4], p.open.file, cjson.encode(p.open)) end
+for _, t in ipairs(p.targets) do
+  redis.call('HSET', prefix .. 'p:' .. t[1], 'r:' .. t[2], t[3])
+  local key = t[1] .. ':' .. t[2]
+  if t[4] then redis.call('SADD', KEYS[7], key) else redis.call('SREM', KEYS[7], key) end
+  if t[4] then redis.call('SADD', KEYS[8], t[1]) end
+end
+for _, ids in ipairs(p.seen) do
+  for i = 2, #ids, 1000 do
+    redis.call('SADD', prefix .. 'seen:' .. ids[1], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
+for field, value in pairs(p.totals) do redis.call('HINCRBYFLOAT', KEYS[3], field, value) end
+if p.credits ~= 0 then redis.call('HINCRBY', KEYS[2], 'credits', p.credits) end
+for _, pid in ipairs(p.release) do
+  local key = prefix .. 'p:' .. pid
+  redis.call('ZREM', KEYS[6], pid)
+  redis.call('HSET', key, 'o', '')
+  local fields = redis.call('HGETALL', key)  -- a target added while it was walked goes on
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'r:' and cjson.decode(fields[i + 1]).status == 'pending' then
+      redis.call('RPUSH', KEYS[9], pid)
+      break
+    end
+  end
+end
+redis.call('HSET', w, 'commit_seq', p.seq)
+return {'ok'}
+"""
+
+# the targets of a job, written once by the first worker that runs it (and again when targets
+# are added): a target already there keeps its state; a product with a new target is queued
+SYNC = (
+    _NOW
+    + """
+-- KEYS: todo, leases, totals;  ARGV: prefix, then product, region, state (JSON), ...
+local queued = {}
+for i = 2, #ARGV, 3 do
+  local key = ARGV[1] .. 'p:' .. ARGV[i]
+  if redis.call('HSETNX', key, 'r:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then
+    redis.call('HINCRBYFLOAT', KEYS[3], 'pending|count', 1)
+    if not queued[ARGV[i]] then
+      queued[ARGV[i]] = true
+      redis.call('HSETNX', key, 'e', 0)
+      local deadline = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0')
+      if deadline < now then redis.call('RPUSH', KEYS[1], ARGV[i]) end  -- else its holder's
+    end
+  end
+end
+return 1
+"""
+)
+
+# a product given back before its walk ended (a stop): queued again for any worker
+RELEASE = """
+-- KEYS: leases, todo;  ARGV: prefix, pid, epoch, requeue (1/0)
+local key = ARGV[1] .. 'p:' .. ARGV[2]
+if redis.call('HGET', key, 'e') ~= ARGV[3] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('HSET', key, 'o', '')
+if ARGV[4] == '1' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+# a dead worker's open shard, copied up to its committed length by a worker that sees the file:
+# sealed, and that worker's incarnation retired, so a late wake-up cannot commit past the seal
+ADOPT = (
+    _NOW
+    + """
+-- KEYS: workers, w:<dead>, shards;  ARGV: dead worker, its incarnation, stale ms, file, sealed
+local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+if now - beat < tonumber(ARGV[3]) then return 'alive' end
+if redis.call('HGET', KEYS[2], 'inc') ~= ARGV[2] then return 'changed' end
+if redis.call('HGET', KEYS[2], 'open_shard') ~= ARGV[4] then return 'changed' end
+redis.call('HINCRBY', KEYS[2], 'inc', 1)
+redis.call('HSET', KEYS[2], 'open_shard', '')
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+return 'ok'
+"""
+)
+
+# GCRA over every worker of every job on one API key: up to n request slots, spaced 1/rate
+# apart on Redis's clock; answers the slots' delays (µs from now) or, while a 429 pause holds or
+# no slot is free yet, {-1, µs to wait}. The rate halves once per 429 episode and climbs back by
+# a tenth of the configured rate per quiet second, as the single-process gate does.
+RATE = """
+-- KEYS: rate;  ARGV: rate (requests/s), slack (requests), n
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local key = KEYS[1]
+local pause = tonumber(redis.call('HGET', key, 'pause') or '0')
+if now < pause then return {-1, pause - now} end
+local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
+if factor < 1 then
+  local changed = tonumber(redis.call('HGET', key, 'changed') or '0')
+  local quiet = (now - math.max(changed, pause)) / 1000000
+  if quiet >= 1 then
+    factor = math.min(1, factor + 0.1 * quiet)
+    redis.call('HSET', key, 'factor', factor, 'changed', string.format('%.0f', now))
+  end
+end
+local interval = 1000000 / (tonumber(ARGV[1]) * factor)
+local tolerance = tonumber(ARGV[2]) * interval
+local tat = math.max(tonumber(redis.call('HGET', key, 'tat') or '0'), now)
+if now < tat - tolerance then return {-1, math.ceil(tat - tolerance - now)} end
+local delays = {}
+for i = 1, tonumber(ARGV[3]) do
+  local at = math.max(now, tat - tolerance)
+  if at - now > tolerance then break end  -- slots further out are left to whoever asks then
+  table.insert(delays, math.floor(at - now))
+  tat = tat + interval
+end
+-- integers as text: Lua would print 16 digits as 1.79...e+15 and lose the microseconds
+redis.call('HSET', key, 'tat', string.format('%.0f', tat))
+redis.call('PEXPIRE', key, 3600000)
+return delays
+"""
+
+# a 429: pause every worker on the key; a new episode halves the rate
+RATE_LIMITED = """
+-- KEYS: rate;  ARGV: pause (µs)
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local key = KEYS[1]
+local pause = tonumber(redis.call('HGET', key, 'pause') or '0')
+local episode = now >= pause
+redis.call('HSET', key, 'pause', string.format('%.0f', math.max(pause, now + tonumber(ARGV[1]))))
+if episode then
+  local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
+  redis.call('HSET', key, 'factor', math.max(0.05, factor * 0.5), 'changed',
+             string.format('%.0f', now))
+  redis.call('HINCRBY', key, 'episodes', 1)
+end
+redis.call('PEXPIRE', key, 3600000)
+return episode and 1 or 0
+"""

@@ -1,0 +1,55 @@
+"""The seen-set in the coordinated mode: per product, committed in Redis, held by one worker.
+
+A review belongs to its product (the contract: it shows on several pages and in several regions
+of one product), so the product is the unit a worker leases: all its regions' duplicates meet in
+one process, and the set of one product is all a worker needs to load when it takes it over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+
+class ProductSeen:
+    """The ids of the products this worker holds: committed ones from Redis, new ones queued
+    until the writer takes them into its commit (``take``)."""
+
+    loaded = True
+    count = 0  # no seen file in this mode: the writer's file position stays 0
+    other_bytes = 0
+
+    def __init__(self) -> None:
+        self._sets: dict[str, set[str]] = {}
+        self._pending: list[str] = []
+
+    def hold(self, product_id: str, committed: Iterable[str]) -> None:
+        self._sets[product_id] = set(committed)
+
+    def drop(self, product_id: str) -> None:
+        self._sets.pop(product_id, None)
+
+    def adder(self, product_id: str) -> Callable[[str], bool]:
+        ids, pending = self._sets[product_id], self._pending
+
+        def add(review_id: str) -> bool:
+            if review_id in ids:
+                return False
+            ids.add(review_id)
+            pending.append(review_id)
+            return True
+
+        return add
+
+    def take(self) -> tuple[bytes, bytes]:
+        """The ids added since the last take, one per line (the store sends them to Redis)."""
+        taken, self._pending = self._pending, []
+        return b"", "\n".join(taken).encode()
+
+    def load(self) -> None:
+        """Nothing to build: a product's ids come with its lease."""
+
+    def write(self, ids: bytes, other: bytes) -> None:
+        """Nothing to write: the ids are committed with the page, in Redis."""
+
+    def close(self) -> None:
+        self._sets.clear()

@@ -1,0 +1,106 @@
+"""A coordinated job's state read from Redis, for status and the run report: the whole job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from crawler.coordination.store import prefix_of, totals_from
+from crawler.state import Ledger, ShardInfo, Totals
+
+
+class RedisView:
+    """The same reading surface as ``SqliteView``, plus the workers."""
+
+    def __init__(self, redis_url: str, job: str) -> None:
+        import redis  # noqa: PLC0415 -- only a coordinated job needs the client
+
+        self._redis: Any = redis.Redis.from_url(redis_url, decode_responses=True)
+        self._p = prefix_of(job)
+        self.job = {
+            "runs": self._redis.llen(self._p + "runs"),
+            "open_shard": next(iter(self._open_shards()), None),
+        }
+
+    @property
+    def ledger(self) -> Ledger:
+        ledger = self._redis.hgetall(self._p + "ledger")
+        return Ledger(int(ledger.get("leased", 0)), int(ledger.get("credits", 0)))
+
+    def totals(self) -> Totals:
+        return totals_from(self._redis.hgetall(self._p + "totals"))
+
+    def _shard_docs(self) -> list[dict[str, Any]]:
+        order = self._redis.zrange(self._p + "shardorder", 0, -1)
+        shards = self._redis.hgetall(self._p + "shards")
+        return [orjson.loads(shards[f]) for f in order if f in shards]
+
+    def shards(self) -> list[ShardInfo]:
+        return [_info(d) for d in self._shard_docs() if d["sha256"] is not None]
+
+    def _open_shards(self) -> list[ShardInfo]:
+        return [_info(d) for d in self._shard_docs() if d["sha256"] is None and d["records"]]
+
+    def refreshes(self) -> list[dict[str, Any]]:
+        return []  # a coordinated job is not refreshed yet (see README)
+
+    def last_run(self) -> dict[str, Any] | None:
+        run = self._redis.lindex(self._p + "runs", 0)
+        return orjson.loads(run) if run else None
+
+    def attention(self, limit: int) -> list[dict[str, Any]]:
+        """Failed targets and those at their credit cap, then walks under way (leased now)."""
+        rows: list[dict[str, Any]] = []
+        for key in sorted(self._redis.sscan_iter(self._p + "attention"))[:limit]:
+            product_id, _, region = key.rpartition(":")
+            rows += self._targets(product_id, region)
+        for product_id in self._redis.zrange(self._p + "leases", 0, -1):
+            if len(rows) >= limit:
+                break
+            rows += [
+                r for r in self._targets(product_id) if r["status"] == "pending" and r["walk_pages"]
+            ][: limit - len(rows)]
+        return rows
+
+    def _targets(self, product_id: str, region: str | None = None) -> list[dict[str, Any]]:
+        fields = self._redis.hgetall(f"{self._p}p:{product_id}")
+        return [
+            {"product_id": product_id, "region": name[2:], **orjson.loads(raw)}
+            for name, raw in sorted(fields.items())
+            if name.startswith("r:") and (region is None or name[2:] == region)
+        ]
+
+    def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]:
+        """Every target's ``columns``, product by product (in no particular order)."""
+        for key in self._redis.scan_iter(match=self._p + "p:*", count=1000):
+            for row in self._targets(key[len(self._p) + 2 :]):
+                row["seconds"] = round(row["seconds"], 3)
+                yield tuple(row.get(name) for name in columns)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's liveness: seconds since its heartbeat, products held, its rate."""
+        now = float(self._redis.time()[0])
+        out = []
+        for name, beat in self._redis.zrange(self._p + "workers", 0, -1, withscores=True):
+            state = self._redis.hgetall(f"{self._p}w:{name}")
+            live = orjson.loads(state.get("live", "{}"))
+            out.append(
+                {
+                    "worker": name,
+                    "seconds_since_heartbeat": round(now - beat / 1000, 1),
+                    "stopped": bool(live.get("stopped")),
+                    "products_held": live.get("held", 0),
+                    "rate": live.get("rate", 0.0),
+                    "open_shard": state.get("open_shard") or None,
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _info(doc: dict[str, Any]) -> ShardInfo:
+    return ShardInfo(doc["file"], doc["records"], doc["bytes"], doc["sha256"])
