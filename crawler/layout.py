@@ -74,7 +74,7 @@ class Layout:
             self.state_db.with_name(self.state_db.name + s) for s in ("", "-wal", "-shm")
         ]
         # a crash between writing and renaming leaves these beside their final names
-        candidates += [p.with_name(p.name + ".tmp") for p in written]
+        candidates += [t for p in written for t in sorted(self.root.glob(p.name + ".*tmp"))]
         if self.state_dir.is_dir():  # and crawler 0.1's state files
             candidates += [self.old_snapshot, *sorted(self.state_dir.glob("journal-*.log"))]
             candidates += sorted(self.state_dir.glob("*.tmp"))
@@ -105,8 +105,9 @@ def shard_owner(name: str) -> str | None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Temp file in the same folder, fsync, rename over, fsync the folder. The temp file is
+    this process's own: workers of a coordinated job write the same report and manifest."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

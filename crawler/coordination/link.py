@@ -40,6 +40,7 @@ class Link:
         )
         self._unavailable = unavailable_seconds
         self._down_since: float | None = None
+        self._back_at = float("-inf")  # when Redis last answered again after an outage
         self._scripts: dict[str, Any] = {}
 
     def script(self, source: str) -> Callable[..., Awaitable[Any]]:
@@ -79,6 +80,12 @@ class Link:
                 )
                 self._down_since = None
             return result
+
+    def settled(self, seconds: float) -> bool:
+        """No outage ended in the last ``seconds``. After one, the other workers' heartbeats
+        and leases look stale only because Redis was gone for them too: give them a lease's
+        time to renew before taking anything of theirs over."""
+        return time.monotonic() - self._back_at > seconds
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is None:

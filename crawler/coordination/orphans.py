@@ -23,19 +23,11 @@ from crawler.layout import Layout, fsync_dir
 
 log = structlog.get_logger("crawler.coordination")
 
-_DEAD = (
-    _NOW
-    + """
--- KEYS: workers;  ARGV: stale ms
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-"""
-)
-
 
 async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> int:
     """Seal the open shards of workers silent for longer than ``stale_ms`` whose files are in
     this folder; the number sealed."""
-    dead: list[str] = await link.script(_DEAD)(keys=[prefix + "workers"], args=[stale_ms])
+    dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms])
     sealed = 0
     for worker in dead:
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))

@@ -30,17 +30,25 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
+# how long Redis has been up (ms): just after a restart every heartbeat and lease looks old,
+# only because Redis was gone for every worker alike: nothing is taken over until a lease later
+_UPTIME = """
+local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+uptime = uptime * 1000
+"""
+
 # a worker starts: a new incarnation (its earlier one, if alive, is retired by this), heartbeat
 REGISTER = (
     _NOW
     + """
 -- KEYS: w:<worker>, workers;  ARGV: worker, info (JSON)
 local inc = redis.call('HINCRBY', KEYS[1], 'inc', 1)
+redis.call('HSETNX', KEYS[1], 'next_shard', 1)  -- shard numbers start at 1, as one process's
 redis.call('HSET', KEYS[1], 'info', ARGV[2], 'started', now)
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
         redis.call('HGET', KEYS[1], 'lease_seq') or '0',
-        redis.call('HGET', KEYS[1], 'next_shard') or '1',
+        redis.call('HGET', KEYS[1], 'next_shard'),
         redis.call('HGET', KEYS[1], 'open_shard') or ''}
 """
 )
@@ -48,8 +56,10 @@ return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
 # the next product to walk: one whose lease expired first (its holder died), else the queue's
 CLAIM = (
     _NOW
+    + _UPTIME
     + """
--- KEYS: todo, leases, w:<worker>;  ARGV: prefix, worker, request id, lease ms, incarnation
+-- KEYS: todo, leases, w:<worker>
+-- ARGV: prefix, worker, request id, lease ms, incarnation, take expired leases (1/0)
 if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
 if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the same answer
   local pid = redis.call('HGET', KEYS[3], 'claim_pid')
@@ -57,9 +67,19 @@ if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the sa
   local key = ARGV[1] .. 'p:' .. pid
   return {pid, redis.call('HGET', key, 'e'), redis.call('HGETALL', key)}
 end
-local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
+local pid = nil
+if ARGV[6] == '1' and uptime > tonumber(ARGV[4]) then
+  pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
+end
 if not pid then pid = redis.call('LPOP', KEYS[1]) end
 if not pid then
+  -- nothing free: while another worker holds a product, it may yet die and leave it to us
+  local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #held, 2 do
+    if redis.call('HGET', ARGV[1] .. 'p:' .. held[i], 'o') ~= ARGV[2] then
+      return {'wait', tostring(math.max(1, tonumber(held[i + 1]) - now))}
+    end
+  end
   redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', '')
   return {}
 end
@@ -205,14 +225,24 @@ if ARGV[4] == '1' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
 return 1
 """
 
+# the workers silent for longer than a lease
+SILENT = (
+    _NOW
+    + """
+-- KEYS: workers;  ARGV: stale ms
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+"""
+)
+
 # a dead worker's open shard, copied up to its committed length by a worker that sees the file:
 # sealed, and that worker's incarnation retired, so a late wake-up cannot commit past the seal
 ADOPT = (
     _NOW
+    + _UPTIME
     + """
 -- KEYS: workers, w:<dead>, shards;  ARGV: dead worker, its incarnation, stale ms, file, sealed
 local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
-if now - beat < tonumber(ARGV[3]) then return 'alive' end
+if now - beat < tonumber(ARGV[3]) or uptime < tonumber(ARGV[3]) then return 'alive' end
 if redis.call('HGET', KEYS[2], 'inc') ~= ARGV[2] then return 'changed' end
 if redis.call('HGET', KEYS[2], 'open_shard') ~= ARGV[4] then return 'changed' end
 redis.call('HINCRBY', KEYS[2], 'inc', 1)

@@ -312,13 +312,17 @@ class RedisStore:
 
     async def _claim_product(self) -> None:
         keys = [self.key("todo"), self.key("leases"), self.key(f"w:{self.worker}")]
-        args = [self._p, self.worker, uuid.uuid4().hex, self._lease_ms, self._inc]
+        settled = "1" if self.link.settled(self._lease_ms / 1000) else "0"
+        args = [self._p, self.worker, uuid.uuid4().hex, self._lease_ms, self._inc, settled]
         answer = await self._claim(keys=keys, args=args)
         if not answer:
             self._drained = True
             return
         if answer[0] == "retired":
             self.retired = True
+            return
+        if answer[0] == "wait":  # another worker's product: its lease ends, or it finishes
+            await asyncio.sleep(min(int(answer[1]), self._lease_ms // 3) / 1000)
             return
         product_id, epoch, flat = answer[0], answer[1], answer[2]
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -377,7 +381,8 @@ class RedisStore:
                     "others found it dead (silent longer than coordination.lease_seconds); "
                     "nothing of its uncommitted work counts: start it again"
                 )
-            await adopt_orphans(self.link, self._p, self.layout, self._lease_ms)
+            if self.link.settled(self._lease_ms / 1000):
+                await adopt_orphans(self.link, self._p, self.layout, self._lease_ms)
             await self.refresh_view()
 
     async def renew(self, rate: float = 0.0) -> None:

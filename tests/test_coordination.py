@@ -1,0 +1,308 @@
+"""One job, many worker processes, through a real redis-server: exact output through kills,
+restarts under new names, a Redis restart, a paused worker; one rate and one budget for all."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from crawler import load_job
+from crawler.layout import Layout
+from crawler.sandbox import SandboxOptions, SandboxProcess, key_fingerprint, serve_in_process
+from crawler.verify import verify
+from tests.conftest import (
+    KEY,
+    PRODUCTS,
+    RedisServer,
+    crawler_command,
+    output_ids,
+    subprocess_env,
+)
+
+MORE = [str(1729679758111249333 + i) for i in range(24)]
+PAIRS = [(p, r) for p in MORE for r in ("US", "DE")]
+
+
+def write_job(
+    folder: Path,
+    url: str,
+    redis_url: str,
+    pairs: list[tuple[str, str]],
+    *,
+    name: str = "job",
+    **sections: Any,
+) -> Path:
+    doc: dict[str, Any] = {
+        "api": {
+            "base_url": url,
+            "requests_per_second": 300,
+            "concurrency": 4,
+            "timeout_seconds": 5,
+            "retry": {"max_attempts": 8, "base_seconds": 0.01, "cap_seconds": 0.05},
+            "shutdown_grace_seconds": 2,
+        },
+        "budget": {"max_credits": 1_000_000},
+        "output": {"dir": "out", "shard_max_records": 200},
+        "coordination": {"redis_url": redis_url, "lease_seconds": 2, "unavailable_seconds": 30},
+        "targets": [{"product_id": p, "region": r} for p, r in pairs],
+    }
+    for section, values in sections.items():
+        doc[section] = {**doc.get(section, {}), **values}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+async def start(job: Path, worker: str, *extra: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *crawler_command(
+            "--log-level", "warning", "run", "--no-progress", "--worker", worker, *extra, str(job)
+        ),
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def expected(box: SandboxProcess, pairs: list[tuple[str, str]]) -> set[str]:
+    ids: set[str] = set()
+    for product_id, region in pairs:
+        ids.update(await box.ids(product_id, region))
+    return ids
+
+
+async def requests(box: SandboxProcess) -> int:
+    return sum(book["requests"] for book in (await box.ledger()).values())
+
+
+async def until_requests(box: SandboxProcess, count: int) -> None:
+    async with asyncio.timeout(60):
+        while await requests(box) < count:  # noqa: ASYNC110 -- another process's progress
+            await asyncio.sleep(0.02)
+
+
+def assert_exact(job: Path, ids_expected: set[str]) -> None:
+    out = load_job(job).output.dir
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)), "a review written twice"
+    assert set(ids) == ids_expected
+    verdict = verify(Layout(out))
+    assert verdict.ok, verdict.problems
+
+
+async def test_three_workers_through_random_kills_and_new_names(
+    tmp_path: Path, redis_server: RedisServer
+):
+    rng = random.Random(20261126)
+    options = SandboxOptions(latency=(0.002, 0.01), fault_rate=0.03, charge_failures=True)
+    async with serve_in_process(options) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS)
+        running = {f"w{n}": await start(job, f"w{n}") for n in (1, 2, 3)}
+        kills, names = 0, 3
+        while kills < 12:
+            await asyncio.sleep(rng.uniform(0.2, 0.8))
+            alive = [w for w, p in running.items() if p.returncode is None]
+            if not alive:
+                break
+            victim = rng.choice(alive)
+            running[victim].send_signal(signal.SIGKILL)
+            await running.pop(victim).wait()
+            kills += 1
+            if rng.random() < 0.5:  # back under its own name, or a newcomer takes its place
+                victim = f"w{(names := names + 1)}"
+            running[victim] = await start(job, victim)
+        assert kills >= 10
+        for name, process in running.items():
+            _, stderr = await process.communicate()
+            assert process.returncode == 0, (name, stderr.decode())
+        ids_expected = await expected(box, PAIRS)
+        charged = (await box.ledger())[key_fingerprint(KEY)]["charged"]
+    assert_exact(job, ids_expected)
+    out = load_job(job).output.dir
+    workers = {p.name.split("-")[1] for p in Layout(out).shard_files()}
+    assert len(workers) >= 3  # shards of several workers, each its own series
+    status = await _status(job)
+    assert f"targets  {len(PAIRS)}: {len(PAIRS)} done" in status and "workers" in status
+    assert charged <= _leased(redis_server)
+
+
+async def _status(job: Path) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command("status", str(job)),
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+def _leased(server: RedisServer, job: str = "job") -> int:
+    import redis  # noqa: PLC0415 -- as the crawler does: only here
+
+    client = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        return int(client.hget(f"crawler:{job}:ledger", "leased") or 0)
+    finally:
+        client.close()
+
+
+async def test_two_jobs_on_one_key_hold_one_rate(tmp_path: Path, redis_server: RedisServer):
+    """Each job asks for the key's whole rate: together they get it, and almost no 429."""
+    rate = 60
+    async with serve_in_process(SandboxOptions(rate=rate, burst=4)) as (url, box):
+        jobs = []
+        for name, products in (("first", PRODUCTS[:4]), ("second", MORE[8:12])):
+            folder = tmp_path / name
+            folder.mkdir()
+            pairs = [(p, r) for p in products for r in ("US", "GB", "DE")]
+            jobs.append(
+                write_job(
+                    folder,
+                    url,
+                    redis_server.url,
+                    pairs,
+                    name=name,
+                    api={"requests_per_second": rate, "concurrency": 8},
+                )
+            )
+        workers = [await start(job, "one") for job in jobs]
+        await until_requests(box, 60)  # both under way
+        loop = asyncio.get_running_loop()
+        first, started = await requests(box), loop.time()
+        await asyncio.sleep(4.0)
+        sent, seconds = await requests(box) - first, loop.time() - started
+        for process in workers:
+            process.send_signal(signal.SIGINT)
+            await process.wait()
+        statuses = (await box.ledger())[key_fingerprint(KEY)]["statuses"]
+    assert all(p.returncode == 130 for p in workers)
+    assert sent / seconds >= 0.95 * rate  # the key's rate, not half of it
+    assert sent / seconds <= 1.05 * rate
+    assert statuses.get("429", 0) < 0.01 * sum(statuses.values())
+
+
+async def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisServer):
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS, api={"requests_per_second": 200})
+        workers = [await start(job, f"w{n}") for n in (1, 2)]
+        await until_requests(box, 150)
+        assert redis_server.process is not None
+        redis_server.process.kill()  # not even a clean shutdown: the append-only file holds
+        redis_server.process.wait()
+        await asyncio.sleep(1.0)  # the workers wait, sending nothing
+        idle = await requests(box)
+        await asyncio.sleep(0.5)
+        assert await requests(box) - idle <= 2 * 4  # at most what was in flight
+        redis_server.start()
+        for process in workers:
+            _, stderr = await process.communicate()
+            assert process.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS)
+        charged = (await box.ledger())[key_fingerprint(KEY)]["charged"]
+    assert_exact(job, ids_expected)
+    assert charged <= _leased(redis_server)  # every request's credits were leased first
+
+
+async def test_redis_gone_too_long_stops_the_worker_and_it_resumes(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (url, box):
+        coordination = {"unavailable_seconds": 1.5}
+        job = write_job(tmp_path, url, redis_server.url, PAIRS, coordination=coordination)
+        worker = await start(job, "w1")
+        await until_requests(box, 50)
+        redis_server.stop()
+        _, stderr = await worker.communicate()
+        assert worker.returncode == 8, stderr.decode()
+        assert b"unreachable for more than coordination.unavailable_seconds" in stderr
+        assert b"Traceback" not in stderr
+        redis_server.start()
+        worker = await start(job, "w1")
+        _, stderr = await worker.communicate()
+        assert worker.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS)
+    assert_exact(job, ids_expected)
+
+
+async def test_the_budget_holds_over_every_worker(tmp_path: Path, redis_server: RedisServer):
+    options = SandboxOptions(fault_rate=0.1, faults=("500",), charge_failures=True)
+    async with serve_in_process(options) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS, budget={"max_credits": 301})
+        workers = [await start(job, f"w{n}") for n in (1, 2, 3)]
+        for process in workers:
+            await process.wait()
+        assert [p.returncode for p in workers] == [3, 3, 3]
+        assert (await box.ledger())[key_fingerprint(KEY)]["charged"] <= 301
+        write_job(tmp_path, url, redis_server.url, PAIRS)  # the budget raised
+        worker = await start(job, "w4")
+        _, stderr = await worker.communicate()
+        assert worker.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS)
+    assert_exact(job, ids_expected)
+
+
+async def test_a_worker_paused_past_its_lease_is_fenced_out(
+    tmp_path: Path, redis_server: RedisServer
+):
+    """Kleppmann's case: a worker stops (here SIGSTOP) longer than its lease; another takes its
+    products over; when it wakes it must not commit what it had in hand."""
+    async with serve_in_process(SandboxOptions(latency=(0.005, 0.02))) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS, api={"requests_per_second": 100})
+        sleeper = await start(job, "sleeper")
+        await until_requests(box, 40)
+        sleeper.send_signal(signal.SIGSTOP)
+        other = await start(job, "other")
+        await asyncio.sleep(3.5)  # past the 2 s lease: "other" takes the sleeper's products
+        sleeper.send_signal(signal.SIGCONT)
+        _, stderr = await sleeper.communicate()
+        assert sleeper.returncode in (0, 8), stderr.decode()
+        _, stderr2 = await other.communicate()
+        assert other.returncode == 0, stderr2.decode()
+        if sleeper.returncode != 0:
+            assert b"taken over by another worker" in stderr or b"found it dead" in stderr
+        ids_expected = await expected(box, PAIRS)
+    assert_exact(job, ids_expected)
+
+
+async def test_a_redis_that_could_forget_commits_is_refused(tmp_path: Path):
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = RedisServer(port, folder)
+    server.start("--appendfsync", "everysec")
+    try:
+        job = write_job(tmp_path, "http://127.0.0.1:9", server.url, PAIRS[:2])
+        process = await start(job, "w1")
+        _, stderr = await process.communicate()
+    finally:
+        server.stop()
+    assert process.returncode == 2
+    assert b"appendfsync always" in stderr and b"Traceback" not in stderr
+
+
+@pytest.mark.parametrize("flag", [True, False])
+async def test_redis_url_from_the_command_line(tmp_path: Path, redis_server, flag):
+    async with serve_in_process(SandboxOptions()) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS[:6])
+        if flag:  # the same job without its coordination section, and --redis
+            doc = yaml.safe_load(job.read_text())
+            del doc["coordination"]
+            job.write_text(yaml.safe_dump(doc))
+        process = await start(job, "w1", *(["--redis", redis_server.url] if flag else []))
+        _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS[:6])
+    assert_exact(job, ids_expected)
+    assert _leased(redis_server) > 0  # it went through Redis
