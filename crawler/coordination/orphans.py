@@ -18,7 +18,7 @@ import orjson
 import structlog
 
 from crawler.coordination.link import Link
-from crawler.coordination.scripts import _NOW, ADOPT
+from crawler.coordination.scripts import ADOPT, SILENT
 from crawler.layout import Layout, fsync_dir
 
 log = structlog.get_logger("crawler.coordination")
