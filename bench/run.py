@@ -26,7 +26,8 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from targets import targets_at_scale  # bench/targets.py: the script's folder is on the path
+from coordination import coordination  # bench/coordination.py: the script's folder is on the path
+from targets import targets_at_scale  # bench/targets.py, likewise
 
 from crawler import load_job, logs, run_job
 from crawler.dedup import SeenLog
@@ -477,12 +478,36 @@ async def seen_and_resume(rows: list[str]) -> None:
     resume_cost(rows)
 
 
+async def coordinated(rows: list[str]) -> None:
+    """The coordinated mode against the reference server: what Redis costs, and a shared rate."""
+    port = 18951
+    server = start_server(
+        [sys.executable, str(ROOT / "bench" / "server.py"), str(port), ",".join(PRODUCTS),
+         ",".join(REGIONS)],
+        "ready",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await bare_loop(url)  # warm-up
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, pages, _ = await crawler_run(url, Path(tmp), 1)
+        rows.append(
+            f"The same walk ({len(targets())} targets, {pages:,} pages) by one process without "
+            f"Redis: {pages / seconds:,.0f} pages/s."
+        )
+        rows.append("")
+        await coordination(rows, targets(), url)
+    finally:
+        server.terminate()
+
+
 SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "throughput": throughput,
     "rate": rate_fidelity,
     "seen-set": seen_and_resume,
     "crawl-memory-and-resume": crawler_memory_and_resume,
     "targets": targets_at_scale,
+    "coordination": coordinated,
 }
 
 

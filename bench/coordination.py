@@ -1,0 +1,150 @@
+"""Benchmark section: the coordinated mode. What Redis costs a job's throughput with 1, 2 and 4
+workers (no rate limit, the reference server), and how well 3 workers share one rate limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CRAWLER = [sys.executable, "-m", "crawler"]
+KEY = {"KEYAPI_API_KEY": "sk_bench_coordination"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server") or str(Path(sys.executable).with_name("redis-server"))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(500):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.02)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def write_job(
+    folder: Path, url: str, redis_url: str, targets: list[tuple[str, str]], **api: Any
+) -> Path:
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": url, "concurrency": 16, **api},
+                "budget": {"max_credits": 100_000_000},
+                "output": {"dir": "out"},
+                "coordination": {"redis_url": redis_url, "job": folder.name},
+                "targets": [{"product_id": p, "region": r} for p, r in targets],
+            }
+        )
+    )
+    return job
+
+
+def workers(job: Path, count: int) -> list[subprocess.Popen[bytes]]:
+    run = [*CRAWLER, "--log-level", "warning", "run", "--no-progress"]
+    return [
+        subprocess.Popen(
+            [*run, "--worker", f"w{n}", str(job)],
+            env={**os.environ, **KEY},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n in range(count)
+    ]
+
+
+def throughput(url: str, redis_url: str, targets: list[tuple[str, str]], count: int) -> float:
+    """Pages/s of ``count`` workers walking the whole job, launch of the first to the last's end."""
+    with tempfile.TemporaryDirectory(prefix=f"coord{count}-") as tmp:
+        job = write_job(Path(tmp), url, redis_url, targets, requests_per_second=1_000_000)
+        started = time.perf_counter()
+        running = workers(job, count)
+        for process in running:
+            assert process.wait() == 0
+        seconds = time.perf_counter() - started
+        report = json.loads((Path(tmp) / "out" / "run-report.json").read_text())
+    return float(report["totals"]["pages"]) / seconds
+
+
+def ledger_requests(url: str) -> tuple[int, int]:
+    with urllib.request.urlopen(url + "/_sandbox/ledger") as answer:  # noqa: S310 -- loopback
+        keys = json.load(answer)["keys"]
+    requests = sum(book["requests"] for book in keys.values())
+    limited = sum(book["statuses"].get("429", 0) for book in keys.values())
+    return requests, limited
+
+
+def shared_rate(redis_url: str, rate: float) -> tuple[float, int, int]:
+    """3 workers of one job under one limit, against a sandbox that allows exactly ``rate``."""
+    sandbox = subprocess.Popen(
+        [*CRAWLER, "sandbox", "--port", "0", "--rate", str(rate), "--burst", str(rate * 0.05 + 2),
+         "--latency-ms", "20-80"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert sandbox.stdout is not None
+    url = sandbox.stdout.readline().split()[-1]
+    products = [str(1729679758111249333 + i) for i in range(60)]
+    targets = [(p, r) for p in products for r in ("US", "GB", "DE", "FR")]
+    try:
+        with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
+            job = write_job(Path(tmp), url, redis_url, targets, requests_per_second=rate)
+            running = workers(job, 3)
+            time.sleep(3.0)  # all three under way
+            first, limited_before = ledger_requests(url)
+            started = time.perf_counter()
+            time.sleep(10.0)
+            last, limited_after = ledger_requests(url)
+            seconds = time.perf_counter() - started
+            for process in running:
+                process.send_signal(signal.SIGINT)
+                process.wait()
+    finally:
+        sandbox.terminate()
+        sandbox.wait()
+    return (last - first) / seconds, last - first, limited_after - limited_before
+
+
+async def coordination(rows: list[str], targets: list[tuple[str, str]], url: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="redis-") as folder:
+        redis, redis_url = start_redis(Path(folder))
+        try:
+            rows.append("| workers of one job, through Redis | pages/s, all workers together |")
+            rows.append("|---|---|")
+            for count in (1, 2, 4):
+                rows.append(f"| {count} | {throughput(url, redis_url, targets, count):,.0f} |")
+            rows.append("")
+            rows.append("| configured req/s | 3 workers together, req/s | ratio | 429s |")
+            rows.append("|---|---|---|---|")
+            for rate in (50.0, 300.0):
+                achieved, sent, limited = shared_rate(redis_url, rate)
+                rows.append(
+                    f"| {rate:g} | {achieved:.1f} | {achieved / rate:.3f} | {limited} of {sent} |"
+                )
+        finally:
+            redis.terminate()
+            redis.wait()
