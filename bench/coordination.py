@@ -71,7 +71,7 @@ def workers(job: Path, count: int) -> list[subprocess.Popen[bytes]]:
             [*run, "--worker", f"w{n}", str(job)],
             env={**os.environ, **KEY},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for n in range(count)
     ]
@@ -84,7 +84,8 @@ def throughput(url: str, redis_url: str, targets: list[tuple[str, str]], count: 
         started = time.perf_counter()
         running = workers(job, count)
         for process in running:
-            assert process.wait() == 0
+            _, stderr = process.communicate()
+            assert process.returncode == 0, stderr.decode()
         seconds = time.perf_counter() - started
         report = json.loads((Path(tmp) / "out" / "run-report.json").read_text())
     return float(report["totals"]["pages"]) / seconds
@@ -114,7 +115,7 @@ def shared_rate(redis_url: str, rate: float) -> tuple[float, int, int]:
         with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
             job = write_job(Path(tmp), url, redis_url, targets, requests_per_second=rate)
             running = workers(job, 3)
-            time.sleep(3.0)  # all three under way
+            time.sleep(3.0)  # all three under way (their logs are not read: few lines)
             first, limited_before = ledger_requests(url)
             started = time.perf_counter()
             time.sleep(10.0)

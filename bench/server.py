@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from aiohttp import web
@@ -30,8 +31,15 @@ def main() -> None:
 
     app = web.Application()
     app.router.add_get(REVIEWS.path, handler)
-    print(f"ready {len(pages)}", flush=True)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+    async def serve() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"ready {len(pages)}", flush=True)  # once it listens, not before
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
 
 
 if __name__ == "__main__":

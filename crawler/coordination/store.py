@@ -50,6 +50,7 @@ log = structlog.get_logger("crawler.coordination")
 _FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
 _ATTENTION = (Status.FAILED, Status.BUDGET)
 _SYNC_CHUNK = 2000  # targets per sync script: long scripts block every other worker
+_WAIT_MS = 500  # with nothing to claim, how often to look again while others hold products
 
 
 @dataclass
@@ -111,6 +112,7 @@ class RedisStore:
         self._leases: dict[str, Lease] = {}
         self._live: dict[int, tuple[TargetState, Target, Lease]] = {}
         self._queue: list[Claimed] = []
+        self._claiming = asyncio.Lock()
         self._next_id = 1
         self._drained = False
         self.retired = False
@@ -307,7 +309,9 @@ class RedisStore:
 
     async def claim(self) -> Claimed | None:
         while not self._queue and not self._drained and not self.retired:
-            await self._claim_product()
+            async with self._claiming:  # one claim at a time: the others find its targets
+                if not self._queue and not self._drained and not self.retired:
+                    await self._claim_product()
         return self._queue.pop(0) if self._queue else None
 
     async def _claim_product(self) -> None:
@@ -322,12 +326,13 @@ class RedisStore:
             self.retired = True
             return
         if answer[0] == "wait":  # another worker's product: its lease ends, or it finishes
-            await asyncio.sleep(min(int(answer[1]), self._lease_ms // 3) / 1000)
+            await asyncio.sleep(min(int(answer[1]), _WAIT_MS) / 1000)
             return
         product_id, epoch, flat = answer[0], answer[1], answer[2]
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         lease = Lease(product_id, epoch)
         self._leases[product_id] = lease
+        claimed: list[Claimed] = []
         for name, raw in sorted(fields.items()):
             if not name.startswith("r:"):
                 continue
@@ -338,12 +343,15 @@ class RedisStore:
             target = Target(product_id, name[2:], cap)
             lease.targets.add(state.id)
             self._live[state.id] = (state, target, lease)
-            self._queue.append(Claimed(target, state, int(epoch), lease))
-        if not lease.targets:
+            claimed.append(Claimed(target, state, int(epoch), lease))
+        if not claimed:
             await self._release_product(lease, requeue=False)
             return
+        # the product's committed ids before any of its targets is handed out: a walker may
+        # render its first page while this waits
         ids = await self.link.call(lambda: self.link.redis.smembers(self.key(f"seen:{product_id}")))
         self.seen.hold(product_id, ids)
+        self._queue.extend(claimed)
 
     def holds(self, target_id: int) -> bool:
         held = self._live.get(target_id)
