@@ -231,6 +231,9 @@ def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
             _print_csv(view)
             return 0
         doc = report.build(job, view)
+        workers = getattr(view, "workers", None)  # a coordinated job's view has them
+        if workers is not None:
+            doc["workers"] = workers()
         if args.all:
             columns = report.CSV_COLUMNS
             doc["targets"] = [dict(zip(columns, r, strict=True)) for r in view.rows(columns)]
@@ -242,10 +245,10 @@ def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
         from crawler.show import print_summary  # noqa: PLC0415
 
         print_summary(job, doc, view, every=args.all)
-        if job.coordination is not None:
+        if "workers" in doc:
             from crawler.show import print_workers  # noqa: PLC0415
 
-            print_workers(view)
+            print_workers(doc["workers"])
     finally:
         view.close()
     return 0

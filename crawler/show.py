@@ -52,13 +52,13 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
         )
 
 
-def print_workers(view: Any) -> None:
+def print_workers(workers: list[dict[str, Any]]) -> None:
     """A coordinated job's workers: who is alive, what each holds, how fast it goes."""
     table = Table(
         "worker", "last heartbeat", "products held", "rate (req/s)", "open shard",
         title="workers", title_justify="left",
     )  # fmt: skip
-    for w in view.workers():
+    for w in workers:
         table.add_row(
             w["worker"],
             "stopped" if w["stopped"] else f"{w['seconds_since_heartbeat']:,.1f} s ago",
