@@ -6,7 +6,7 @@ a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
 
     meta           hash   output settings, targets digest, targets count
     init           string the lock held while one worker writes the targets into Redis
-    p:<product>    hash   e: lease epoch (the fencing token), o: holder, r:<REGION>: a target
+    p:<product>    hash   e: lease epoch (fencing token), o: holder#incarnation, r:<REGION>: target
     todo           list   products to walk, not leased
     leases         zset   product -> lease deadline (ms): an expired one may be taken over
     seen:<product> set    review ids of the product committed to some shard
@@ -37,15 +37,21 @@ local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_se
 uptime = uptime * 1000
 """
 
-# a worker starts: a new incarnation (its earlier one, if alive, is retired by this), heartbeat
+# a worker starts: a new incarnation (its earlier one, if alive, is retired by this), heartbeat;
+# the products its earlier incarnation held are its to take back at once (lease deadline 0)
 REGISTER = (
     _NOW
     + """
--- KEYS: w:<worker>, workers;  ARGV: worker, info (JSON)
+-- KEYS: w:<worker>, workers, leases;  ARGV: worker, info (JSON), prefix
 local inc = redis.call('HINCRBY', KEYS[1], 'inc', 1)
 redis.call('HSETNX', KEYS[1], 'next_shard', 1)  -- shard numbers start at 1, as one process's
 redis.call('HSET', KEYS[1], 'info', ARGV[2], 'started', now)
 redis.call('ZADD', KEYS[2], now, ARGV[1])
+local mine = ARGV[1] .. '#'
+for _, pid in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  local owner = redis.call('HGET', ARGV[3] .. 'p:' .. pid, 'o') or ''
+  if string.sub(owner, 1, #mine) == mine then redis.call('ZADD', KEYS[3], 0, pid) end
+end
 return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
         redis.call('HGET', KEYS[1], 'lease_seq') or '0',
         redis.call('HGET', KEYS[1], 'next_shard'),
@@ -60,6 +66,7 @@ CLAIM = (
     + """
 -- KEYS: todo, leases, w:<worker>
 -- ARGV: prefix, worker, request id, lease ms, incarnation, take expired leases (1/0)
+local me = ARGV[2] .. '#' .. ARGV[5]
 if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
 if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the same answer
   local pid = redis.call('HGET', KEYS[3], 'claim_pid')
@@ -67,8 +74,9 @@ if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the sa
   local key = ARGV[1] .. 'p:' .. pid
   return {pid, redis.call('HGET', key, 'e'), redis.call('HGETALL', key)}
 end
-local pid = nil
-if ARGV[6] == '1' and uptime > tonumber(ARGV[4]) then
+-- given back by a worker's earlier incarnation first, then expired (not just after a restart)
+local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', 0, 'LIMIT', 0, 1)[1]
+if not pid and ARGV[6] == '1' and uptime > tonumber(ARGV[4]) then
   pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
 end
 if not pid then pid = redis.call('LPOP', KEYS[1]) end
@@ -76,7 +84,7 @@ if not pid then
   -- nothing free: while another worker holds a product, it may yet die and leave it to us
   local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   for i = 1, #held, 2 do
-    if redis.call('HGET', ARGV[1] .. 'p:' .. held[i], 'o') ~= ARGV[2] then
+    if redis.call('HGET', ARGV[1] .. 'p:' .. held[i], 'o') ~= me then
       return {'wait', tostring(math.max(1, tonumber(held[i + 1]) - now))}
     end
   end
@@ -85,7 +93,7 @@ if not pid then
 end
 local key = ARGV[1] .. 'p:' .. pid
 local epoch = redis.call('HINCRBY', key, 'e', 1)
-redis.call('HSET', key, 'o', ARGV[2])
+redis.call('HSET', key, 'o', me)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), pid)
 redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', pid)
 return {pid, tostring(epoch), redis.call('HGETALL', key)}

@@ -179,7 +179,8 @@ class RedisStore:
         info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid()}).decode()
         register = self.link.script(REGISTER)
         inc, commit_seq, lease_seq, next_shard, open_file = await register(
-            keys=[self.key(f"w:{self.worker}"), self.key("workers")], args=[self.worker, info]
+            keys=[self.key(f"w:{self.worker}"), self.key("workers"), self.key("leases")],
+            args=[self.worker, info, self._p],
         )
         self._inc, self._commit_seq, self._lease_seq = int(inc), int(commit_seq), int(lease_seq)
         self._next_shard = int(next_shard)
