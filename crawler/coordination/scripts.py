@@ -189,7 +189,8 @@ for _, pid in ipairs(p.release) do
   redis.call('HSET', key, 'o', '')
   local fields = redis.call('HGETALL', key)  -- a target added while it was walked goes on
   for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 2) == 'r:' and cjson.decode(fields[i + 1]).status == 'pending' then
+    local status = string.sub(fields[i], 1, 2) == 'r:' and cjson.decode(fields[i + 1]).status
+    if status == nil or status == 'pending' then  -- a new target's state leaves it out
       redis.call('RPUSH', KEYS[9], pid)
       break
     end
@@ -206,10 +207,11 @@ SYNC = (
     + """
 -- KEYS: todo, leases, totals;  ARGV: prefix, then product, region, state (JSON), ...
 local queued = {}
+local added = 0
 for i = 2, #ARGV, 3 do
   local key = ARGV[1] .. 'p:' .. ARGV[i]
   if redis.call('HSETNX', key, 'r:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then
-    redis.call('HINCRBYFLOAT', KEYS[3], 'pending|count', 1)
+    added = added + 1
     if not queued[ARGV[i]] then
       queued[ARGV[i]] = true
       redis.call('HSETNX', key, 'e', 0)
@@ -218,6 +220,7 @@ for i = 2, #ARGV, 3 do
     end
   end
 end
+if added > 0 then redis.call('HINCRBYFLOAT', KEYS[3], 'pending|count', added) end
 return 1
 """
 )

@@ -72,10 +72,15 @@ def default_worker() -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+_DEFAULTS = asdict(TargetState(0))
+
+
 def state_json(state: TargetState, target: Target) -> str:
-    doc = asdict(state)
-    doc.pop("id")
-    doc["max_pages"] = target.max_pages
+    """A target's state as Redis keeps it: what differs from a new target's (a million new
+    targets are then a few bytes each)."""
+    doc = {k: v for k, v in asdict(state).items() if k != "id" and v != _DEFAULTS[k]}
+    if target.max_pages is not None:
+        doc["max_pages"] = target.max_pages
     return orjson.dumps(doc).decode()
 
 
@@ -270,9 +275,12 @@ class RedisStore:
     async def _write_targets(self, targets: TargetList) -> None:
         keys = [self.key("todo"), self.key("leases"), self.key("totals")]
         args: list[Any] = [self._p]
+        new = state_json(TargetState(0), Target("0", "US"))
         for product_id, region, cap in targets.rows():
-            target = Target(product_id, region, cap)
-            args += [product_id, region, state_json(TargetState(0), target)]
+            state = (
+                new if cap is None else state_json(TargetState(0), Target(product_id, region, cap))
+            )
+            args += [product_id, region, state]
             if len(args) > 3 * _SYNC_CHUNK:
                 await self._sync(keys=keys, args=args)
                 args = [self._p]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 
 from crawler.coordination.store import prefix_of, totals_from
-from crawler.state import Ledger, ShardInfo, Totals
+from crawler.state import Ledger, ShardInfo, TargetState, Totals
 
 
 class RedisView:
@@ -67,7 +68,7 @@ class RedisView:
     def _targets(self, product_id: str, region: str | None = None) -> list[dict[str, Any]]:
         fields = self._redis.hgetall(f"{self._p}p:{product_id}")
         return [
-            {"product_id": product_id, "region": name[2:], **orjson.loads(raw)}
+            {"product_id": product_id, "region": name[2:], **_DEFAULTS, **orjson.loads(raw)}
             for name, raw in sorted(fields.items())
             if name.startswith("r:") and (region is None or name[2:] == region)
         ]
@@ -100,6 +101,9 @@ class RedisView:
 
     def close(self) -> None:
         self._redis.close()
+
+
+_DEFAULTS = {**asdict(TargetState(0)), "max_pages": None}
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:
