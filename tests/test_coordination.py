@@ -21,6 +21,7 @@ from tests.conftest import (
     PRODUCTS,
     RedisServer,
     crawler_command,
+    free_port,
     output_ids,
     subprocess_env,
 )
@@ -275,12 +276,7 @@ async def test_a_worker_paused_past_its_lease_is_fenced_out(
 async def test_a_redis_that_could_forget_commits_is_refused(tmp_path: Path):
     folder = tmp_path / "redis"
     folder.mkdir()
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = RedisServer(port, folder)
+    server = RedisServer(free_port(), folder)
     server.start("--appendfsync", "everysec")
     try:
         job = write_job(tmp_path, "http://127.0.0.1:9", server.url, PAIRS[:2])

@@ -8,7 +8,6 @@ no name points to any more, and its next commit is refused: a reader never sees 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ import structlog
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
 from crawler.layout import Layout, fsync_dir
+from crawler.shards import sha256_of
 
 log = structlog.get_logger("crawler.coordination")
 
@@ -37,7 +37,7 @@ async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) 
         raw = await link.call(partial(link.redis.hget, prefix + "shards", file))
         doc: dict[str, Any] = orjson.loads(raw)
         copy = _copy_committed(layout.shard(file), doc["bytes"])
-        doc["sha256"] = _sha256(copy)
+        doc["sha256"] = sha256_of(copy)
         answer = await link.script(ADOPT)(
             keys=[prefix + "workers", f"{prefix}w:{worker}", prefix + "shards"],
             args=[worker, state["inc"], stale_ms, file, orjson.dumps(doc).decode()],
@@ -65,14 +65,6 @@ def _copy_committed(path: Path, length: int) -> Path:
         target.flush()
         os.fsync(target.fileno())
     return copy
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def repair_sealed(layout: Layout, sealed: list[tuple[str, int]]) -> None:
