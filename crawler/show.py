@@ -55,7 +55,7 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
 def print_workers(workers: list[dict[str, Any]]) -> None:
     """A coordinated job's workers: who is alive, what each holds, how fast it goes."""
     table = Table(
-        "worker", "last heartbeat", "products held", "rate (req/s)", "open shard",
+        "worker", "last heartbeat", "products held", "pages/s", "open shard",
         title="workers", title_justify="left",
     )  # fmt: skip
     for w in workers:

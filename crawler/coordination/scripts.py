@@ -79,7 +79,11 @@ local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', 0, 'LIMIT', 0, 1)[1]
 if not pid and ARGV[6] == '1' and uptime > tonumber(ARGV[4]) then
   pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
 end
-if not pid then pid = redis.call('LPOP', KEYS[1]) end
+while not pid do  -- the queue may name a product another worker holds now: skip it
+  pid = redis.call('LPOP', KEYS[1])
+  if not pid then break end
+  if tonumber(redis.call('ZSCORE', KEYS[2], pid) or '0') > now then pid = nil end
+end
 if not pid then
   -- nothing free: while another worker holds a product, it may yet die and leave it to us
   local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
@@ -224,6 +228,17 @@ if added > 0 then redis.call('HINCRBYFLOAT', KEYS[3], 'pending|count', added) en
 return 1
 """
 )
+
+# at a worker's start, the products with failed or capped targets are queued again, once
+RETRY = """
+-- KEYS: retry, todo
+local products = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #products, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(products, i, math.min(i + 999, #products)))
+end
+redis.call('DEL', KEYS[1])
+return #products
+"""
 
 # a product given back before its walk ended (a stop): queued again for any worker
 RELEASE = """

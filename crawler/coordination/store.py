@@ -29,6 +29,7 @@ from crawler.coordination.scripts import (
     REGISTER,
     RELEASE,
     RENEW,
+    RETRY,
     SYNC,
 )
 from crawler.coordination.seen import ProductSeen
@@ -121,7 +122,7 @@ class RedisStore:
         self._next_id = 1
         self._drained = False
         self.retired = False
-        self.requests_seen = 0  # this worker's requests, for its heartbeat's rate
+        self.pages_committed = 0  # this worker's, for the rate in its heartbeat
         self._claim = link.script(CLAIM)
         self._commit = link.script(COMMIT)
         self._lease = link.script(LEASE)
@@ -294,11 +295,7 @@ class RedisStore:
                 "--refresh is not available for a coordinated job yet; refresh it with one "
                 "process (without coordination) or harvest it again with --fresh"
             )
-        redis = self.link.redis
-        retry = await self.link.call(lambda: redis.smembers(self.key("retry")))
-        if retry:
-            await self.link.call(lambda: redis.rpush(self.key("todo"), *retry))
-            await self.link.call(lambda: redis.srem(self.key("retry"), *retry))
+        await self.link.script(RETRY)(keys=[self.key("retry"), self.key("todo")], args=[])
         await self.refresh_view()
         return 0
 
@@ -385,12 +382,12 @@ class RedisStore:
         found moved on is marked lost, so its walkers stop before sending more. Seals what
         dead workers left open here, and refreshes the job's figures, on the way."""
         interval = self._lease_ms / 3000
-        last = (asyncio.get_running_loop().time(), self.requests_seen)
+        last = (asyncio.get_running_loop().time(), self.pages_committed)
         while True:
             await asyncio.sleep(interval)
             now = asyncio.get_running_loop().time()
-            rate = (self.requests_seen - last[1]) / max(1e-3, now - last[0])
-            last = (now, self.requests_seen)
+            rate = (self.pages_committed - last[1]) / max(1e-3, now - last[0])
+            last = (now, self.pages_committed)
             await self.renew(rate)
             if self.retired:
                 raise LeaseLost(
@@ -499,6 +496,7 @@ class RedisStore:
                 "of its last batch counts, start it again"
             )
         self._commit_seq += 1
+        self.pages_committed += sum(isinstance(c, PageCommitted) for c in batch.changes)
         self._after_commit(batch, delta, credits, release)
         return finished
 

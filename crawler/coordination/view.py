@@ -81,7 +81,8 @@ class RedisView:
                 yield tuple(row.get(name) for name in columns)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Each worker's liveness: seconds since its heartbeat, products held, its rate."""
+        """Each worker's liveness: seconds since its heartbeat, products held, its rate (pages
+        committed per second over its last heartbeat's interval)."""
         now = float(self._redis.time()[0])
         out = []
         for name, beat in self._redis.zrange(self._p + "workers", 0, -1, withscores=True):
