@@ -92,51 +92,73 @@ async def run_job(
         "compression": job.output.compression,
     }
     parts = await _open(job, layout, output, fresh=fresh, worker=worker, api_key=api_key)
-    store = parts.store
+    options = _Options(refresh, max_pages, handle_signals, live_progress, retry_policy, api_key)
     try:
-        found = recover(
-            layout,
-            store.position,
-            store.shards(),
-            store.open_shard,
-            store.next_shard,
-            owner=parts.owner,
-        )
-        try:
-            layout.shards_dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise OutputError.from_os(exc, layout.shards_dir) from None
-        await store.sync_targets(job.targets)
-        refreshing = await store.begin_run(refresh=refresh, mode=job.refresh)
-        started = time.time()
-        async with (
-            _api_base(job) as base_url,
-            ApiClient(
-                base_url,
-                api_key,
-                concurrency=job.api.concurrency,
-                timeout_seconds=job.api.timeout_seconds,
-            ) as client,
-        ):
-            run = _prepare(job, parts, parts.seen(), client, max_pages, retry_policy)
-            log.info(
-                "run started",
-                targets=store.totals.targets,
-                to_walk=store.totals.count(*WALKABLE),
-                refresh=refreshing or None,
-                worker=parts.owner,
-                credits_spent=run.walker.budget.spent,
-                max_credits=job.budget.max_credits,
-                recovered_bytes=found.bytes_cut or None,
-            )
-            with _signals(run, enabled=handle_signals):
-                try:
-                    await _crawl(run, live_progress=live_progress)
-                except ExceptionGroup as group:  # a task's own error, e.g. a full disk
-                    raise _first_leaf(group) from None
-        return await _finish(run, layout, started, parts)
+        async with asyncio.TaskGroup() as upkeep:
+            # a coordinated worker's heartbeat and leases, from its registration to its end: a
+            # long start-up (recovery, a big target list) must not make it look dead
+            renewing = upkeep.create_task(parts.store.maintain())
+            try:
+                return await _run(job, layout, parts, options)
+            finally:
+                renewing.cancel()
+    except ExceptionGroup as group:  # a task's own error: a full disk, a lease lost
+        raise _first_leaf(group) from None
     finally:
-        await store.close()
+        await parts.store.close()
+
+
+@dataclass(frozen=True)
+class _Options:
+    refresh: bool
+    max_pages: int | None
+    handle_signals: bool
+    live_progress: bool
+    retry_policy: RetryPolicy | None
+    api_key: str
+
+
+async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> RunResult:
+    store = parts.store
+    found = recover(
+        layout,
+        store.position,
+        store.shards(),
+        store.open_shard,
+        store.next_shard,
+        owner=parts.owner,
+    )
+    try:
+        layout.shards_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(exc, layout.shards_dir) from None
+    await store.sync_targets(job.targets)
+    refreshing = await store.begin_run(refresh=options.refresh, mode=job.refresh)
+    started = time.time()
+    async with (
+        _api_base(job) as base_url,
+        ApiClient(
+            base_url,
+            options.api_key,
+            concurrency=job.api.concurrency,
+            timeout_seconds=job.api.timeout_seconds,
+        ) as client,
+    ):
+        seen = parts.seen()
+        run = _prepare(job, parts, seen, client, options.max_pages, options.retry_policy)
+        log.info(
+            "run started",
+            targets=store.totals.targets,
+            to_walk=store.totals.count(*WALKABLE),
+            refresh=refreshing or None,
+            worker=parts.owner,
+            credits_spent=run.walker.budget.spent,
+            max_credits=job.budget.max_credits,
+            recovered_bytes=found.bytes_cut or None,
+        )
+        with _signals(run, enabled=options.handle_signals):
+            await _crawl(run, live_progress=options.live_progress)
+    return await _finish(run, layout, started, parts)
 
 
 @dataclass
@@ -249,7 +271,6 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         writer = run.walker.writer
         writer_task = group.create_task(writer.run())
         progress_task = group.create_task(progress.run())
-        upkeep = group.create_task(run.store.maintain())  # leases of a coordinated job
         workers = [group.create_task(_worker(run)) for _ in range(workers_count)]
         watchdog = group.create_task(_watchdog(run, workers))
         await asyncio.wait(workers)
@@ -258,7 +279,6 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         await writer.close()
         await writer_task
         progress_task.cancel()
-        upkeep.cancel()
     log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
 
 

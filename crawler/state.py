@@ -40,7 +40,8 @@ class TargetState:
     walk_goal: int | None = None
     walk_credits: int = 0
     walk_expected: int | None = None  # pages the walk is expected to take in all, once known
-    base_count: int | None = None  # review_count when its last walk finished
+    walk_count: int | None = None  # review_count on the walk's page 1: what it set out to see
+    base_count: int | None = None  # walk_count of the last walk that finished
     pages: int = 0
     items: int = 0  # items received, duplicates included
     records: int = 0  # reviews written
@@ -65,6 +66,8 @@ class TargetState:
         self.reason = None
         self.finish = change.finish
         self.cursor = change.cursor
+        if self.walk_pages == 0:
+            self.walk_count = change.review_count
         self.walk_pages += 1
         self.walk_new += change.new
         self.pages += 1
@@ -79,7 +82,9 @@ class TargetState:
         if change.expected is not None:
             self.walk_expected = change.expected
         if change.status is Status.DONE:
-            self.base_count = self.review_count
+            # the count when the walk began, not when it ended: a review added meanwhile where
+            # the walk had passed was not seen, and the next refresh must count it as new
+            self.base_count = self.walk_count if self.walk_count is not None else self.review_count
 
 
 COLUMNS = tuple(f.name for f in fields(TargetState))

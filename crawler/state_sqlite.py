@@ -74,6 +74,7 @@ CREATE TABLE targets (
     walk_goal INTEGER,
     walk_credits INTEGER NOT NULL DEFAULT 0,
     walk_expected INTEGER,
+    walk_count INTEGER,
     base_count INTEGER,
     pages INTEGER NOT NULL DEFAULT 0,
     items INTEGER NOT NULL DEFAULT 0,
@@ -273,7 +274,8 @@ class SqliteStore:
                 db.execute(
                     "UPDATE targets SET walk = ?, status = 'pending', finish = NULL, "
                     "cursor = NULL, walk_pages = 0, walk_new = 0, walk_goal = NULL, "
-                    "walk_credits = 0, walk_expected = NULL WHERE active AND status = 'done'",
+                    "walk_credits = 0, walk_expected = NULL, walk_count = NULL "
+                    "WHERE active AND status = 'done'",
                     (current,),
                 )
                 under_way = True

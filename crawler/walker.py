@@ -200,12 +200,12 @@ class Walker:
         that grew by k, with no more than k unseen reviews on page 1, allows stopping early.
         """
         base = saved.base_count
-        if count is None or base is None or count < base:
-            return None, False  # the count shrank or is unknown: walk it all
+        if self.refresh_mode == "full" or count is None or base is None or count < base:
+            return None, False  # asked for, or the count shrank or is unknown: walk it all
         if count == base:
             return None, unseen == 0  # unseen reviews under an unchanged count: walk it all
         grew = count - base
-        if self.refresh_mode == "full" or unseen > grew:
+        if unseen > grew:
             return None, False
         return grew, False
 

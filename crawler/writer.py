@@ -263,7 +263,16 @@ class Writer:
         )
 
     async def _write_manifest(self) -> None:
-        write_manifest(self._layout, *await self._store.manifest())
+        """The job's manifest. Other workers of a coordinated job write it too: read again after
+        writing, and written again until what it lists was still current after the rename."""
+        listed = await self._store.manifest()
+        while True:
+            write_manifest(self._layout, *listed)
+            current = await self._store.manifest()
+            # the open shards' committed lengths move with every commit: a snapshot is fine
+            if current[0] == listed[0] and _files(current[1]) == _files(listed[1]):
+                return
+            listed = current
 
     async def _finish(self) -> None:
         """End of run: seal the open shard so every shard a run leaves is final."""
@@ -276,6 +285,10 @@ class Writer:
             shard.close()
         await self._write_manifest()
         self._seen.close()
+
+
+def _files(shards: list[ShardInfo]) -> list[str]:
+    return [s.file for s in shards]
 
 
 def _log_finished(target: Target, state: TargetState) -> None:

@@ -168,3 +168,25 @@ async def test_a_refresh_killed_midway_carries_on_with_or_without_the_flag(tmp_p
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
     assert verify(Layout(load_job(job).output.dir)).ok
     assert charged <= report["totals"]["credits_charged"]
+
+
+async def test_reviews_added_behind_a_harvest_under_way_are_found_by_the_refresh(tmp_path, sandbox):
+    """The feed grows while the first harvest is under way, also at places the walk has passed:
+    the count the refresh compares with is the one the walk began with, so nothing is lost."""
+    async with sandbox() as (url, box):
+        job = load_job(write_job(tmp_path, url, TARGETS))
+        await run_job(job, environ=ENV, max_pages=3)  # the harvest, three pages in
+        box.grow()  # new reviews, some on pages the walks have passed
+        assert (await run_job(job, environ=ENV)).exit_status == 0
+        box.grow()
+        for mode in ("early_stop", "full"):
+            folder = tmp_path / mode
+            folder.mkdir()
+            copy = load_job(write_job(folder, url, TARGETS, refresh=mode))
+            import shutil  # noqa: PLC0415 -- the same state, refreshed two ways
+
+            shutil.copytree(job.output.dir, copy.output.dir)
+            assert (await run_job(copy, environ=ENV, refresh=True)).exit_status == 0
+            ids = output_ids(copy.output.dir)
+            assert len(ids) == len(set(ids)), mode
+            assert set(ids) == expected_ids(box, PAIRS), mode

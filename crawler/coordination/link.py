@@ -79,6 +79,7 @@ class Link:
                     seconds=round(time.monotonic() - self._down_since, 1),
                 )
                 self._down_since = None
+                self._back_at = time.monotonic()
             return result
 
     def settled(self, seconds: float) -> bool:

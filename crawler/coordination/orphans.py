@@ -2,16 +2,19 @@
 
 The committed part of the shard (its length is in Redis) is copied to a new file, which then
 replaces the old name; only after Redis has recorded the seal and retired the dead worker's
-incarnation. A worker that was only paused, and wakes up, goes on writing to the old file, which
-no name points to any more, and its next commit is refused: a reader never sees its bytes.
+incarnation, and only if nothing was committed to the shard since the copy was taken. A worker
+that was only paused, and wakes up, goes on writing to the old file, which no name points to any
+more, and its next commit is refused: a reader never sees its bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import orjson
 import structlog
@@ -34,16 +37,20 @@ async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) 
         file = state.get("open_shard")
         if not file or not layout.shard(file).exists():
             continue  # nothing open, or on another machine's disk: that worker's to finish
-        raw = await link.call(partial(link.redis.hget, prefix + "shards", file))
-        doc: dict[str, Any] = orjson.loads(raw)
-        copy = _copy_committed(layout.shard(file), doc["bytes"])
-        doc["sha256"] = sha256_of(copy)
+        record = await link.call(partial(link.redis.hget, prefix + "shards", file))
+        doc = orjson.loads(record)
+        try:  # off the event loop: a shard can be large, and the leases must be renewed meanwhile
+            copy = await asyncio.to_thread(_copy_committed, layout.shard(file), doc["bytes"])
+            doc["sha256"] = await asyncio.to_thread(sha256_of, copy)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot seal a dead worker's shard here", shard=file, error=str(exc))
+            continue
         answer = await link.script(ADOPT)(
             keys=[prefix + "workers", f"{prefix}w:{worker}", prefix + "shards"],
-            args=[worker, state["inc"], stale_ms, file, orjson.dumps(doc).decode()],
+            args=[worker, state["inc"], stale_ms, file, orjson.dumps(doc).decode(), record, prefix],
         )
-        if answer != "ok":  # it came back, or another worker sealed it first
-            copy.unlink()
+        if answer != "ok":  # it came back, committed meanwhile, or another worker sealed it
+            copy.unlink(missing_ok=True)
             continue
         os.replace(copy, layout.shard(file))
         fsync_dir(layout.shards_dir)
@@ -53,7 +60,8 @@ async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) 
 
 
 def _copy_committed(path: Path, length: int) -> Path:
-    copy = path.with_name(f".{path.name}.adopt")
+    """The first ``length`` bytes of ``path`` in a new file beside it, this process's own."""
+    copy = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.adopt")
     with path.open("rb") as source, copy.open("wb") as target:
         left = length
         while left:
@@ -69,9 +77,13 @@ def _copy_committed(path: Path, length: int) -> Path:
 
 def repair_sealed(layout: Layout, sealed: list[tuple[str, int]]) -> None:
     """A sealed shard whose file is longer than its seal (a crash between the seal and the copy,
-    or a worker that woke up after it): the committed part copied in again."""
+    or a worker that woke up after it): the committed part copied in again. Leftover copies of
+    an adoption that never finished are removed."""
     for file, length in sealed:
         path = layout.shard(file)
         if path.exists() and path.stat().st_size > length:
             os.replace(_copy_committed(path, length), path)
             fsync_dir(layout.shards_dir)
+    for leftover in layout.shards_dir.glob(".*.adopt"):  # an adoption takes seconds, not hours
+        if time.time() - leftover.stat().st_mtime > 3600:
+            leftover.unlink(missing_ok=True)

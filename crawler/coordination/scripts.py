@@ -30,6 +30,21 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
+# every script of a job marks when it ran; a gap longer than half a lease means no worker could
+# reach Redis (an outage, a stall, a partition of all of them): every heartbeat and lease looks
+# old then for that reason alone, so nothing is taken over for a lease after it
+_QUIET = """
+local function quiet_until(prefix, now, lease)
+  local key = prefix .. 'clock'
+  local last = tonumber(redis.call('HGET', key, 'seen') or '0')
+  if last > 0 and now - last > lease / 2 then
+    redis.call('HSET', key, 'quiet', string.format('%.0f', now + lease))
+  end
+  redis.call('HSET', key, 'seen', string.format('%.0f', now))
+  return tonumber(redis.call('HGET', key, 'quiet') or '0')
+end
+"""
+
 # how long Redis has been up (ms): just after a restart every heartbeat and lease looks old,
 # only because Redis was gone for every worker alike: nothing is taken over until a lease later
 _UPTIME = """
@@ -63,26 +78,35 @@ return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
 CLAIM = (
     _NOW
     + _UPTIME
+    + _QUIET
     + """
--- KEYS: todo, leases, w:<worker>
+-- KEYS: todo, leases, w:<worker>, retry
 -- ARGV: prefix, worker, request id, lease ms, incarnation, take expired leases (1/0)
 local me = ARGV[2] .. '#' .. ARGV[5]
+local lease = tonumber(ARGV[4])
 if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
-if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then  -- a repeat: the same answer
+local quiet = quiet_until(ARGV[1], now, lease)
+if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then
+  -- a repeat after a lost answer: the product, if this worker still holds it under that claim
   local pid = redis.call('HGET', KEYS[3], 'claim_pid')
   if pid == '' then return {} end
   local key = ARGV[1] .. 'p:' .. pid
-  return {pid, redis.call('HGET', key, 'e'), redis.call('HGETALL', key)}
+  local epoch = redis.call('HGET', KEYS[3], 'claim_epoch')
+  if redis.call('HGET', key, 'e') ~= epoch or redis.call('HGET', key, 'o') ~= me then return {} end
+  return {pid, epoch, redis.call('HGETALL', key)}
 end
--- given back by a worker's earlier incarnation first, then expired (not just after a restart)
+-- given back by a worker's earlier incarnation first, then expired (not just after an outage)
 local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', 0, 'LIMIT', 0, 1)[1]
-if not pid and ARGV[6] == '1' and uptime > tonumber(ARGV[4]) then
+if not pid and ARGV[6] == '1' and uptime > lease and now >= quiet then
   pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
 end
-while not pid do  -- the queue may name a product another worker holds now: skip it
+while not pid do  -- the queue may name a product another worker holds now: not taken from it
   pid = redis.call('LPOP', KEYS[1])
   if not pid then break end
-  if tonumber(redis.call('ZSCORE', KEYS[2], pid) or '0') > now then pid = nil end
+  if tonumber(redis.call('ZSCORE', KEYS[2], pid) or '0') > now then
+    redis.call('SADD', KEYS[4], pid)  -- whatever it was queued for is looked at next start
+    pid = nil
+  end
 end
 if not pid then
   -- nothing free: while another worker holds a product, it may yet die and leave it to us
@@ -96,20 +120,22 @@ if not pid then
   return {}
 end
 local key = ARGV[1] .. 'p:' .. pid
-local epoch = redis.call('HINCRBY', key, 'e', 1)
+local epoch = tostring(redis.call('HINCRBY', key, 'e', 1))
 redis.call('HSET', key, 'o', me)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), pid)
-redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', pid)
-return {pid, tostring(epoch), redis.call('HGETALL', key)}
+redis.call('ZADD', KEYS[2], now + lease, pid)
+redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', pid, 'claim_epoch', epoch)
+return {pid, epoch, redis.call('HGETALL', key)}
 """
 )
 
 # heartbeat and lease renewal: the products whose epoch moved on are lost to this worker
 RENEW = (
     _NOW
+    + _QUIET
     + """
 -- KEYS: leases, workers, w:<worker>;  ARGV: prefix, worker, lease ms, inc, info, pid, epoch, ...
 if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[4]) then return {'retired'} end
+quiet_until(ARGV[1], now, tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('HSET', KEYS[3], 'beat', now, 'live', ARGV[5])
 local lost = {'ok'}
@@ -127,7 +153,9 @@ return lost
 
 # credits: read, check against the ceiling and add, in one step; a repeat answers as the first
 LEASE = """
--- KEYS: ledger, w:<worker>;  ARGV: credits (< 0: given back), cost, ceiling (< 0: none), seq
+-- KEYS: ledger, w:<worker>
+-- ARGV: credits (< 0: given back), cost, ceiling (< 0: none), seq, incarnation
+if tonumber(redis.call('HGET', KEYS[2], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
 if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[2], 'lease_seq') or '0') then
   return tonumber(redis.call('HGET', KEYS[2], 'lease_last') or '0')
 end
@@ -147,13 +175,16 @@ return size
 
 # one writer batch: all of it or none. Refused whole when a product's lease moved on (fencing)
 # or this incarnation was retired: the shard bytes it counts are then never listed.
-COMMIT = """
--- KEYS: w:<worker>, ledger, totals, shards, shardorder, leases, attention, retry, todo
+COMMIT = (
+    _NOW
+    + """
+-- KEYS: w:<worker>, ledger, totals, shards, shardorder, leases, attention, retry, todo, workers
 -- ARGV: prefix, payload (JSON)
 local prefix = ARGV[1]
 local p = cjson.decode(ARGV[2])
 local w = KEYS[1]
 if tonumber(redis.call('HGET', w, 'inc')) ~= p.inc then return {'retired'} end
+redis.call('ZADD', KEYS[10], now, p.worker)  -- a worker that commits is alive
 local done = tonumber(redis.call('HGET', w, 'commit_seq') or '0')
 if p.seq <= done then return {'ok'} end
 local stale = {'fenced'}
@@ -174,6 +205,7 @@ for _, s in ipairs(p.shards) do
   redis.call('HSET', KEYS[4], s.file, cjson.encode(s))
 end
 if p.open ~= cjson.null then redis.call('HSET', KEYS[4], p.open.file, cjson.encode(p.open)) end
+if #p.shards > 0 then redis.call('HINCRBY', prefix .. 'meta', 'shards_version', 1) end
 for _, t in ipairs(p.targets) do
   redis.call('HSET', prefix .. 'p:' .. t[1], 'r:' .. t[2], t[3])
   local key = t[1] .. ':' .. t[2]
@@ -203,6 +235,7 @@ end
 redis.call('HSET', w, 'commit_seq', p.seq)
 return {'ok'}
 """
+)
 
 # the targets of a job, written once by the first worker that runs it (and again when targets
 # are added): a target already there keeps its state; a product with a new target is queued
@@ -266,14 +299,20 @@ ADOPT = (
     _NOW
     + _UPTIME
     + """
--- KEYS: workers, w:<dead>, shards;  ARGV: dead worker, its incarnation, stale ms, file, sealed
+-- KEYS: workers, w:<dead>, shards
+-- ARGV: dead worker, its incarnation, stale ms, file, sealed (JSON), the record copied (JSON),
+--       prefix
 local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
 if now - beat < tonumber(ARGV[3]) or uptime < tonumber(ARGV[3]) then return 'alive' end
+if now < tonumber(redis.call('HGET', ARGV[7] .. 'clock', 'quiet') or '0') then return 'alive' end
 if redis.call('HGET', KEYS[2], 'inc') ~= ARGV[2] then return 'changed' end
 if redis.call('HGET', KEYS[2], 'open_shard') ~= ARGV[4] then return 'changed' end
+-- a commit since the copy was taken (it was only paused) makes the copy short: not sealed
+if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[6] then return 'changed' end
 redis.call('HINCRBY', KEYS[2], 'inc', 1)
 redis.call('HSET', KEYS[2], 'open_shard', '')
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+redis.call('HINCRBY', ARGV[7] .. 'meta', 'shards_version', 1)
 return 'ok'
 """
 )

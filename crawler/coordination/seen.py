@@ -29,7 +29,9 @@ class ProductSeen:
         self._sets.pop(product_id, None)
 
     def adder(self, product_id: str) -> Callable[[str], bool]:
-        ids, pending = self._sets[product_id], self._pending
+        # a product given up meanwhile (its lease lost): its page is dropped before any commit,
+        # so what this adds goes nowhere
+        ids, pending = self._sets.get(product_id, set()), self._pending
 
         def add(review_id: str) -> bool:
             if review_id in ids:

@@ -15,6 +15,7 @@ import socket
 import uuid
 from array import array
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -108,6 +109,9 @@ class RedisStore:
         self.runs = 0
         self._p = prefix_of(job)
         self._lease_ms = int(lease_seconds * 1000)
+        # silent this long, a worker is taken for dead and its open shard sealed: twice a lease,
+        # as retiring a worker that was only slow to start or busy costs it its run
+        self._dead_ms = 2 * self._lease_ms
         self._inc = 0
         self._commit_seq = 0
         self._lease_seq = 0
@@ -300,9 +304,11 @@ class RedisStore:
         return 0
 
     async def end_run(self, info: dict[str, Any], *, budget_stopped: bool) -> None:
-        """Give back the products still held (queued again for any worker) and log the run."""
+        """Give back the products still held (queued again for any worker), seal what dead
+        workers left open here, and log the run."""
         for lease in list(self._leases.values()):
             await self._release_product(lease, requeue=True)
+        await self._seal_orphans_here()
         doc = orjson.dumps({"worker": self.worker, **info}).decode()
         redis = self.link.redis
         ended = orjson.dumps({"held": 0, "rate": 0.0, "stopped": True}).decode()
@@ -310,6 +316,34 @@ class RedisStore:
         await self.link.call(lambda: redis.lpush(self.key("runs"), doc))
         await self.link.call(lambda: redis.ltrim(self.key("runs"), 0, 999))
         await self.refresh_view()
+
+    async def _seal_orphans_here(self) -> None:
+        """The last worker to end must not leave a dead one's open shard, with its uncommitted
+        tail, in the folder: wait for such a worker to count as dead (a lease at most), then
+        seal its shard. Live workers, and shards on other machines' disks, are not waited for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.5 * self._dead_ms / 1000
+        while loop.time() < deadline and await self._silent_with_shards_here():
+            if self.link.settled(self._lease_ms / 1000):
+                await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
+            await asyncio.sleep(self._lease_ms / 3000)
+
+    async def _silent_with_shards_here(self) -> bool:
+        redis = self.link.redis
+        seconds, micros = await self.link.call(redis.time)
+        now = seconds * 1000 + micros // 1000
+        beats = await self.link.call(
+            lambda: redis.zrange(self.key("workers"), 0, -1, withscores=True)
+        )
+        for worker, beat in beats:
+            if worker == self.worker or now - beat < self._lease_ms / 2:
+                continue
+            state = await self.link.call(partial(redis.hgetall, self.key(f"w:{worker}")))
+            stopped = orjson.loads(state.get("live", "{}")).get("stopped")
+            file = state.get("open_shard")
+            if file and not stopped and self.layout.shard(file).exists():
+                return True
+        return False
 
     # -- targets -------------------------------------------------------------------------------
 
@@ -321,7 +355,7 @@ class RedisStore:
         return self._queue.pop(0) if self._queue else None
 
     async def _claim_product(self) -> None:
-        keys = [self.key("todo"), self.key("leases"), self.key(f"w:{self.worker}")]
+        keys = [self.key(k) for k in ("todo", "leases", f"w:{self.worker}", "retry")]
         settled = "1" if self.link.settled(self._lease_ms / 1000) else "0"
         args = [self._p, self.worker, uuid.uuid4().hex, self._lease_ms, self._inc, settled]
         answer = await self._claim(keys=keys, args=args)
@@ -336,6 +370,9 @@ class RedisStore:
             return
         product_id, epoch, flat = answer[0], answer[1], answer[2]
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        if product_id in self._leases:  # its own, expired and taken back: the old lease is over
+            self._leases[product_id].lost = True
+            self._forget(self._leases[product_id])
         lease = Lease(product_id, epoch)
         self._leases[product_id] = lease
         claimed: list[Claimed] = []
@@ -396,7 +433,7 @@ class RedisStore:
                     "nothing of its uncommitted work counts: start it again"
                 )
             if self.link.settled(self._lease_ms / 1000):
-                await adopt_orphans(self.link, self._p, self.layout, self._lease_ms)
+                await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
             await self.refresh_view()
 
     async def renew(self, rate: float = 0.0) -> None:
@@ -422,17 +459,26 @@ class RedisStore:
     # -- credits -------------------------------------------------------------------------------
 
     async def lease(self, credits: int, cost: int, ceiling: int) -> int:
-        self._lease_seq += 1
-        keys = [self.key("ledger"), self.key(f"w:{self.worker}")]
-        granted = int(await self._lease(keys=keys, args=[credits, cost, ceiling, self._lease_seq]))
+        granted = await self._lease_credits(credits, cost, ceiling)
         self.ledger.leased += granted
         return granted
 
     async def give_back(self, credits: int) -> None:
+        await self._lease_credits(-credits, 1, -1)
+        self.ledger.leased -= credits
+
+    async def _lease_credits(self, credits: int, cost: int, ceiling: int) -> int:
         self._lease_seq += 1
         keys = [self.key("ledger"), self.key(f"w:{self.worker}")]
-        await self._lease(keys=keys, args=[-credits, 1, -1, self._lease_seq])
-        self.ledger.leased -= credits
+        args = [credits, cost, ceiling, self._lease_seq, self._inc]
+        answer = await self._lease(keys=keys, args=args)
+        if isinstance(answer, list):  # retired: not one more credit for this incarnation
+            self.retired = True
+            raise LeaseLost(
+                f"worker {self.worker}: another process took this worker's name, or the others "
+                "found it dead; start it again"
+            )
+        return int(answer)
 
     # -- commits -------------------------------------------------------------------------------
 
@@ -458,6 +504,7 @@ class RedisStore:
         finished = [s for s, _ in changed.values() if s.status in _FINAL]
         release = self._released_by(finished)
         payload = {
+            "worker": self.worker,
             "inc": self._inc,
             "seq": self._commit_seq + 1,
             "fences": [[p, e] for p, e in fences.items()],
@@ -480,7 +527,7 @@ class RedisStore:
         keys = [
             self.key(f"w:{self.worker}"),
             *(self.key(k) for k in ("ledger", "totals", "shards", "shardorder", "leases")),
-            *(self.key(k) for k in ("attention", "retry", "todo")),
+            *(self.key(k) for k in ("attention", "retry", "todo", "workers")),
         ]
         answer = await self._commit(keys=keys, args=[self._p, orjson.dumps(payload).decode()])
         if answer[0] != "ok":
