@@ -1,0 +1,163 @@
+"""The coordinated mode's atomic steps, driven one by one against a real redis-server: the
+races a review found, each pinned (a lost answer, a paused worker waking mid-adoption)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from crawler.coordination import orphans
+from crawler.coordination.link import Link
+from crawler.coordination.scripts import CLAIM, COMMIT, LEASE, REGISTER, RENEW, SYNC
+from crawler.layout import Layout
+from tests.conftest import RedisServer
+
+P = "crawler:job:"
+
+
+def k(name: str) -> str:
+    return P + name
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[Any]:
+    connection = redis.Redis(port=redis_server.port, decode_responses=True)
+    yield connection
+    connection.close()
+
+
+def register(client: Any, worker: str) -> int:
+    script = client.register_script(REGISTER)
+    return int(
+        script(keys=[k(f"w:{worker}"), k("workers"), k("leases")], args=[worker, "{}", P])[0]
+    )
+
+
+def claim(client: Any, worker: str, inc: int, request: str, lease_ms: int) -> list[Any]:
+    script = client.register_script(CLAIM)
+    keys = [k("todo"), k("leases"), k(f"w:{worker}"), k("retry")]
+    result: list[Any] = script(keys=keys, args=[P, worker, request, lease_ms, inc, "1"])
+    return result
+
+
+def commit(client: Any, worker: str, payload: dict[str, Any]) -> list[Any]:
+    base: dict[str, Any] = {"worker": worker, "shards": [], "open": None, "targets": [], "seen": [],
+            "totals": {}, "credits": 0, "release": [], "fences": []}  # fmt: skip
+    names = ("ledger", "totals", "shards", "shardorder", "leases", "attention", "retry", "todo")
+    keys = [k(f"w:{worker}"), *(k(n) for n in names), k("workers")]
+    result: list[Any] = client.register_script(COMMIT)(
+        keys=keys, args=[P, json.dumps({**base, **payload})]
+    )
+    return result
+
+
+def keep_alive(client: Any, worker: str, inc: int, seconds: float) -> None:
+    """``worker`` renewing (every fifth of a second) for ``seconds``: Redis is reachable."""
+    renew = client.register_script(RENEW)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        renew(keys=[k("leases"), k("workers"), k(f"w:{worker}")], args=[P, worker, 1000, inc, "{}"])
+        time.sleep(0.2)
+
+
+def one_product(client: Any) -> None:
+    sync = client.register_script(SYNC)
+    sync(keys=[k("todo"), k("leases"), k("totals")], args=[P, "111", "US", "{}"])
+
+
+def test_a_claim_sent_again_never_hands_out_another_workers_lease(client):
+    inc_a, inc_b = register(client, "a"), register(client, "b")
+    one_product(client)
+    keep_alive(client, "b", inc_b, 1.2)  # Redis up for longer than the lease
+    first = claim(client, "a", inc_a, "req-1", 1000)
+    assert first[:2] == ["111", "1"]  # its answer is lost on the way to a
+    keep_alive(client, "b", inc_b, 1.1)  # a is cut off past its lease; b takes the product
+    taken = claim(client, "b", inc_b, "req-2", 1000)
+    assert taken[:2] == ["111", "2"]
+    assert claim(client, "a", inc_a, "req-1", 1000) == []  # the repeat: not b's lease
+    fenced = {"inc": inc_a, "seq": 1, "fences": [["111", "1"]], "seen": [["111", "r1"]]}
+    assert commit(client, "a", fenced)[0] == "fenced"
+    assert client.scard(k("seen:111")) == 0
+
+
+def test_a_worker_waking_during_its_adoption_keeps_its_commit(client, tmp_path: Path):
+    inc = register(client, "w")
+    one_product(client)
+    time.sleep(2.1)  # past the lease, so the adoption below may run at all
+    assert claim(client, "w", inc, "req", 60_000)[0] == "111"
+    layout = Layout(tmp_path)
+    layout.shards_dir.mkdir()
+    shard = layout.shard("reviews-w-000001.jsonl")
+    page1 = b"".join(b'{"review_id":"r%d"}\n' % i for i in range(10))
+    page2 = b"".join(b'{"review_id":"r%d"}\n' % i for i in range(10, 20))
+
+    def batch(seq: int, size: int, records: int, opened: bool) -> dict[str, Any]:
+        doc = {"file": shard.name, "worker": "w", "seq": 1, "sha256": None}
+        return {
+            "inc": inc,
+            "seq": seq,
+            "fences": [["111", "1"]],
+            "shards": [{**doc, "records": 0, "bytes": 0}] if opened else [],
+            "open": {**doc, "records": records, "bytes": size},
+            "seen": [["111", *(f"r{i}" for i in range(records - 10, records))]],
+        }
+
+    shard.write_bytes(page1)
+    assert commit(client, "w", batch(1, len(page1), 10, True)) == ["ok"]
+    shard.write_bytes(page1 + page2)  # page 2 fsynced; then w is paused, long past a lease
+    client.zadd(k("workers"), {"w": int(time.time() * 1000) - 10_000})
+    real_copy = orphans._copy_committed
+
+    def copy_then_wake(path: Path, length: int) -> Path:
+        copied = real_copy(path, length)
+        assert commit(client, "w", batch(2, len(page1 + page2), 20, False)) == ["ok"]
+        return copied
+
+    orphans._copy_committed = copy_then_wake  # the race, in order
+    try:
+        link = Link(f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0",
+                    unavailable_seconds=5)  # fmt: skip
+
+        async def adopt() -> int:
+            try:
+                return await orphans.adopt_orphans(link, P, layout, 2000)
+            finally:
+                await link.close()
+
+        assert asyncio.run(adopt()) == 0  # refused: the copy is shorter than what is committed
+    finally:
+        orphans._copy_committed = real_copy
+    doc = json.loads(client.hget(k("shards"), shard.name))
+    assert doc["bytes"] == len(page1 + page2) and doc["sha256"] is None
+    assert shard.read_bytes() == page1 + page2 and not list(tmp_path.rglob("*.adopt"))
+
+
+def test_a_retired_incarnation_leases_no_credit(client):
+    lease = client.register_script(LEASE)
+    old = register(client, "w")
+    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 1, old]) == 10
+    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 1, old]) == 10  # a repeat
+    assert lease(keys=[k("ledger"), k("w:w")], args=[-4, 1, -1, 2, old]) == -4  # given back
+    new = register(client, "w")  # the same name started again elsewhere
+    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 3, old]) == ["retired"]
+    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 3, new]) == 10
+    assert int(client.hget(k("ledger"), "leased")) == 16
+
+
+def test_after_a_gap_of_every_worker_nothing_is_taken_over_for_a_lease(client):
+    inc_a, inc_b = register(client, "a"), register(client, "b")
+    one_product(client)
+    time.sleep(1.2)
+    assert claim(client, "a", inc_a, "r1", 1000)[0] == "111"
+    time.sleep(1.5)  # nobody reached Redis for longer than half a lease: an outage
+    assert claim(client, "b", inc_b, "r2", 1000)[0] == "wait"  # a may only have been cut off
+    keep_alive(client, "b", inc_b, 1.2)  # b goes on renewing: the clock runs again
+    answer = claim(client, "b", inc_b, "r3", 1000)
+    assert answer[:2] == ["111", "2"], (answer, client.hgetall(k("clock")), client.time())
