@@ -127,7 +127,8 @@ async def test_max_pages_caps_a_target(tmp_path: Path, served):
 
 async def test_the_key_never_leaves_the_environment(tmp_path: Path, sandbox: SandboxFactory):
     secret = "sk_live_Secret123Canary"
-    async with sandbox(fault_rate=0.3, keys=frozenset({secret})) as (url, _):
+    # every fault kind (slow answers shortened), so the key meets every error path
+    async with sandbox(fault_rate=0.3, slow_seconds=0.2, keys=frozenset({secret})) as (url, _):
         job = write_job(tmp_path, url, TARGETS[:2])
         log_file = tmp_path / "crawl.log"
         process = await asyncio.create_subprocess_exec(

@@ -32,11 +32,11 @@ PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
 
 
 async def test_no_request_leaves_during_a_429_pause(tmp_path: Path):
-    """The API answers 429 to everything for 3 s after its 40th request. Walkers are queued in
+    """The API answers 429 to everything for 2 s after its 40th request. Walkers are queued in
     the rate limiter when that happens: none of them may go out before the pause ends."""
-    options = SandboxOptions(throttle_after=40, throttle_seconds=3.0)
+    options = SandboxOptions(throttle_after=40, throttle_seconds=2.0)
     async with serve_in_process(options) as (url, box):
-        api = {"requests_per_second": 20, "concurrency": 8}
+        api = {"requests_per_second": 30, "concurrency": 8}
         job = load_job(write_job(tmp_path, url, TARGETS[:2], api=api))
         result = await run_job(job, environ=ENV)
         book = (await box.ledger())[key_fingerprint(KEY)]

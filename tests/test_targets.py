@@ -158,7 +158,7 @@ async def test_a_job_from_a_targets_file_crawls_exactly(tmp_path: Path, served):
     path = _job(tmp_path, "targets_file: targets.csv\n", "product_id,region\n" + rows)
     path.write_text(
         path.read_text()
-        .replace("base_url: sandbox", f"base_url: '{url}'")
+        .replace("base_url: sandbox", f"base_url: '{url}', requests_per_second: 500")
         .replace("max_credits: 100", "max_credits: 100000")
     )
     job = load_job(path)
