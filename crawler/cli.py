@@ -173,9 +173,12 @@ def _run(args: argparse.Namespace) -> int:
 def _print_outcome(doc: dict[str, Any], status: int) -> None:
     counts = ", ".join(f"{n:,} {s}" for s, n in sorted(doc["targets_by_status"].items()))
     totals = doc["totals"]
+    # credits leased but not yet accounted for (other workers still running, or requests a crash
+    # left unknown) may or may not have been spent: the figure is then a ceiling
+    bound = "at most " if totals["credits_charged"] > totals["credits"] else ""
     print(
         f"{doc['targets_total']:,} targets: {counts}; {totals['records']:,} reviews in "
-        f"{_plural(totals['shards'], 'shard')}; {totals['credits_charged']:,} of "
+        f"{_plural(totals['shards'], 'shard')}; {bound}{totals['credits_charged']:,} of "
         f"{totals['max_credits']:,} credits (exit {status})",
         file=sys.stderr,
     )

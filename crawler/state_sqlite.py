@@ -448,9 +448,13 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
         )
     created = not path.exists()
     if created and layout.shard_files():  # before any state exists: never theirs to cut
-        raise StateError(
-            f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
+        advice = (
+            "holds a coordinated job's shards: its state is in Redis (run it with --redis URL), "
+            "or use an empty output.dir"
+            if _coordinated(layout)
+            else "holds shards but no job state; use an empty output.dir"
         )
+        raise StateError(f"{layout.shards_dir}: {advice}")
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
@@ -621,3 +625,11 @@ class SqliteView:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _coordinated(layout: Layout) -> bool:
+    """Whether the folder's manifest is a coordinated job's (it lists shards of named workers)."""
+    try:
+        return bool(orjson.loads(layout.manifest.read_bytes()).get("version") == 2)
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return False

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -133,9 +134,9 @@ async def test_three_workers_through_random_kills_and_new_names(
     assert charged <= _leased(redis_server)
 
 
-async def _status(job: Path) -> str:
+async def _status(job: Path, *extra: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        *crawler_command("status", str(job)),
+        *crawler_command("status", str(job), *extra),
         env=subprocess_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -260,6 +261,10 @@ async def test_a_worker_paused_past_its_lease_is_fenced_out(
         sleeper = await start(job, "sleeper")
         await until_requests(box, 40)
         sleeper.send_signal(signal.SIGSTOP)
+        doc = orjson.loads(await _status(job, "--json"))
+        (row,) = doc["workers"]  # read from its leases, not from its last heartbeat
+        assert row["worker"] == "sleeper" and row["products_held"] >= 1
+        assert row["seconds_since_heartbeat"] >= 0 and not row["stopped"]
         other = await start(job, "other")
         await asyncio.sleep(3.5)  # past the 2 s lease: "other" takes the sleeper's products
         sleeper.send_signal(signal.SIGCONT)
@@ -302,3 +307,16 @@ async def test_redis_url_from_the_command_line(tmp_path: Path, redis_server, fla
         ids_expected = await expected(box, PAIRS[:6])
     assert_exact(job, ids_expected)
     assert _leased(redis_server) > 0  # it went through Redis
+    if flag:  # without --redis, the job's state is not where one process looks: refused
+        layout = Layout(load_job(job).output.dir)
+        before = {p.name: p.read_bytes() for p in layout.shard_files()}
+        process = await asyncio.create_subprocess_exec(
+            *crawler_command("run", "--no-progress", str(job)),
+            env=subprocess_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await process.communicate()
+        assert process.returncode == 2, stderr.decode()
+        assert b"holds a coordinated job's shards" in stderr and b"--redis" in stderr
+        assert {p.name: p.read_bytes() for p in layout.shard_files()} == before

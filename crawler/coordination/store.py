@@ -296,8 +296,8 @@ class RedisStore:
         """A worker's run: products with failed or capped targets are queued again."""
         if refresh:
             raise ConfigError(
-                "--refresh is not available for a coordinated job yet; refresh it with one "
-                "process (without coordination) or harvest it again with --fresh"
+                "--refresh is not available for a coordinated job yet; harvest it again under "
+                "another coordination.job and output.dir"
             )
         await self.link.script(RETRY)(keys=[self.key("retry"), self.key("todo")], args=[])
         await self.refresh_view()

@@ -83,7 +83,9 @@ class RedisView:
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's liveness: seconds since its heartbeat, products held, its rate (pages
         committed per second over its last heartbeat's interval)."""
-        now = float(self._redis.time()[0])
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1e6
+        held = self._held()
         out = []
         for name, beat in self._redis.zrange(self._p + "workers", 0, -1, withscores=True):
             state = self._redis.hgetall(f"{self._p}w:{name}")
@@ -91,14 +93,25 @@ class RedisView:
             out.append(
                 {
                     "worker": name,
-                    "seconds_since_heartbeat": round(now - beat / 1000, 1),
+                    "seconds_since_heartbeat": round(max(0.0, now - beat / 1000), 1),
                     "stopped": bool(live.get("stopped")),
-                    "products_held": live.get("held", 0),
+                    "products_held": held.get(name, 0),
                     "rate": live.get("rate", 0.0),
                     "open_shard": state.get("open_shard") or None,
                 }
             )
         return out
+
+    def _held(self) -> dict[str, int]:
+        """Products leased now, by worker: read from the leases, not from the last heartbeat,
+        which is up to a third of a lease old."""
+        held: dict[str, int] = {}
+        for product_id in self._redis.zrange(self._p + "leases", 0, -1):
+            owner = self._redis.hget(f"{self._p}p:{product_id}", "o") or ""
+            if owner:
+                name = owner.rpartition("#")[0]
+                held[name] = held.get(name, 0) + 1
+        return held
 
     def close(self) -> None:
         self._redis.close()
