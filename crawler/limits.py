@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -20,6 +21,12 @@ from aiolimiter import AsyncLimiter
 # 57/s, and below a tenth of a second's requests at any rate; 50 ms would not (2.5 at 50/s).
 _SLACK = 1.5
 _SLACK_SECONDS = 0.035
+# A server that allows "R requests per second" may count them in a sliding window: then R
+# requests spaced exactly 1/R apart fill every window, and the smallest lateness (a timer, a busy
+# loop, the network) puts R + 1 in one and draws a 429, which halves the rate. So besides the
+# pacing above, at most R requests go out in any 1.02 s: 0.98 of the rate, with 20 ms a second
+# of room for a send to arrive late relative to the one R before it.
+WINDOW_MARGIN = 0.02
 _SLOWDOWN = 0.5  # rate factor per 429 episode
 _FLOOR = 0.05  # never below this share of the configured rate
 _RECOVERY_PER_SECOND = 0.1  # share of the configured rate won back per quiet second
@@ -31,6 +38,37 @@ log = structlog.get_logger("crawler.limits")
 def slack_requests(rate: float) -> float:
     """Requests that may go out at once at ``rate``: 1.5, or 35 ms of requests (see above)."""
     return max(_SLACK, rate * _SLACK_SECONDS)
+
+
+def window_of(rate: float) -> tuple[int, float]:
+    """(count, seconds): at most ``count`` sends in any ``seconds`` at ``rate``; ``count`` is the
+    rate rounded (a server's "per second" is a whole number), ``seconds`` then its share of a
+    second, stretched by the margin above."""
+    count = max(1, round(rate))
+    return count, count / rate * (1 + WINDOW_MARGIN)
+
+
+class SendWindow:
+    """A sliding log of send times: the next send waits until the one ``count`` before it is
+    ``seconds`` old. Times are handed out in order, so walkers that wait together do not all go
+    at the same instant."""
+
+    def __init__(self, rate: float) -> None:
+        self._times: deque[float] = deque()
+        self.resize(rate)
+
+    def resize(self, rate: float) -> None:
+        self.count, self.seconds = window_of(rate)
+        self._times = deque(self._times, maxlen=self.count)
+
+    def reserve(self, now: float) -> float:
+        """The time at which the next send may go (not before ``now``); booked as sent then."""
+        times = self._times
+        at = now if len(times) < self.count else max(now, times[0] + self.seconds)
+        if times and at < times[-1]:  # never before a time already handed out
+            at = times[-1]
+        times.append(at)
+        return at
 
 
 class Gate(Protocol):
@@ -65,6 +103,7 @@ class RateGate:
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
         self._limiter = self._make_limiter(rate)
+        self._window = SendWindow(rate)
         self._resume_at = 0.0
         self._last_change = self._clock()
 
@@ -87,6 +126,8 @@ class RateGate:
                 await self._sleep(wait)
             self._recover()
             await self._limiter.acquire()
+            if (wait := self._window.reserve(self._clock()) - self._clock()) > 0:
+                await self._sleep(wait)
             if self._resume_at <= self._clock():
                 return
 
@@ -126,3 +167,4 @@ class RateGate:
         self._last_change = now
         # waiters queued on the old limiter pass at the old pace; they are few (<= concurrency)
         self._limiter = self._make_limiter(rate)
+        self._window.resize(rate)

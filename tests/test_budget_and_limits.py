@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+
+import pytest
 
 from crawler import load_job, run_job
-from crawler.limits import RateGate
+from crawler.limits import RateGate, SendWindow
 from crawler.sandbox import Sandbox, key_fingerprint
 from tests.conftest import ENV, KEY, PRODUCTS, expected_ids, output_ids, target_rows, write_job
 
@@ -114,3 +117,21 @@ async def test_gate_pause_holds_every_walker():
     started = loop.time()
     await asyncio.gather(*(gate.acquire() for _ in range(5)))
     assert loop.time() - started >= 0.29
+
+
+def test_the_send_window_keeps_a_sliding_second_at_the_rate():
+    """Walkers that all ask at once, then late ones: in no sliding second (of send times 20 ms
+    late at worst, relative to each other) more than the rate; the rate kept at 0.98."""
+    window = SendWindow(50)
+    times = [window.reserve(0.0) for _ in range(300)]
+    times += [window.reserve(times[-1] + 0.5 + i / 50) for i in range(200)]
+    assert times == sorted(times)
+    for late in (0.0, 0.019):
+        sent = [t + (late if i % 50 == 0 else 0.0) for i, t in enumerate(times)]
+        sent.sort()
+        busiest = max(bisect.bisect_right(sent, t) - bisect.bisect_right(sent, t - 1) for t in sent)
+        assert busiest <= 50
+    # a crowd of waiters goes a window at a time (the pacing before it spreads each window)
+    assert times[:300] == pytest.approx([k // 50 * 1.02 for k in range(300)])
+    window.resize(25)  # after a 429 episode: a window of 25, from the last 25 sends
+    assert window.reserve(times[-1]) == pytest.approx(times[-25] + 1.02)

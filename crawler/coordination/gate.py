@@ -17,7 +17,7 @@ import structlog
 
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import RATE, RATE_LIMITED
-from crawler.limits import slack_requests
+from crawler.limits import WINDOW_MARGIN, slack_requests
 
 log = structlog.get_logger("crawler.limits")
 _DEFAULT_PAUSE = 1.0
@@ -73,7 +73,10 @@ class SharedRateGate:
         if (pause := self._paused_until - self._clock()) > 0:
             await self._sleep(pause)
         wanted = max(1, min(self._waiting, int(self._slack) + 1))
-        answer = await self._rate(keys=[self._key], args=[self.configured, self._slack, wanted])
+        answer = await self._rate(
+            keys=[self._key, self._key + ":sent"],
+            args=[self.configured, self._slack, wanted, WINDOW_MARGIN],
+        )
         now = self._clock()
         if int(answer[0]) < 0:  # paused, or no slot free before the next one comes
             await self._sleep(int(answer[1]) / 1e6)

@@ -20,7 +20,8 @@ a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
     w:<worker>     hash   inc (incarnation), commit_seq, lease_seq, next_shard, open_shard, info
     runs           list   one summary per worker run, newest first
 
-The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``.
+The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``
+(hash) and ``crawler:rate:<key fingerprint>:sent`` (list: the last slots handed out).
 """
 
 from __future__ import annotations
@@ -319,10 +320,13 @@ return 'ok'
 
 # GCRA over every worker of every job on one API key: up to n request slots, spaced 1/rate
 # apart on Redis's clock; answers the slots' delays (µs from now) or, while a 429 pause holds or
-# no slot is free yet, {-1, µs to wait}. The rate halves once per 429 episode and climbs back by
-# a tenth of the configured rate per quiet second, as the single-process gate does.
+# no slot is free yet, {-1, µs to wait}. Besides, a slot comes no sooner than ``span`` after the
+# one ``count`` before it (the sliding window of ``limits.window_of``: a server counting requests
+# per second sees no more than it allows). The rate halves once per 429 episode and climbs back
+# by a tenth of the configured rate per quiet second, as the single-process gate does.
 RATE = """
--- KEYS: rate;  ARGV: rate (requests/s), slack (requests), n
+-- KEYS: rate, sent (slot times handed out, oldest first)
+-- ARGV: rate (requests/s), slack (requests), n, window margin
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local key = KEYS[1]
@@ -337,20 +341,45 @@ if factor < 1 then
     redis.call('HSET', key, 'factor', factor, 'changed', string.format('%.0f', now))
   end
 end
-local interval = 1000000 / (tonumber(ARGV[1]) * factor)
+local rate = tonumber(ARGV[1]) * factor
+local interval = 1000000 / rate
 local tolerance = tonumber(ARGV[2]) * interval
+local count = math.max(1, math.floor(rate + 0.5))
+local span = count / rate * (1 + tonumber(ARGV[4])) * 1000000
+local keep = math.max(count, math.floor(tonumber(ARGV[1]) + 0.5))
 local tat = math.max(tonumber(redis.call('HGET', key, 'tat') or '0'), now)
-if now < tat - tolerance then return {-1, math.ceil(tat - tolerance - now)} end
-local delays = {}
-for i = 1, tonumber(ARGV[3]) do
-  local at = math.max(now, tat - tolerance)
-  if at - now > tolerance then break end  -- slots further out are left to whoever asks then
-  table.insert(delays, math.floor(at - now))
-  tat = tat + interval
+local n = tonumber(ARGV[3])
+local len = redis.call('LLEN', KEYS[2])
+local base = len - count  -- index of the slot `count` before the first new one
+local first = math.max(0, base)
+local old = {}
+if base + n > 0 and first < len then
+  old = redis.call('LRANGE', KEYS[2], first, math.min(len, base + n) - 1)
+end
+local slots, delays, last = {}, {}, now
+for i = 1, n do
+  local at = math.max(last, tat - tolerance)
+  local before = base + i - 1
+  if before >= len then
+    at = math.max(at, slots[before - len + 1] + span)
+  elseif before >= 0 then
+    at = math.max(at, tonumber(old[before - first + 1]) + span)
+  end
+  if at - now > tolerance then  -- slots further out are left to whoever asks then
+    if i == 1 then return {-1, math.max(1, math.ceil(at - tolerance - now))} end
+    break
+  end
+  slots[i], delays[i], last = at, math.floor(at - now), at
+  tat = math.max(tat, at) + interval
 end
 -- integers as text: Lua would print 16 digits as 1.79...e+15 and lose the microseconds
+local texts = {}
+for i, at in ipairs(slots) do texts[i] = string.format('%.0f', at) end
+redis.call('RPUSH', KEYS[2], unpack(texts))
+redis.call('LTRIM', KEYS[2], -keep, -1)
 redis.call('HSET', key, 'tat', string.format('%.0f', tat))
 redis.call('PEXPIRE', key, 3600000)
+redis.call('PEXPIRE', KEYS[2], 3600000)
 return delays
 """
 

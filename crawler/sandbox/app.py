@@ -9,7 +9,7 @@ import random
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -77,6 +77,7 @@ class KeyLedger:
     statuses: Counter[str] = field(default_factory=Counter)
     tokens: float = 0.0
     refilled: float = 0.0
+    admitted: deque[float] = field(default_factory=deque)  # admission times in the last second
     throttle_opened: float | None = None  # monotonic time the key's throttle window opened
     requests_while_throttled: int = 0  # arrivals in the window after the one that opened it
     while_throttled_at: list[float] = field(default_factory=list)  # their seconds into it
@@ -191,17 +192,24 @@ class Sandbox:
         return str(max(1, math.ceil(wait)))
 
     def _take_token(self, book: KeyLedger) -> float:
-        """Token bucket per key; seconds until a token, 0 when one was taken."""
+        """The key's rate, read both ways a provider may mean it: a token bucket (bursts of at
+        most ``burst``) and at most ``rate`` requests in any sliding second. Seconds until a
+        request would be admitted, 0 when this one was."""
         rate = self.options.rate
         if rate is None:
             return 0.0
         now = time.monotonic()
         book.tokens = min(self._burst, book.tokens + (now - book.refilled) * rate)
         book.refilled = now
-        if book.tokens >= 1:
+        admitted = book.admitted
+        while admitted and admitted[0] <= now - 1.0:
+            admitted.popleft()
+        window_wait = admitted[0] + 1.0 - now if len(admitted) >= max(1, round(rate)) else 0.0
+        wait = max(window_wait, (1 - book.tokens) / rate if book.tokens < 1 else 0.0)
+        if wait <= 0:
             book.tokens -= 1
-            return 0.0
-        return (1 - book.tokens) / rate
+            admitted.append(now)
+        return wait
 
     def page_body(self, product_id: str, region: str, offset: int) -> bytes:
         page = self.catalogue.page(product_id, region, offset)
