@@ -224,7 +224,11 @@ class Walker:
                 raise _GiveUp(str(exc), cost, Status.BUDGET) from None
             # the gate is the last wait before sending, so a 429 pause that began during any
             # earlier wait (a lease, a backoff) still holds this request back
-            await self.gate.acquire()
+            try:
+                await self.gate.acquire()
+            except asyncio.CancelledError:  # a run cut short (a refused key): nothing was sent
+                self.budget.unreserve(credits)
+                raise
             # a budget stop ends the leasing, not the requests already covered: they go, so a
             # ceiling is used up by the run that meets it
             stopped = not self.door.open and self.door.reason != "budget"

@@ -95,6 +95,19 @@ async def test_refused_key_stops_the_run(tmp_path: Path, sandbox: SandboxFactory
     assert sum(b.requests for b in box.ledgers.values()) <= job.api.concurrency
 
 
+async def test_a_refused_key_costs_only_the_requests_sent(tmp_path: Path, sandbox: SandboxFactory):
+    """Walkers waiting for their slot when the 401 comes had credits reserved: they go back."""
+    async with sandbox(keys=frozenset({"sk_other"})) as (url, _):
+        job = load_job(write_job(tmp_path, url, TARGETS, api={"requests_per_second": 5}))
+        sent = 0
+        for _ in range(3):
+            result = await run_job(job, environ=ENV)
+            assert result.exit_status == 4
+            sent += result.report["run"]["requests"]
+            assert result.report["run"]["requests"] < len(TARGETS)  # most were waiting: unsent
+            assert result.report["totals"]["credits_charged"] == 2 * sent
+
+
 async def test_forbidden_key_stops_the_run(tmp_path: Path, sandbox: SandboxFactory):
     async with sandbox(forbidden_keys=frozenset({ENV["KEYAPI_API_KEY"]})) as (url, _):
         job = load_job(write_job(tmp_path, url, TARGETS))
