@@ -186,7 +186,8 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+        kind = "" if isinstance(exc, _DuplicateKey) else "YAML syntax error: "
+        raise ConfigError(f"{path}{where}: {kind}{problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a mapping with api, budget, output and targets")
     if "api" in raw and raw["api"] is None:  # a section whose keys are all commented out
@@ -202,8 +203,36 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     return Job(path, model.api, model.budget, output, targets, model.refresh, model.coordination)
 
 
-# libyaml's loader when PyYAML was built with it: several times faster on long target lists
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+# libyaml's parser when PyYAML was built with it: several times faster on long target lists
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BASE_LOADER):  # type: ignore[misc]  # PyYAML's loaders are untyped (Any)
+    """A safe loader that refuses a key given twice in one mapping: YAML would keep the last one
+    silently (``max_credits: 200`` then ``max_credits: 999999`` spends the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # the constructor below says what is wrong with such a key
+            if key in lines:
+                raise _DuplicateKey(
+                    problem=f"{key}: given twice in one mapping (first on line {lines[key]}); "
+                    "say it once",
+                    problem_mark=key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line + 1
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+_LOADER: Any = _Loader
 
 
 def _collect(path: Path, text: str, model: _JobModel) -> TargetList:

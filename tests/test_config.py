@@ -28,6 +28,14 @@ CASES = {
         GOOD.replace("  requests_per_second: 5", "   requests_per_second: 5"),
         ":3: YAML syntax error: mapping values are not allowed",
     ),
+    "a key given twice": (
+        GOOD.replace("max_credits: 100", "max_credits: 100\n  max_credits: 999999"),
+        ":6: max_credits: given twice in one mapping (first on line 5); say it once",
+    ),
+    "a target's key given twice": (
+        GOOD.replace('region: US}', 'region: US, region: GB}'),
+        ":9: region: given twice in one mapping (first on line 9); say it once",
+    ),
     "unknown key": (
         GOOD.replace("requests_per_second", "requests_per_secnd"),
         ":3: api.requests_per_secnd: unknown key 'requests_per_secnd'",
