@@ -157,8 +157,8 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
             recovered_bytes=found.bytes_cut or None,
         )
         with _signals(run, enabled=options.handle_signals):
-            await _crawl(run, live_progress=options.live_progress)
-    return await _finish(run, layout, started, parts)
+            progress = await _crawl(run, live_progress=options.live_progress)
+    return await _finish(run, layout, started, parts, progress)
 
 
 @dataclass
@@ -264,7 +264,7 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _crawl(run: _Run, *, live_progress: bool) -> None:
+async def _crawl(run: _Run, *, live_progress: bool) -> Progress:
     workers_count = min(run.job.api.concurrency, max(1, run.store.totals.count(*WALKABLE)))
     progress = Progress(lambda: _figures(run), live=live_progress)
     async with asyncio.TaskGroup() as group:
@@ -279,7 +279,7 @@ async def _crawl(run: _Run, *, live_progress: bool) -> None:
         await writer.close()
         await writer_task
         progress_task.cancel()
-    log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
+    return progress
 
 
 async def _worker(run: _Run) -> None:
@@ -363,7 +363,9 @@ def _figures(run: _Run) -> Figures:
     )
 
 
-async def _finish(run: _Run, layout: Layout, started: float, parts: _Parts) -> RunResult:
+async def _finish(
+    run: _Run, layout: Layout, started: float, parts: _Parts, progress: Progress
+) -> RunResult:
     store = run.store
     budget_stopped = run.door.reason == "budget"
     counters = run.walker.counters
@@ -378,6 +380,8 @@ async def _finish(run: _Run, layout: Layout, started: float, parts: _Parts) -> R
     }
     info["exit_status"] = status = _exit_status(run)
     await store.end_run(info, budget_stopped=budget_stopped)
+    # after the run is recorded: a coordinated job's figures are then the job's as Redis has them
+    log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
     run_info = {"started_at": started, "refresh": store.refresh, **info}
     if parts.owner is not None:
         run_info["worker"] = parts.owner

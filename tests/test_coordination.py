@@ -207,6 +207,9 @@ async def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, redis_serve
         for process in workers:
             _, stderr = await process.communicate()
             assert process.returncode == 0, stderr.decode()
+            # said once, the end said once: not once per stale pooled connection
+            assert stderr.count(b"Redis unreachable") == 1, stderr.decode()
+            assert stderr.count(b"Redis is back") == 1, stderr.decode()
         ids_expected = await expected(box, PAIRS)
         charged = (await box.ledger())[key_fingerprint(KEY)]["charged"]
     assert_exact(job, ids_expected)
@@ -243,6 +246,9 @@ async def test_the_budget_holds_over_every_worker(tmp_path: Path, redis_server: 
             await process.wait()
         assert [p.returncode for p in workers] == [3, 3, 3]
         assert (await box.ledger())[key_fingerprint(KEY)]["charged"] <= 301
+        report = orjson.loads((load_job(job).output.dir / "run-report.json").read_bytes())
+        assert report["targets_by_status"].get("stopped_budget", 0) > 0  # as one process says
+        assert "pending" not in report["targets_by_status"]
         write_job(tmp_path, url, redis_server.url, PAIRS)  # the budget raised
         worker = await start(job, "w4")
         _, stderr = await worker.communicate()

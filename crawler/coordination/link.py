@@ -20,6 +20,9 @@ from crawler.errors import CoordinationError
 
 log = structlog.get_logger("crawler.coordination")
 _T = TypeVar("_T")
+# errors this soon after Redis answered again are the same outage's tail (pooled connections to
+# the old server, a restart still loading its append-only file): not said again
+_FLAP_SECONDS = 5.0
 
 
 class Link:
@@ -41,6 +44,7 @@ class Link:
         self._unavailable = unavailable_seconds
         self._down_since: float | None = None
         self._back_at = float("-inf")  # when Redis last answered again after an outage
+        self._said = False  # whether this outage was announced (so its end is too)
         self._scripts: dict[str, Any] = {}
 
     def script(self, source: str) -> Callable[..., Awaitable[Any]]:
@@ -73,11 +77,12 @@ class Link:
                 delay = min(1.0, delay * 2)
                 continue
             if self._down_since is not None:
-                log.warning(
-                    "Redis is back",
-                    redis=self.url,
-                    seconds=round(time.monotonic() - self._down_since, 1),
-                )
+                if self._said:
+                    log.warning(
+                        "Redis is back",
+                        redis=self.url,
+                        seconds=round(time.monotonic() - self._down_since, 1),
+                    )
                 self._down_since = None
                 self._back_at = time.monotonic()
             return result
@@ -89,8 +94,14 @@ class Link:
         return time.monotonic() - self._back_at > seconds
 
     def _went_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            self._down_since = now
+            self._said = False
+        if not self._said and (
+            now - self._back_at > _FLAP_SECONDS or now - self._down_since > _FLAP_SECONDS
+        ):
+            self._said = True
             log.warning(
                 "Redis unreachable: no request is sent until it answers again",
                 redis=self.url,
