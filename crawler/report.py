@@ -40,7 +40,8 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     ledger = view.ledger
     unlisted = max(0, len(job.targets) - totals.targets)  # added to the job since its last run
     figures: dict[str, Any] = {name: int(totals.total(name)) for name in _SUMMED}
-    figures["seconds"] = round(totals.total("seconds"), 3)
+    # summed over targets, whose walks overlap: not the wall time (the runs have that)
+    figures["target_seconds"] = round(totals.total("seconds"), 3)
     figures["credits_charged"] = max(ledger.leased, ledger.credits)  # an upper bound
     figures["max_credits"] = job.budget.max_credits
     figures["runs"] = view.job["runs"]

@@ -16,7 +16,7 @@ _HEADERS = ("pages", "reviews", "dups", "credits", "retries", "429s")
 
 
 def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool) -> None:
-    console = Console(width=120)
+    console = Console(width=120, soft_wrap=True)  # a summary line is one line, for grep too
     totals, estimate = doc["totals"], doc["estimate"]
     console.print(
         f"[bold]{job.path}[/bold]: {_plural(totals['runs'], 'run')}, "

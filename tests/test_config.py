@@ -33,7 +33,7 @@ CASES = {
         ":6: max_credits: given twice in one mapping (first on line 5); say it once",
     ),
     "a target's key given twice": (
-        GOOD.replace('region: US}', 'region: US, region: GB}'),
+        GOOD.replace("region: US}", "region: US, region: GB}"),
         ":9: region: given twice in one mapping (first on line 9); say it once",
     ),
     "unknown key": (
