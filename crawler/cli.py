@@ -7,6 +7,7 @@ answer without loading the HTTP client or the sandbox.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 # exit statuses, as README lists them (runner.py has the same numbers for the library)
 EXIT_USAGE, EXIT_OUTPUT, EXIT_COORDINATION, EXIT_INTERRUPTED = 2, 7, 8, 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
 _LISTED = 20  # targets named at the end of a run; status --all lists them all
 
 
@@ -32,16 +34,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.handler(args)
+        sys.stdout.flush()  # here, where a reader gone away (a pipe to head) is handled
         return status
-    except JobError as exc:
+    except (JobError, OutputError, CoordinationError) as exc:
         _say(exc)
-        return EXIT_USAGE
-    except OutputError as exc:
-        _say(exc)
-        return EXIT_OUTPUT
-    except CoordinationError as exc:
-        _say(exc)
-        return EXIT_COORDINATION
+        if isinstance(exc, JobError):
+            return EXIT_USAGE
+        return EXIT_OUTPUT if isinstance(exc, OutputError) else EXIT_COORDINATION
+    except BrokenPipeError:  # `crawler status job.yaml | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # a full disk, a folder without permission: the file and the reason
         _say(OutputError.from_os(exc, exc.filename or "output"))
         return EXIT_OUTPUT
@@ -262,7 +264,7 @@ def _view(job: Job) -> StateView | None:
     if job.coordination is not None:
         from crawler.coordination.view import RedisView  # noqa: PLC0415
 
-        return RedisView(job.coordination.redis_url, job.name)
+        return RedisView(job.coordination.redis_url, job.name, job.budget)
     from crawler.layout import Layout  # noqa: PLC0415
     from crawler.state_sqlite import SqliteView  # noqa: PLC0415
 

@@ -206,7 +206,7 @@ async def _open(
         redis_store,
         lambda: redis_store.seen,
         lambda rate: SharedRateGate(redis_store.link, fingerprint, rate),
-        lambda: RedisView(url, name),
+        lambda: RedisView(url, name, job.budget),
         owner=redis_store.worker,
     )
 

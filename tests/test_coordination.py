@@ -249,6 +249,10 @@ async def test_the_budget_holds_over_every_worker(tmp_path: Path, redis_server: 
         report = orjson.loads((load_job(job).output.dir / "run-report.json").read_bytes())
         assert report["targets_by_status"].get("stopped_budget", 0) > 0  # as one process says
         assert "pending" not in report["targets_by_status"]
+        csv_rows = (await _status(job, "--csv")).splitlines()[1:]
+        assert csv_rows and all(",done," in r or ",stopped_budget," in r for r in csv_rows)
+        cut_short = [r for r in report["attention"] if r["status"] == "stopped_budget"]
+        assert cut_short and all(r["walk_pages"] > 0 for r in cut_short)
         write_job(tmp_path, url, redis_server.url, PAIRS)  # the budget raised
         worker = await start(job, "w4")
         _, stderr = await worker.communicate()

@@ -8,14 +8,16 @@ from typing import Any
 
 import orjson
 
+from crawler.config import BudgetSettings
 from crawler.coordination.store import prefix_of, totals_from
+from crawler.events import Status
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
 
 
 class RedisView:
     """The same reading surface as ``SqliteView``, plus the workers."""
 
-    def __init__(self, redis_url: str, job: str) -> None:
+    def __init__(self, redis_url: str, job: str, budget: BudgetSettings | None = None) -> None:
         import redis  # noqa: PLC0415 -- only a coordinated job needs the client
 
         self._redis: Any = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -24,6 +26,12 @@ class RedisView:
             "runs": self._redis.llen(self._p + "runs"),
             "open_shard": next(iter(self._open_shards()), None),
         }
+        # one process marks its pending targets stopped_budget when the budget runs out; here
+        # no worker owns that moment, so what the budget no longer covers is shown so instead
+        ledger = self.ledger
+        self._spent_out = budget is not None and (
+            budget.max_credits - max(ledger.leased, ledger.credits) < budget.credits_per_request
+        )
 
     @property
     def ledger(self) -> Ledger:
@@ -57,21 +65,31 @@ class RedisView:
         for key in sorted(self._redis.sscan_iter(self._p + "attention"))[:limit]:
             product_id, _, region = key.rpartition(":")
             rows += self._targets(product_id, region)
-        for product_id in self._redis.zrange(self._p + "leases", 0, -1):
+        held = self._redis.zrange(self._p + "leases", 0, -1)
+        # walks a budget stop cut short were queued again, at the end
+        stopped = self._redis.lrange(self._p + "todo", -_SCANNED, -1) if self._spent_out else []
+        for product_id in [*held, *reversed(stopped)]:
             if len(rows) >= limit:
                 break
             rows += [
-                r for r in self._targets(product_id) if r["status"] == "pending" and r["walk_pages"]
+                r
+                for r in self._targets(product_id)
+                if r["status"] in (Status.PENDING, Status.BUDGET) and r["walk_pages"]
             ][: limit - len(rows)]
         return rows
 
     def _targets(self, product_id: str, region: str | None = None) -> list[dict[str, Any]]:
         fields = self._redis.hgetall(f"{self._p}p:{product_id}")
-        return [
+        rows = [
             {"product_id": product_id, "region": name[2:], **_DEFAULTS, **orjson.loads(raw)}
             for name, raw in sorted(fields.items())
             if name.startswith("r:") and (region is None or name[2:] == region)
         ]
+        if self._spent_out:
+            for row in rows:
+                if row["status"] == Status.PENDING:
+                    row["status"] = str(Status.BUDGET)
+        return rows
 
     def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]:
         """Every target's ``columns``, product by product (in no particular order)."""
@@ -118,6 +136,7 @@ class RedisView:
 
 
 _DEFAULTS = {**asdict(TargetState(0)), "max_pages": None}
+_SCANNED = 1000  # products at the end of the queue read for walks a budget stop cut short
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:
