@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 EXIT_USAGE, EXIT_OUTPUT, EXIT_COORDINATION, EXIT_INTERRUPTED = 2, 7, 8, 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
 _LISTED = 20  # targets named at the end of a run; status --all lists them all
+_EPISODES_HINT = 3  # 429 episodes in one run that say the configured rate is too high
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,9 +176,11 @@ def _run(args: argparse.Namespace) -> int:
 def _print_outcome(doc: dict[str, Any], status: int) -> None:
     counts = ", ".join(f"{n:,} {s}" for s, n in sorted(doc["targets_by_status"].items()))
     totals = doc["totals"]
-    # credits leased but not yet accounted for (other workers still running, or requests a crash
-    # left unknown) may or may not have been spent: the figure is then a ceiling
-    bound = "at most " if totals["credits_charged"] > totals["credits"] else ""
+    # a worker of a coordinated job counts the credits other workers hold leased and have not
+    # accounted for yet: they may or may not be spent by the time they stop
+    run = doc.get("run", {})
+    coordinated = run.get("worker") is not None
+    bound = "at most " if coordinated and totals["credits_charged"] > totals["credits"] else ""
     print(
         f"{doc['targets_total']:,} targets: {counts}; {totals['records']:,} reviews in "
         f"{_plural(totals['shards'], 'shard')}; {bound}{totals['credits_charged']:,} of "
@@ -196,7 +199,14 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
             "max_credits_per_target) and run again to carry on",
             file=sys.stderr,
         )
-    stopped = doc.get("run", {}).get("stop_message")
+    if run.get("rate_limit_episodes", 0) >= _EPISODES_HINT:
+        print(
+            f"  the API answered 429 (rate limited) {run['rate_limited']:,} times, in "
+            f"{run['rate_limit_episodes']:,} episodes: it allows less than "
+            "api.requests_per_second; a lower setting would waste fewer requests and go faster",
+            file=sys.stderr,
+        )
+    stopped = run.get("stop_message")
     if stopped:
         print(f"  stopped: {stopped}", file=sys.stderr)
 

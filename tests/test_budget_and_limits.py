@@ -10,7 +10,17 @@ import pytest
 from crawler import load_job, run_job
 from crawler.limits import RateGate, SendWindow
 from crawler.sandbox import Sandbox, key_fingerprint
-from tests.conftest import ENV, KEY, PRODUCTS, expected_ids, output_ids, target_rows, write_job
+from tests.conftest import (
+    ENV,
+    KEY,
+    PRODUCTS,
+    crawler_command,
+    expected_ids,
+    output_ids,
+    subprocess_env,
+    target_rows,
+    write_job,
+)
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
 PAIRS = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
@@ -135,3 +145,18 @@ def test_the_send_window_keeps_a_sliding_second_at_the_rate():
     assert times[:300] == pytest.approx([k // 50 * 1.02 for k in range(300)])
     window.resize(25)  # after a 429 episode: a window of 25, from the last 25 sends
     assert window.reserve(times[-1]) == pytest.approx(times[-25] + 1.02)
+
+
+async def test_a_rate_set_above_what_the_api_allows_is_named(tmp_path, sandbox):
+    async with sandbox(rate=15, burst=2) as (url, _):
+        targets = [{"product_id": PRODUCTS[0], "regions": ["US", "GB", "DE"], "max_pages": 20}]
+        job = write_job(tmp_path, url, targets, api={"requests_per_second": 60})
+        process = await asyncio.create_subprocess_exec(
+            *crawler_command("--log-level", "error", "run", "--no-progress", str(job)),
+            env=subprocess_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert b"it allows less than api.requests_per_second" in stderr
