@@ -365,10 +365,8 @@ for i = 1, n do
   elseif before >= 0 then
     at = math.max(at, tonumber(old[before - first + 1]) + span)
   end
-  if at - now > tolerance then  -- slots further out are left to whoever asks then
-    if i == 1 then return {-1, math.max(1, math.ceil(at - tolerance - now))} end
-    break
-  end
+  if i == 1 and at > now then return {-1, math.max(1, math.ceil(at - now))} end
+  if at - now > tolerance then break end  -- slots further out are left to whoever asks then
   slots[i], delays[i], last = at, math.floor(at - now), at
   tat = math.max(tat, at) + interval
 end
