@@ -241,6 +241,7 @@ class Walker:
             try:
                 page = await self.client.fetch(self.endpoint, target, walk.cursor)
             except RateLimited as exc:
+                _raise_if_cancelling()
                 cost.rate_limited += 1
                 self.counters.rate_limited += 1
                 self.policy.check_retry_after(exc.retry_after)
@@ -249,6 +250,7 @@ class Walker:
                     raise _GiveUp(f"{exc} (too many in a row)", cost) from None
                 continue
             except RetryableError as exc:
+                _raise_if_cancelling()
                 delay = tries.next_delay(self.clock())
                 if delay is None:
                     raise _GiveUp(
@@ -261,6 +263,15 @@ class Walker:
             except TargetError as exc:
                 raise _GiveUp(str(exc), cost) from None
             return page, cost, self.clock() - started
+
+
+def _raise_if_cancelling() -> None:
+    """A cancellation a library turned into an error (on Python 3.11 a timeout expiring at the
+    moment the task is cancelled becomes a TimeoutError; after SIGSTOP every timer expires at
+    once) must still end the task, not be retried."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _finish(page: Page, walk: _Walk, same: bool, max_pages: int | None) -> Finish | None:

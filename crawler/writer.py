@@ -94,6 +94,7 @@ class Writer:
         self._shard_max = shard_max_records
         self._commit_every = commit_every_pages
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=queue_size)
+        self._gone = False  # the commit loop failed: no page is taken any more
         self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
         self._loaded = asyncio.Event()
         # the shard the committer appends to, and the one the planner plans for (ahead of it)
@@ -147,6 +148,8 @@ class Writer:
         disk slows the walkers."""
         if rendered is not None and isinstance(change, PageCommitted):
             change.ids, change.other_ids = rendered.ids, rendered.other_ids
+        if self._gone:  # the writer's own error ends the run: nothing will take this page
+            raise asyncio.CancelledError
         await self._queue.put(_Work(change, target, rendered))
 
     async def close(self) -> None:
@@ -157,9 +160,17 @@ class Writer:
         if not self._seen.loaded:  # off the loop: the first requests go out meanwhile
             await asyncio.to_thread(self._seen.load)
         self._loaded.set()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._plan_loop())
-            group.create_task(self._commit_loop())
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._plan_loop())
+                group.create_task(self._commit_loop())
+        except BaseException:
+            # walkers waiting to hand over a page would wait for ever: let them go, and stop
+            # the next one at the door
+            self._gone = True
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            raise
         await self._finish()
 
     async def _plan_loop(self) -> None:

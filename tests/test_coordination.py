@@ -134,6 +134,17 @@ async def test_three_workers_through_random_kills_and_new_names(
     assert charged <= _leased(redis_server)
 
 
+async def _ended(process: asyncio.subprocess.Process, seconds: float = 90) -> bytes:
+    """The worker's stderr once it has ended; killed, and the test failed, if it hangs."""
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"a worker still running after {seconds} s") from None
+    return stderr
+
+
 async def _status(job: Path, *extra: str) -> str:
     process = await asyncio.create_subprocess_exec(
         *crawler_command("status", str(job), *extra),
@@ -278,9 +289,9 @@ async def test_a_worker_paused_past_its_lease_is_fenced_out(
         other = await start(job, "other")
         await asyncio.sleep(3.5)  # past the 2 s lease: "other" takes the sleeper's products
         sleeper.send_signal(signal.SIGCONT)
-        _, stderr = await sleeper.communicate()
+        stderr = await _ended(sleeper)
         assert sleeper.returncode in (0, 8), stderr.decode()
-        _, stderr2 = await other.communicate()
+        stderr2 = await _ended(other)
         assert other.returncode == 0, stderr2.decode()
         if sleeper.returncode != 0:
             assert b"taken over by another worker" in stderr or b"found it dead" in stderr

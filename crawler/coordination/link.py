@@ -65,6 +65,9 @@ class Link:
             try:
                 result = await command()
             except self._errors as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a cancellation turned into an error
+                    raise asyncio.CancelledError from None
                 self._went_down(exc)
                 assert self._down_since is not None  # noqa: S101 -- set just above
                 if time.monotonic() - self._down_since > self._unavailable:

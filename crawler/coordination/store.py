@@ -420,8 +420,11 @@ class RedisStore:
         dead workers left open here, and refreshes the job's figures, on the way."""
         interval = self._lease_ms / 3000
         last = (asyncio.get_running_loop().time(), self.pages_committed)
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(interval)
+            if task is not None and task.cancelling():  # a cancellation some library swallowed
+                raise asyncio.CancelledError
             now = asyncio.get_running_loop().time()
             rate = (self.pages_committed - last[1]) / max(1e-3, now - last[0])
             last = (now, self.pages_committed)
