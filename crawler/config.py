@@ -218,6 +218,8 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]  # PyYAML's loaders are untyp
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys it brings may
+                continue  # be overridden here, which is what merging is for
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str | int | float | bool):
                 continue  # the constructor below says what is wrong with such a key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -41,34 +42,30 @@ def slack_requests(rate: float) -> float:
 
 
 def window_of(rate: float) -> tuple[int, float]:
-    """(count, seconds): at most ``count`` sends in any ``seconds`` at ``rate``; ``count`` is the
-    rate rounded (a server's "per second" is a whole number), ``seconds`` then its share of a
-    second, stretched by the margin above."""
-    count = max(1, round(rate))
-    return count, count / rate * (1 + WINDOW_MARGIN)
+    """(count, seconds): at most ``count`` sends in any ``seconds`` at the configured ``rate``.
+    A server's "per second" is a whole number: ``count`` is the rate's whole part (at least 1),
+    over a second (or, below 1/s, the time one request takes), stretched by the margin above."""
+    count = max(1, math.floor(rate))
+    return count, max(1.0, count / rate) * (1 + WINDOW_MARGIN)
 
 
 class SendWindow:
-    """A sliding log of send times: the next send waits until the one ``count`` before it is
-    ``seconds`` old. Times are handed out in order, so walkers that wait together do not all go
-    at the same instant."""
+    """A sliding log of the last ``count`` send times: a send waits until the one ``count``
+    before it is ``seconds`` old. Callers take turns (the gate holds a lock), so each records
+    the time it really goes and walkers waiting together leave one by one, paced as they came."""
 
     def __init__(self, rate: float) -> None:
-        self._times: deque[float] = deque()
-        self.resize(rate)
-
-    def resize(self, rate: float) -> None:
         self.count, self.seconds = window_of(rate)
-        self._times = deque(self._times, maxlen=self.count)
+        self._times: deque[float] = deque(maxlen=self.count)
 
-    def reserve(self, now: float) -> float:
-        """The time at which the next send may go (not before ``now``); booked as sent then."""
-        times = self._times
-        at = now if len(times) < self.count else max(now, times[0] + self.seconds)
-        if times and at < times[-1]:  # never before a time already handed out
-            at = times[-1]
-        times.append(at)
-        return at
+    def wait(self, now: float) -> float:
+        """Seconds until a send may go (0: now)."""
+        if len(self._times) < self.count:
+            return 0.0
+        return max(0.0, self._times[0] + self.seconds - now)
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
 
 
 class Gate(Protocol):
@@ -103,7 +100,8 @@ class RateGate:
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
         self._limiter = self._make_limiter(rate)
-        self._window = SendWindow(rate)
+        self._window = SendWindow(rate)  # the configured rate's: a slower pace is the limiter's
+        self._window_turn = asyncio.Lock()
         self._resume_at = 0.0
         self._last_change = self._clock()
 
@@ -126,10 +124,12 @@ class RateGate:
                 await self._sleep(wait)
             self._recover()
             await self._limiter.acquire()
-            if (wait := self._window.reserve(self._clock()) - self._clock()) > 0:
-                await self._sleep(wait)
-            if self._resume_at <= self._clock():
-                return
+            async with self._window_turn:
+                while (wait := self._window.wait(self._clock())) > 0:
+                    await self._sleep(wait)
+                if self._resume_at <= self._clock():
+                    self._window.record(self._clock())
+                    return
 
     @property
     def paused(self) -> bool:
@@ -167,4 +167,3 @@ class RateGate:
         self._last_change = now
         # waiters queued on the old limiter pass at the old pace; they are few (<= concurrency)
         self._limiter = self._make_limiter(rate)
-        self._window.resize(rate)

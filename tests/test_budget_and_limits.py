@@ -130,21 +130,29 @@ async def test_gate_pause_holds_every_walker():
 
 
 def test_the_send_window_keeps_a_sliding_second_at_the_rate():
-    """Walkers that all ask at once, then late ones: in no sliding second (of send times 20 ms
-    late at worst, relative to each other) more than the rate; the rate kept at 0.98."""
-    window = SendWindow(50)
-    times = [window.reserve(0.0) for _ in range(300)]
-    times += [window.reserve(times[-1] + 0.5 + i / 50) for i in range(200)]
-    assert times == sorted(times)
-    for late in (0.0, 0.019):
-        sent = [t + (late if i % 50 == 0 else 0.0) for i, t in enumerate(times)]
-        sent.sort()
-        busiest = max(bisect.bisect_right(sent, t) - bisect.bisect_right(sent, t - 1) for t in sent)
-        assert busiest <= 50
-    # a crowd of waiters goes a window at a time (the pacing before it spreads each window)
-    assert times[:300] == pytest.approx([k // 50 * 1.02 for k in range(300)])
-    window.resize(25)  # after a 429 episode: a window of 25, from the last 25 sends
-    assert window.reserve(times[-1]) == pytest.approx(times[-25] + 1.02)
+    """Sends the limiter lets through at the full rate, some in bursts: in no sliding second
+    (of send times 19 ms late at worst, relative to each other) more than the rate, and the rate
+    held at 0.98; a fractional rate counts its whole part per second."""
+    for rate, allowed in ((50, 50), (4.32, 4), (10.4, 10), (2.5, 2)):
+        window = SendWindow(rate)
+        times: list[float] = []
+        for i in range(int(rate * 20)):
+            asked = i / rate if i % 7 else max(0.0, (i - 5) / rate)  # now and then a burst
+            now = max(asked, times[-1] if times else 0.0)
+            now += window.wait(now)
+            window.record(now)
+            times.append(now)
+        assert times == sorted(times)
+        for late in (0.0, 0.019):
+            sent = sorted(t + (late if i % allowed == 0 else 0.0) for i, t in enumerate(times))
+            busiest = max(
+                bisect.bisect_right(sent, t) - bisect.bisect_right(sent, t - 1) for t in sent
+            )
+            assert busiest <= allowed, (rate, late, busiest)
+        steady = len(times) / times[-1]
+        assert steady == pytest.approx(allowed / 1.02, rel=0.03), rate
+    slow = SendWindow(0.5)  # below 1/s: one request per its own time, stretched
+    assert slow.count == 1 and slow.seconds == pytest.approx(2.04)
 
 
 async def test_a_rate_set_above_what_the_api_allows_is_named(tmp_path, sandbox):

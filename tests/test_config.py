@@ -139,3 +139,19 @@ def test_missing_key_variable_is_named(tmp_path: Path):
     assert done.returncode == 2
     assert "environment variable MY_KEYAPI_KEY is not set" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_merge_keys_still_load(tmp_path: Path):
+    """The duplicate-key check leaves YAML's merge keys alone: a target built from an anchor."""
+    text = GOOD.replace(
+        '  - {product_id: "1729679758111249334", regions: [US, GB]}\n',
+        '  - &base {product_id: "1729679758111249334", regions: [US, GB]}\n'
+        '  - <<: *base\n    product_id: "1729679758111249335"\n',
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    job = load_job(path)
+    assert [(t.product_id, t.region) for t in job.targets][-2:] == [
+        ("1729679758111249335", "US"),
+        ("1729679758111249335", "GB"),
+    ]

@@ -344,9 +344,11 @@ end
 local rate = tonumber(ARGV[1]) * factor
 local interval = 1000000 / rate
 local tolerance = tonumber(ARGV[2]) * interval
-local count = math.max(1, math.floor(rate + 0.5))
-local span = count / rate * (1 + tonumber(ARGV[4])) * 1000000
-local keep = math.max(count, math.floor(tonumber(ARGV[1]) + 0.5))
+-- the window is the configured rate's (limits.window_of): a slower pace after a 429 is the GCRA's
+local configured = tonumber(ARGV[1])
+local count = math.max(1, math.floor(configured))
+local span = math.max(1, count / configured) * (1 + tonumber(ARGV[4])) * 1000000
+local keep = count
 local tat = math.max(tonumber(redis.call('HGET', key, 'tat') or '0'), now)
 local n = tonumber(ARGV[3])
 local len = redis.call('LLEN', KEYS[2])

@@ -68,13 +68,18 @@ class RedisView:
         held = self._redis.zrange(self._p + "leases", 0, -1)
         # walks a budget stop cut short were queued again, at the end
         stopped = self._redis.lrange(self._p + "todo", -_SCANNED, -1) if self._spent_out else []
-        for product_id in [*held, *reversed(stopped)]:
+        listed = {(r["product_id"], r["region"]) for r in rows}
+        # a budget the job spent shows its cut-short walks as stopped_budget (see __init__)
+        under_way = Status.BUDGET if self._spent_out else Status.PENDING
+        for product_id in dict.fromkeys([*held, *reversed(stopped)]):
             if len(rows) >= limit:
                 break
             rows += [
                 r
                 for r in self._targets(product_id)
-                if r["status"] in (Status.PENDING, Status.BUDGET) and r["walk_pages"]
+                if r["status"] == under_way
+                and r["walk_pages"]
+                and (r["product_id"], r["region"]) not in listed
             ][: limit - len(rows)]
         return rows
 

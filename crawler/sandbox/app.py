@@ -204,7 +204,8 @@ class Sandbox:
         admitted = book.admitted
         while admitted and admitted[0] <= now - 1.0:
             admitted.popleft()
-        window_wait = admitted[0] + 1.0 - now if len(admitted) >= max(1, round(rate)) else 0.0
+        allowed = max(1, math.floor(rate))  # "R per second" counts whole requests
+        window_wait = admitted[0] + 1.0 - now if len(admitted) >= allowed else 0.0
         wait = max(window_wait, (1 - book.tokens) / rate if book.tokens < 1 else 0.0)
         if wait <= 0:
             book.tokens -= 1
