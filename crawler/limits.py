@@ -123,10 +123,12 @@ class RateGate:
             while (wait := self._resume_at - self._clock()) > 0:
                 await self._sleep(wait)
             self._recover()
-            await self._limiter.acquire()
+            # one walker at a time: the window first, then the limiter, which spaces the sends
+            # even when several walkers' window times have all passed (a late wake-up)
             async with self._window_turn:
                 while (wait := self._window.wait(self._clock())) > 0:
                     await self._sleep(wait)
+                await self._limiter.acquire()
                 if self._resume_at <= self._clock():
                     self._window.record(self._clock())
                     return
