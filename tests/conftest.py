@@ -121,6 +121,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **ENV, **extra}
 
 
+async def run_crawler(*args: str) -> tuple[int, bytes, bytes]:
+    """``crawler ARGS`` in a process of its own, to its end: (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command(*args),
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
 @pytest.fixture
 async def served(sandbox: SandboxFactory) -> AsyncIterator[tuple[str, Sandbox]]:
     async with sandbox() as pair:

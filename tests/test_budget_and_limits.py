@@ -14,10 +14,9 @@ from tests.conftest import (
     ENV,
     KEY,
     PRODUCTS,
-    crawler_command,
     expected_ids,
     output_ids,
-    subprocess_env,
+    run_crawler,
     target_rows,
     write_job,
 )
@@ -159,12 +158,8 @@ async def test_a_rate_set_above_what_the_api_allows_is_named(tmp_path, sandbox):
     async with sandbox(rate=15, burst=2) as (url, _):
         targets = [{"product_id": PRODUCTS[0], "regions": ["US", "GB", "DE"], "max_pages": 20}]
         job = write_job(tmp_path, url, targets, api={"requests_per_second": 60})
-        process = await asyncio.create_subprocess_exec(
-            *crawler_command("--log-level", "error", "run", "--no-progress", str(job)),
-            env=subprocess_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        status, _, stderr = await run_crawler(
+            "--log-level", "error", "run", "--no-progress", str(job)
         )
-        _, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
+    assert status == 0, stderr.decode()
     assert b"it allows less than api.requests_per_second" in stderr

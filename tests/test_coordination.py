@@ -24,6 +24,7 @@ from tests.conftest import (
     crawler_command,
     free_port,
     output_ids,
+    run_crawler,
     subprocess_env,
 )
 
@@ -146,14 +147,8 @@ async def _ended(process: asyncio.subprocess.Process, seconds: float = 90) -> by
 
 
 async def _status(job: Path, *extra: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *crawler_command("status", str(job), *extra),
-        env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
+    status, stdout, stderr = await run_crawler("status", str(job), *extra)
+    assert status == 0, stderr.decode()
     return stdout.decode()
 
 
@@ -331,13 +326,7 @@ async def test_redis_url_from_the_command_line(tmp_path: Path, redis_server, fla
     if flag:  # without --redis, the job's state is not where one process looks: refused
         layout = Layout(load_job(job).output.dir)
         before = {p.name: p.read_bytes() for p in layout.shard_files()}
-        process = await asyncio.create_subprocess_exec(
-            *crawler_command("run", "--no-progress", str(job)),
-            env=subprocess_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, stderr = await process.communicate()
-        assert process.returncode == 2, stderr.decode()
+        status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+        assert status == 2, stderr.decode()
         assert b"holds a coordinated job's shards" in stderr and b"--redis" in stderr
         assert {p.name: p.read_bytes() for p in layout.shard_files()} == before

@@ -20,6 +20,7 @@ from tests.conftest import (
     expected_ids,
     output_ids,
     requests_to,
+    run_crawler,
     subprocess_env,
     target_rows,
     until,
@@ -131,14 +132,8 @@ async def test_a_count_that_shrank_walks_the_whole_feed(tmp_path, sandbox):
 
 
 async def _crawler(*args: str) -> bytes:
-    process = await asyncio.create_subprocess_exec(
-        *crawler_command(*args),
-        env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
+    status, stdout, stderr = await run_crawler(*args)
+    assert status == 0, stderr.decode()
     return stdout
 
 

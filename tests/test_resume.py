@@ -22,6 +22,7 @@ from tests.conftest import (
     expected_ids,
     output_ids,
     requests_to,
+    run_crawler,
     subprocess_env,
     until,
     write_job,
@@ -202,14 +203,8 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     data = bytearray(layout.state_db.read_bytes())
     data[100:4096] = b"\xff" * (4096 - 100)  # the header's page and the schema behind it
     layout.state_db.write_bytes(bytes(data))
-    process = await asyncio.create_subprocess_exec(
-        *crawler_command("run", str(job)),
-        env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
-    assert process.returncode == 2, stderr.decode()
+    status, _, stderr = await run_crawler("run", str(job))
+    assert status == 2, stderr.decode()
     assert b"state.db" in stderr and b"Traceback" not in stderr
 
 
