@@ -47,20 +47,19 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def write_job(
-    folder: Path, url: str, redis_url: str, targets: list[tuple[str, str]], **api: Any
+    folder: Path, url: str, redis_url: str | None, targets: list[tuple[str, str]], **api: Any
 ) -> Path:
+    """The job file; one process alone (no Redis) when ``redis_url`` is None."""
+    doc: dict[str, Any] = {
+        "api": {"base_url": url, "concurrency": 16, **api},
+        "budget": {"max_credits": 100_000_000},
+        "output": {"dir": "out"},
+        "targets": [{"product_id": p, "region": r} for p, r in targets],
+    }
+    if redis_url is not None:
+        doc["coordination"] = {"redis_url": redis_url, "job": folder.name}
     job = folder / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "api": {"base_url": url, "concurrency": 16, **api},
-                "budget": {"max_credits": 100_000_000},
-                "output": {"dir": "out"},
-                "coordination": {"redis_url": redis_url, "job": folder.name},
-                "targets": [{"product_id": p, "region": r} for p, r in targets],
-            }
-        )
-    )
+    job.write_text(yaml.safe_dump(doc))
     return job
 
 
@@ -99,26 +98,36 @@ def ledger_requests(url: str) -> tuple[int, int]:
     return requests, limited
 
 
-def shared_rate(redis_url: str, rate: float) -> tuple[float, int, int]:
-    """3 workers of one job under one limit, against a sandbox that allows exactly ``rate``."""
+def shared_rate(
+    redis_url: str | None,
+    rate: float,
+    *,
+    allowed: float | None = None,
+    count: int = 3,
+    seconds: float = 10.0,
+    products: int = 60,
+) -> tuple[float, int, int]:
+    """``count`` workers of one job asking ``rate``, against a sandbox that allows exactly
+    ``allowed`` (default: ``rate``): requests/s over ``seconds``, requests, 429s."""
+    allowed = allowed or rate
     sandbox = subprocess.Popen(
-        [*CRAWLER, "sandbox", "--port", "0", "--rate", str(rate), "--burst", str(rate * 0.05 + 2),
-         "--latency-ms", "20-80"],
+        [*CRAWLER, "sandbox", "--port", "0", "--rate", str(allowed), "--burst",
+         str(allowed * 0.05 + 2), "--latency-ms", "20-80"],
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     assert sandbox.stdout is not None
     url = sandbox.stdout.readline().split()[-1]
-    products = [str(1729679758111249333 + i) for i in range(60)]
-    targets = [(p, r) for p in products for r in ("US", "GB", "DE", "FR")]
+    ids = [str(1729679758111249333 + i) for i in range(products)]
+    targets = [(p, r) for p in ids for r in ("US", "GB", "DE", "FR")]
     try:
         with tempfile.TemporaryDirectory(prefix="rate-") as tmp:
             job = write_job(Path(tmp), url, redis_url, targets, requests_per_second=rate)
-            running = workers(job, 3)
-            time.sleep(3.0)  # all three under way (their logs are not read: few lines)
+            running = workers(job, count)
+            time.sleep(3.0)  # all under way (their logs are not read: few lines)
             first, limited_before = ledger_requests(url)
             started = time.perf_counter()
-            time.sleep(10.0)
+            time.sleep(seconds)
             last, limited_after = ledger_requests(url)
             seconds = time.perf_counter() - started
             for process in running:
@@ -145,6 +154,27 @@ async def coordination(rows: list[str], targets: list[tuple[str, str]], url: str
                 achieved, sent, limited = shared_rate(redis_url, rate)
                 rows.append(
                     f"| {rate:g} | {achieved:.1f} | {achieved / rate:.3f} | {limited} of {sent} |"
+                )
+        finally:
+            redis.terminate()
+            redis.wait()
+
+
+async def rate_above(rows: list[str]) -> None:
+    """A job asking more than the API allows (50/s of 45): what the slow-down after 429s keeps."""
+    rows.append("| asks | API allows | processes | achieved req/s | of allowed | 429s |")
+    rows.append("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="redis-") as folder:
+        redis, redis_url = start_redis(Path(folder))
+        try:
+            for count, through in ((1, None), (3, redis_url)):
+                achieved, sent, limited = shared_rate(
+                    through, 50.0, allowed=45.0, count=count, seconds=120.0, products=300
+                )
+                who = "1, alone" if through is None else f"{count}, through Redis"
+                rows.append(
+                    f"| 50 | 45 | {who} | {achieved:.1f} | {achieved / 45:.3f} | "
+                    f"{limited} of {sent} ({limited / sent:.2%}) |"
                 )
         finally:
             redis.terminate()

@@ -26,7 +26,10 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from coordination import coordination  # bench/coordination.py: the script's folder is on the path
+from coordination import (
+    coordination,
+    rate_above,
+)  # bench/coordination.py: the script's folder is on the path
 from targets import targets_at_scale  # bench/targets.py, likewise
 
 from crawler import load_job, logs, run_job
@@ -508,6 +511,7 @@ SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "crawl-memory-and-resume": crawler_memory_and_resume,
     "targets": targets_at_scale,
     "coordination": coordinated,
+    "rate-above": rate_above,
 }
 
 

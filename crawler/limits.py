@@ -11,6 +11,8 @@ from typing import Protocol
 import structlog
 from aiolimiter import AsyncLimiter
 
+from crawler.slowdown import Slowdown
+
 # aiolimiter admits a request when the bucket's level is at most max_rate - 1. With max_rate 1 the
 # bucket must be empty, so every late timer wake-up (asyncio rounds waits up to the millisecond)
 # and every busy moment of the event loop is time lost for good: 20% of the rate at 500/s. The
@@ -28,9 +30,6 @@ _SLACK_SECONDS = 0.035
 # pacing above, at most R requests go out in any 1.02 s: 0.98 of the rate, with 20 ms a second
 # of room for a send to arrive late relative to the one R before it.
 WINDOW_MARGIN = 0.02
-_SLOWDOWN = 0.5  # rate factor per 429 episode
-_FLOOR = 0.05  # never below this share of the configured rate
-_RECOVERY_PER_SECOND = 0.1  # share of the configured rate won back per quiet second
 _DEFAULT_PAUSE = 1.0  # seconds to pause on a 429 without Retry-After
 
 log = structlog.get_logger("crawler.limits")
@@ -85,7 +84,8 @@ class Gate(Protocol):
 
 
 class RateGate:
-    """Admits requests at the configured rate; after a 429, pauses everyone and climbs back."""
+    """Admits requests at the configured rate; after a 429, pauses everyone and slows down
+    (``slowdown.py``)."""
 
     def __init__(
         self,
@@ -103,7 +103,7 @@ class RateGate:
         self._window = SendWindow(rate)  # the configured rate's: a slower pace is the limiter's
         self._window_turn = asyncio.Lock()
         self._resume_at = 0.0
-        self._last_change = self._clock()
+        self._slowdown = Slowdown()
 
     @staticmethod
     def _make_limiter(rate: float) -> AsyncLimiter:
@@ -145,7 +145,8 @@ class RateGate:
         self._resume_at = max(self._resume_at, now + pause)
         if new_episode:
             self.episodes += 1
-            self._set_rate(max(self.configured * _FLOOR, self.current * _SLOWDOWN), now)
+            self._slowdown.limited(now)
+            self._set_rate()
             log.warning(
                 "rate limited: pausing every walker",
                 pause_seconds=round(pause, 3),
@@ -154,18 +155,17 @@ class RateGate:
             )
 
     def _recover(self) -> None:
-        if self.current >= self.configured:
-            return
-        now = self._clock()
-        quiet = now - max(self._last_change, self._resume_at)
-        if quiet >= 1.0:
-            step = self.configured * _RECOVERY_PER_SECOND * quiet
-            self._set_rate(min(self.configured, self.current + step), now)
+        if self._slowdown.recover(self._clock(), self._resume_at):
+            self._set_rate()
             if self.current == self.configured:
                 log.info("rate recovered", rate=self.current)
 
-    def _set_rate(self, rate: float, now: float) -> None:
-        self.current = rate
-        self._last_change = now
-        # waiters queued on the old limiter pass at the old pace; they are few (<= concurrency)
-        self._limiter = self._make_limiter(rate)
+    def _set_rate(self) -> None:
+        self.current = self.configured * self._slowdown.share
+        old, self._limiter = self._limiter, self._make_limiter(self.current)
+        # a fresh bucket is empty, and would let a send go at once however recent the last one
+        # (a strict server's bucket answered that with 429s): it starts as full as the old one
+        # (aiolimiter has no public way to set a level, so its two fields are copied)
+        old.has_capacity(0)  # leaks the old bucket up to now
+        self._limiter._level = min(old._level, self._limiter.max_rate)
+        self._limiter._last_check = old._last_check

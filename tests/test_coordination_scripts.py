@@ -161,3 +161,45 @@ def test_after_a_gap_of_every_worker_nothing_is_taken_over_for_a_lease(client):
     keep_alive(client, "b", inc_b, 1.2)  # b goes on renewing: the clock runs again
     answer = claim(client, "b", inc_b, "r3", 1000)
     assert answer[:2] == ["111", "2"], (answer, client.hgetall(k("clock")), client.time())
+
+
+def test_the_shared_slowdown_follows_the_one_process_rules(client):
+    """The Redis gate slows down and climbs back as ``slowdown.Slowdown`` does: halved, back to
+    just under the rate that drew the 429, held, probed, stepped back without halving. Redis's
+    clock cannot be moved, so the times stored in the gate's hash are moved back instead."""
+    from crawler.coordination.scripts import RATE, RATE_LIMITED  # noqa: PLC0415 -- this test's
+    from crawler.slowdown import Slowdown  # noqa: PLC0415 -- as above
+
+    key = "crawler:rate:abc"
+    rate, limited = client.register_script(RATE), client.register_script(RATE_LIMITED)
+    local = Slowdown()
+
+    def ask() -> None:
+        rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
+
+    def past(seconds: float) -> None:  # every stored time, `seconds` earlier
+        for field in ("changed", "reached", "pause"):
+            if (value := client.hget(key, field)) is not None:
+                client.hset(key, field, f"{float(value) - seconds * 1e6:.0f}")
+
+    def shares() -> tuple[float, float]:
+        return float(client.hget(key, "factor")), float(client.hget(key, "ceiling"))
+
+    now = paused_at = 0.0
+    steps = [("limited", 0), ("ask", 6), ("ask", 20), ("ask", 13), ("limited", 0), ("ask", 32.5),
+             ("limited", 0), ("ask", 11), ("limited", 0), ("ask", 3)]  # fmt: skip
+    for event, seconds in steps:
+        past(seconds)
+        now += seconds
+        if event == "limited":
+            limited(keys=[key], args=[0])
+            local.limited(now)
+            paused_at = now
+        else:
+            ask()
+            local.recover(now, paused_at)
+        assert shares() == pytest.approx((local.share, local.ceiling), abs=1e-3), (event, now)
+    # the steps took each branch: halved at 1, probed to 0.98, stepped back to 0.95 of it,
+    # probed, stepped back, then halved at the safe share and climbed 3 s
+    assert local.ceiling == pytest.approx((0.98 * 0.95 + 0.025) * 0.95)
+    assert local.share == pytest.approx(local.ceiling * 0.5 + 0.3)

@@ -154,13 +154,53 @@ async def test_the_rate_halves_once_per_episode_and_climbs_back():
     assert gate.episodes == 1 and gate.current == 50
     await gate.acquire()  # waits out the pause, by the clock
     assert sum(time.slept) == pytest.approx(2.0)
-    # a tenth of the configured rate back per quiet second, counted from the last change
-    for quiet_seconds, rate in ((0.5, 50), (1.0, 60), (2.0, 70), (5.0, 100)):
+    # a tenth of the configured rate back per quiet second, counted from the last change, up
+    # to just under the rate that drew the 429; held there, then probed upwards a step a second
+    for quiet_seconds, rate in ((0.5, 50), (1.0, 60), (2.0, 70), (5.0, 95), (30.5, 95)):
         time.now = 1002.0 + quiet_seconds
         await gate.acquire()
         assert gate.current == pytest.approx(rate)
+    for probing_seconds, rate in ((1.0, 96), (1.5, 96), (3.0, 98), (60.0, 100)):
+        time.now = 1002.0 + 5.0 + 30.0 + probing_seconds
+        await gate.acquire()
+        assert gate.current == pytest.approx(rate)
     await gate.on_rate_limited(None)  # a new episode, no Retry-After: a second's pause
-    assert gate.episodes == 2 and gate.current == 50
+    assert gate.episodes == 2 and gate.current == 95  # met while probing: just under it
+
+
+async def test_a_rate_above_the_allowed_one_is_learned():
+    """A 429 met while probing above the safe rate steps back under it, without halving; a 429
+    at the safe rate (the API allows less than it did) halves the rate again."""
+    time = FakeTime()
+    gate = RateGate(100, clock=time.clock, sleep=time.sleep)
+    await gate.on_rate_limited(1.0)  # at 100: halved
+    time.now += 6.0
+    await gate.acquire()
+    assert gate.current == pytest.approx(95)
+    time.now += 30.0 + 3.0  # probed to 98
+    await gate.acquire()
+    await gate.on_rate_limited(1.0)  # the API allows less than 98: just under it
+    assert gate.episodes == 2 and gate.current == pytest.approx(98 * 0.95)
+    time.now += 29.0  # held, even once the pause is over
+    await gate.acquire()
+    assert gate.current == pytest.approx(98 * 0.95)
+    await gate.on_rate_limited(1.0)  # at the safe rate: halved
+    assert gate.episodes == 3 and gate.current == pytest.approx(98 * 0.95 / 2)
+    time.now += 1.0 + 10.0
+    await gate.acquire()
+    assert gate.current == pytest.approx(98 * 0.95 * 0.95)  # the new ceiling's safe rate
+
+
+async def test_a_rate_change_keeps_the_limiter_full():
+    """A new rate's bucket starts as full as the old one: a send right after another waits its
+    turn at the new rate, rather than going at once through an empty bucket."""
+    gate = RateGate(4)
+    loop = asyncio.get_running_loop()
+    await gate.acquire()
+    await gate.on_rate_limited(0.0)  # no pause; the rate halves to 2/s
+    started = loop.time()
+    await gate.acquire()
+    assert loop.time() - started >= 0.2  # an empty bucket would have let it go at once
 
 
 async def test_a_429_pause_begun_while_waiting_in_the_limiter_holds_the_request():

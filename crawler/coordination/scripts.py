@@ -26,6 +26,8 @@ The rate gate's state is per API key, shared by every job: ``crawler:rate:<key f
 
 from __future__ import annotations
 
+from crawler import slowdown
+
 _NOW = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -322,9 +324,32 @@ return 'ok'
 # apart on Redis's clock; answers the slots' delays (µs from now) or, while a 429 pause holds or
 # no slot is free yet, {-1, µs to wait}. Besides, a slot comes no sooner than ``span`` after the
 # one ``count`` before it (the sliding window of ``limits.window_of``: a server counting requests
-# per second sees no more than it allows). The rate halves once per 429 episode and climbs back
-# by a tenth of the configured rate per quiet second, as the single-process gate does.
-RATE = """
+# per second sees no more than it allows). After 429s the rate follows ``slowdown.py`` (fields
+# factor, ceiling, changed, reached), as the single-process gate does.
+_RECOVER = """
+local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
+if factor < 1 then
+  local safe = @SAFE@ * tonumber(redis.call('HGET', key, 'ceiling') or '1')
+  if factor < safe then
+    local changed = tonumber(redis.call('HGET', key, 'changed') or '0')
+    local quiet = (now - math.max(changed, pause)) / 1000000
+    if quiet >= 1 then
+      factor = math.min(safe, factor + @RECOVERY@ * quiet)
+      redis.call('HSET', key, 'factor', factor, 'changed', string.format('%.0f', now))
+      if factor >= safe then redis.call('HSET', key, 'reached', string.format('%.0f', now)) end
+    end
+  else
+    local reached = tonumber(redis.call('HGET', key, 'reached') or string.format('%.0f', now))
+    local probed = math.min(1, safe + @PROBE@ * ((now - reached) / 1000000 - @HOLD@))
+    if probed >= math.min(1, factor + @PROBE@) then
+      factor = probed
+      redis.call('HSET', key, 'factor', factor)
+    end
+  end
+end
+"""
+RATE = (
+    """
 -- KEYS: rate, sent (slot times handed out, oldest first)
 -- ARGV: rate (requests/s), slack (requests), n, window margin
 local clock = redis.call('TIME')
@@ -332,15 +357,9 @@ local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local key = KEYS[1]
 local pause = tonumber(redis.call('HGET', key, 'pause') or '0')
 if now < pause then return {-1, pause - now} end
-local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
-if factor < 1 then
-  local changed = tonumber(redis.call('HGET', key, 'changed') or '0')
-  local quiet = (now - math.max(changed, pause)) / 1000000
-  if quiet >= 1 then
-    factor = math.min(1, factor + 0.1 * quiet)
-    redis.call('HSET', key, 'factor', factor, 'changed', string.format('%.0f', now))
-  end
-end
+"""
+    + _RECOVER
+    + """
 local rate = tonumber(ARGV[1]) * factor
 local interval = 1000000 / rate
 local tolerance = tonumber(ARGV[2]) * interval
@@ -382,8 +401,9 @@ redis.call('PEXPIRE', key, 3600000)
 redis.call('PEXPIRE', KEYS[2], 3600000)
 return delays
 """
+)
 
-# a 429: pause every worker on the key; a new episode halves the rate
+# a 429: pause every worker on the key; a new episode slows down (``slowdown.Slowdown.limited``)
 RATE_LIMITED = """
 -- KEYS: rate;  ARGV: pause (µs)
 local clock = redis.call('TIME')
@@ -394,10 +414,36 @@ local episode = now >= pause
 redis.call('HSET', key, 'pause', string.format('%.0f', math.max(pause, now + tonumber(ARGV[1]))))
 if episode then
   local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
-  redis.call('HSET', key, 'factor', math.max(0.05, factor * 0.5), 'changed',
-             string.format('%.0f', now))
+  local ceiling = tonumber(redis.call('HGET', key, 'ceiling') or '1')
+  local reached = redis.call('HGET', key, 'reached')  -- false while climbing back
+  local text = string.format('%.0f', now)
+  if factor > @SAFE@ * ceiling * (1 + 1e-9) and reached and tonumber(reached) <= now then
+    redis.call('HSET', key, 'factor', @SAFE@ * factor, 'reached', text)
+  else
+    redis.call('HSET', key, 'factor', math.max(@FLOOR@, factor * @HALVE@))
+    redis.call('HDEL', key, 'reached')
+  end
+  redis.call('HSET', key, 'ceiling', factor, 'changed', text)
   redis.call('HINCRBY', key, 'episodes', 1)
 end
 redis.call('PEXPIRE', key, 3600000)
 return episode and 1 or 0
 """
+
+
+def _with_slowdown(script: str) -> str:
+    """The script with ``slowdown.py``'s figures written in: one source for both gates."""
+    for name in (
+        "SAFE",
+        "RECOVERY_PER_SECOND",
+        "PROBE_PER_SECOND",
+        "HOLD_SECONDS",
+        "FLOOR",
+        "HALVE",
+    ):
+        script = script.replace(f"@{name.split('_')[0]}@", repr(float(getattr(slowdown, name))))
+    return script
+
+
+RATE = _with_slowdown(RATE)
+RATE_LIMITED = _with_slowdown(RATE_LIMITED)

@@ -1,0 +1,77 @@
+"""The share of the configured rate to send at after 429s: halve, climb back, hold, probe.
+
+Halving on each 429 episode and climbing straight back to the configured rate (what the gates
+did first) settles at about two thirds of what the API allows when the job asks for more: every
+climb runs into the limit again, and every 429 costs a pause and a halving. So the rate that drew
+a 429 is remembered (the ceiling):
+
+- a 429 halves the share; the climb back (a tenth of the configured rate per quiet second)
+  stops just under the ceiling, at ``SAFE`` of it, and stays there ``HOLD_SECONDS``;
+- then it probes upwards slowly (``PROBE_PER_SECOND``), up to the configured rate;
+- a 429 met while probing above the safe share says only that the limit lies between the safe
+  share and here: the share steps back to the safe share of the new ceiling, without halving.
+
+A job asking 50/s of an API allowing 45 settles at about 0.93 of the 45 (one 429 episode every
+half minute) where it got 0.66; a job asking no more than the API allows never meets a 429 and
+never leaves the configured rate. ``coordination/scripts.py`` keeps the same rules in Redis for
+every worker on a key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+HALVE = 0.5  # share factor on a 429 episode below the ceiling's safe share
+FLOOR = 0.05  # never below this share of the configured rate
+RECOVERY_PER_SECOND = 0.1  # share won back per quiet second, up to the safe share
+SAFE = 0.95  # share of the ceiling the climb back stops at
+HOLD_SECONDS = 30.0  # time at the safe share before probing above it
+PROBE_PER_SECOND = 0.01  # share won per second while probing above the safe share
+
+
+@dataclass
+class Slowdown:
+    """Shares of the configured rate, times on the caller's clock (seconds)."""
+
+    share: float = 1.0
+    ceiling: float = 1.0  # the share that last drew a 429 (1: none yet)
+    changed: float = -math.inf  # when the share last went down or took a recovery step
+    reached: float = math.inf  # when the climb back reached the safe share
+
+    @property
+    def safe(self) -> float:
+        return SAFE * self.ceiling
+
+    def limited(self, now: float) -> None:
+        """A new 429 episode, begun at ``now``."""
+        probing = self.share > self.safe * (1 + 1e-9)
+        self.ceiling = self.share
+        if probing and self.reached <= now:
+            self.share = self.safe
+            self.reached = now
+        else:
+            self.share = max(FLOOR, self.share * HALVE)
+            self.reached = math.inf
+        self.changed = now
+
+    def recover(self, now: float, paused_until: float) -> bool:
+        """Win back what the time since the last change (and the pause) allows; True if the
+        share changed."""
+        if self.share >= 1.0:
+            return False
+        if self.share < self.safe:
+            quiet = now - max(self.changed, paused_until)
+            if quiet < 1.0:
+                return False
+            self.share = min(self.safe, self.share + RECOVERY_PER_SECOND * quiet)
+            self.changed = now
+            if self.share >= self.safe:
+                self.reached = now
+            return True
+        # a step a second, not a new rate at every request
+        probed = min(1.0, self.safe + PROBE_PER_SECOND * (now - self.reached - HOLD_SECONDS))
+        if probed < min(1.0, self.share + PROBE_PER_SECOND):
+            return False
+        self.share = probed
+        return True
