@@ -6,15 +6,18 @@ climb runs into the limit again, and every 429 costs a pause and a halving. So t
 a 429 is remembered (the ceiling):
 
 - a 429 halves the share; the climb back (a tenth of the configured rate per quiet second)
-  stops just under the ceiling, at ``SAFE`` of it, and stays there ``HOLD_SECONDS``;
+  stops under the ceiling, at ``SAFE_AFTER_CLIMB`` of it, and stays there ``HOLD_SECONDS``. A
+  429 is met some time after the limit is passed (the server's burst drains first, the answer
+  takes its time), so a fast climb meets it above the limit: 0.95 of such a ceiling was still
+  above it in a test asking 60/s of a key allowing 40, and drew a third halving.
 - then it probes upwards slowly (``PROBE_PER_SECOND``), up to the configured rate;
-- a 429 met while probing above the safe share says only that the limit lies between the safe
-  share and here: the share steps back to the safe share of the new ceiling, without halving.
+- a 429 met while probing above the safe share says that the limit lies just below: the share
+  steps back to ``SAFE_AFTER_PROBE`` of this rate, without halving.
 
-A job asking 50/s of an API allowing 45 settles at about 0.93 of the 45 (one 429 episode every
-half minute) where it got 0.66; a job asking no more than the API allows never meets a 429 and
-never leaves the configured rate. ``coordination/scripts.py`` keeps the same rules in Redis for
-every worker on a key.
+A job asking 50/s of an API allowing 45 settles just under the 45 (one 429 episode every half
+minute or so; ``docs/benchmarks.md``) where it got 0.66; a job asking no more than the API allows
+never meets a 429 and never leaves the configured rate. ``coordination/scripts.py`` keeps the
+same rules in Redis for every worker on a key.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 HALVE = 0.5  # share factor on a 429 episode below the ceiling's safe share
 FLOOR = 0.05  # never below this share of the configured rate
 RECOVERY_PER_SECOND = 0.1  # share won back per quiet second, up to the safe share
-SAFE = 0.95  # share of the ceiling the climb back stops at
+SAFE_AFTER_CLIMB = 0.9  # share of the ceiling the climb back stops at
+SAFE_AFTER_PROBE = 0.95  # the same, for a ceiling met while probing slowly: a closer one
 HOLD_SECONDS = 30.0  # time at the safe share before probing above it
 PROBE_PER_SECOND = 0.01  # share won per second while probing above the safe share
 
@@ -36,21 +40,24 @@ class Slowdown:
 
     share: float = 1.0
     ceiling: float = 1.0  # the share that last drew a 429 (1: none yet)
+    margin: float = SAFE_AFTER_CLIMB  # the share of the ceiling that is safe
     changed: float = -math.inf  # when the share last went down or took a recovery step
     reached: float = math.inf  # when the climb back reached the safe share
 
     @property
     def safe(self) -> float:
-        return SAFE * self.ceiling
+        return self.margin * self.ceiling
 
     def limited(self, now: float) -> None:
         """A new 429 episode, begun at ``now``."""
         probing = self.share > self.safe * (1 + 1e-9)
         self.ceiling = self.share
         if probing and self.reached <= now:
+            self.margin = SAFE_AFTER_PROBE
             self.share = self.safe
             self.reached = now
         else:
+            self.margin = SAFE_AFTER_CLIMB
             self.share = max(FLOOR, self.share * HALVE)
             self.reached = math.inf
         self.changed = now

@@ -329,7 +329,8 @@ return 'ok'
 _RECOVER = """
 local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
 if factor < 1 then
-  local safe = @SAFE@ * tonumber(redis.call('HGET', key, 'ceiling') or '1')
+  local margin = tonumber(redis.call('HGET', key, 'margin') or '@CLIMB@')
+  local safe = margin * tonumber(redis.call('HGET', key, 'ceiling') or '1')
   if factor < safe then
     local changed = tonumber(redis.call('HGET', key, 'changed') or '0')
     local quiet = (now - math.max(changed, pause)) / 1000000
@@ -415,12 +416,13 @@ redis.call('HSET', key, 'pause', string.format('%.0f', math.max(pause, now + ton
 if episode then
   local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
   local ceiling = tonumber(redis.call('HGET', key, 'ceiling') or '1')
+  local margin = tonumber(redis.call('HGET', key, 'margin') or '@CLIMB@')
   local reached = redis.call('HGET', key, 'reached')  -- false while climbing back
   local text = string.format('%.0f', now)
-  if factor > @SAFE@ * ceiling * (1 + 1e-9) and reached and tonumber(reached) <= now then
-    redis.call('HSET', key, 'factor', @SAFE@ * factor, 'reached', text)
+  if factor > margin * ceiling * (1 + 1e-9) and reached and tonumber(reached) <= now then
+    redis.call('HSET', key, 'factor', @PROBED@ * factor, 'margin', @PROBED@, 'reached', text)
   else
-    redis.call('HSET', key, 'factor', math.max(@FLOOR@, factor * @HALVE@))
+    redis.call('HSET', key, 'factor', math.max(@FLOOR@, factor * @HALVE@), 'margin', @CLIMB@)
     redis.call('HDEL', key, 'reached')
   end
   redis.call('HSET', key, 'ceiling', factor, 'changed', text)
@@ -433,15 +435,19 @@ return episode and 1 or 0
 
 def _with_slowdown(script: str) -> str:
     """The script with ``slowdown.py``'s figures written in: one source for both gates."""
-    for name in (
-        "SAFE",
-        "RECOVERY_PER_SECOND",
-        "PROBE_PER_SECOND",
-        "HOLD_SECONDS",
-        "FLOOR",
-        "HALVE",
-    ):
-        script = script.replace(f"@{name.split('_')[0]}@", repr(float(getattr(slowdown, name))))
+    figures = {
+        "CLIMB": slowdown.SAFE_AFTER_CLIMB,
+        "PROBED": slowdown.SAFE_AFTER_PROBE,
+        "RECOVERY": slowdown.RECOVERY_PER_SECOND,
+        "PROBE": slowdown.PROBE_PER_SECOND,
+        "HOLD": slowdown.HOLD_SECONDS,
+        "FLOOR": slowdown.FLOOR,
+        "HALVE": slowdown.HALVE,
+    }
+    for name, figure in figures.items():
+        script = script.replace(f"@{name}@", repr(float(figure)))
+    if "@" in script:  # a figure named in a script and not above
+        raise RuntimeError("a script names a figure slowdown.py does not give")
     return script
 
 
