@@ -59,7 +59,8 @@ class Slowdown:
         else:
             self.margin = SAFE_AFTER_CLIMB
             self.share = max(FLOOR, self.share * HALVE)
-            self.reached = math.inf
+            # at the floor, the share can be above the safe one already: it holds, then probes
+            self.reached = now if self.share >= self.safe else math.inf
         self.changed = now
 
     def recover(self, now: float, paused_until: float) -> bool:

@@ -163,19 +163,17 @@ def test_after_a_gap_of_every_worker_nothing_is_taken_over_for_a_lease(client):
     assert answer[:2] == ["111", "2"], (answer, client.hgetall(k("clock")), client.time())
 
 
-def test_the_shared_slowdown_follows_the_one_process_rules(client):
-    """The Redis gate slows down and climbs back as ``slowdown.Slowdown`` does: halved, back to
-    just under the rate that drew the 429, held, probed, stepped back without halving. Redis's
-    clock cannot be moved, so the times stored in the gate's hash are moved back instead."""
-    from crawler.coordination.scripts import RATE, RATE_LIMITED  # noqa: PLC0415 -- this test's
+def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> Any:
+    """Drives the Redis gate's scripts and a ``Slowdown`` through the same 429s ("limited")
+    and requests ("ask"), each ``seconds`` after the one before, and checks that they agree at
+    every step; answers the ``Slowdown``. Redis's clock cannot be moved, so the times stored
+    in the gate's hash are moved back instead."""
+    from crawler.coordination.scripts import RATE, RATE_LIMITED  # noqa: PLC0415 -- these tests'
     from crawler.slowdown import Slowdown  # noqa: PLC0415 -- as above
 
     key = "crawler:rate:abc"
     rate, limited = client.register_script(RATE), client.register_script(RATE_LIMITED)
     local = Slowdown()
-
-    def ask() -> None:
-        rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
 
     def past(seconds: float) -> None:  # every stored time, `seconds` earlier
         for field in ("changed", "reached", "pause"):
@@ -186,8 +184,6 @@ def test_the_shared_slowdown_follows_the_one_process_rules(client):
         return float(client.hget(key, "factor")), float(client.hget(key, "ceiling"))
 
     now = paused_at = 0.0
-    steps = [("limited", 0), ("ask", 6), ("ask", 20), ("ask", 13), ("limited", 0), ("ask", 32.5),
-             ("limited", 0), ("ask", 11), ("limited", 0), ("ask", 3)]  # fmt: skip
     for event, seconds in steps:
         past(seconds)
         now += seconds
@@ -196,10 +192,26 @@ def test_the_shared_slowdown_follows_the_one_process_rules(client):
             local.limited(now)
             paused_at = now
         else:
-            ask()
+            rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
             local.recover(now, paused_at)
         assert shares() == pytest.approx((local.share, local.ceiling), abs=1e-3), (event, now)
+    return local
+
+
+def test_the_shared_slowdown_follows_the_one_process_rules(client):
+    """The Redis gate slows down and climbs back as ``slowdown.Slowdown`` does: halved, back to
+    just under the rate that drew the 429, held, probed, stepped back without halving."""
+    steps = [("limited", 0), ("ask", 6), ("ask", 20), ("ask", 13), ("limited", 0), ("ask", 32.5),
+             ("limited", 0), ("ask", 11), ("limited", 0), ("ask", 3)]  # fmt: skip
+    local = shared_and_local_slowdown(client, steps)
     # the steps took each branch: halved at 1, probed to 0.93, stepped back to 0.95 of it,
     # probed, stepped back, then halved at the safe share and climbed 3 s
     assert local.ceiling == pytest.approx((0.93 * 0.95 + 0.025) * 0.95)
     assert local.share == pytest.approx(local.ceiling * 0.5 + 0.3)
+
+
+def test_the_shared_slowdown_leaves_its_floor(client):
+    """Halved down to the floor (5% of the rate), the rate is held there, then probed upwards:
+    it never stays at the floor for good."""
+    local = shared_and_local_slowdown(client, [("limited", 0.0)] * 6 + [("ask", 40.0)])
+    assert local.share == pytest.approx(0.9 * 0.05 + 0.01 * 10)

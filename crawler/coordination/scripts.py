@@ -422,8 +422,13 @@ if episode then
   if factor > margin * ceiling * (1 + 1e-9) and reached and tonumber(reached) <= now then
     redis.call('HSET', key, 'factor', @PROBED@ * factor, 'margin', @PROBED@, 'reached', text)
   else
-    redis.call('HSET', key, 'factor', math.max(@FLOOR@, factor * @HALVE@), 'margin', @CLIMB@)
-    redis.call('HDEL', key, 'reached')
+    local halved = math.max(@FLOOR@, factor * @HALVE@)
+    redis.call('HSET', key, 'factor', halved, 'margin', @CLIMB@)
+    if halved >= @CLIMB@ * factor then  -- at the floor: held, then probed (slowdown.py)
+      redis.call('HSET', key, 'reached', text)
+    else
+      redis.call('HDEL', key, 'reached')
+    end
   end
   redis.call('HSET', key, 'ceiling', factor, 'changed', text)
   redis.call('HINCRBY', key, 'episodes', 1)
