@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-HALVE = 0.5  # share factor on a 429 episode below the ceiling's safe share
+HALVE = 0.5  # share factor on a 429 episode not met while probing
 FLOOR = 0.05  # never below this share of the configured rate
 RECOVERY_PER_SECOND = 0.1  # share won back per quiet second, up to the safe share
 SAFE_AFTER_CLIMB = 0.9  # share of the ceiling the climb back stops at
