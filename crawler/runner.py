@@ -205,7 +205,7 @@ async def _open(
     return _Parts(
         redis_store,
         lambda: redis_store.seen,
-        lambda rate: SharedRateGate(redis_store.link, fingerprint, rate),
+        lambda rate: SharedRateGate(redis_store.link, fingerprint, rate, job=name),
         lambda: RedisView(url, name, job.budget),
         owner=redis_store.worker,
     )

@@ -193,9 +193,32 @@ async def test_two_jobs_on_one_key_hold_one_rate(tmp_path: Path, redis_server: R
         statuses = (await box.ledger())[key_fingerprint(KEY)]["statuses"]
     for process, (_, stderr) in zip(workers, ends, strict=True):
         assert process.returncode == 130, (process.returncode, stderr.decode())
+        assert b"another job on this API key says another rate" not in stderr
     assert sent / seconds >= 0.95 * rate  # the key's rate, not half of it
     assert sent / seconds <= 1.05 * rate
     assert statuses.get("429", 0) < 0.01 * sum(statuses.values())
+
+
+async def test_jobs_on_one_key_that_say_different_rates_are_told(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with serve_in_process(SandboxOptions()) as (url, _):
+        stderrs = []
+        for name, rate in (("first", 300), ("second", 200)):
+            folder = tmp_path / name
+            folder.mkdir()
+            pairs = [(MORE[0], "US")]
+            api = {"requests_per_second": rate}
+            job = write_job(folder, url, redis_server.url, pairs, name=name, api=api)
+            stderrs.append(await _ended(await start(job, "one")))
+    assert b"another job on this API key says another rate" not in stderrs[0]
+    (told,) = [
+        orjson.loads(line)
+        for line in stderrs[1].splitlines()
+        if b"another job on this API key says another rate" in line
+    ]
+    assert told["other_job"] == "first" and told["other_requests_per_second"] == 300
+    assert told["this_job"] == "second" and told["requests_per_second"] == 200
 
 
 async def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisServer):

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from crawler.coordination.link import Link
-from crawler.coordination.scripts import RATE, RATE_LIMITED
+from crawler.coordination.scripts import RATE, RATE_LIMITED, RATE_SAID
 from crawler.limits import WINDOW_MARGIN, slack_requests
 
 log = structlog.get_logger("crawler.limits")
@@ -32,6 +32,7 @@ class SharedRateGate:
         key_fingerprint: str,
         rate: float,
         *,
+        job: str = "",
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.configured = rate
@@ -41,6 +42,9 @@ class SharedRateGate:
         self._slack = slack_requests(rate)
         self._rate = link.script(RATE)
         self._limited = link.script(RATE_LIMITED)
+        self._said = link.script(RATE_SAID)
+        self._job = job
+        self._checked = False
         self._sleep = sleep
         self._clock = asyncio.get_running_loop().time
         self._slots: deque[float] = deque()  # local times of slots Redis handed out
@@ -70,6 +74,8 @@ class SharedRateGate:
             self._waiting -= 1
 
     async def _ask(self) -> None:
+        if not self._checked:
+            await self._check_said()
         if (pause := self._paused_until - self._clock()) > 0:
             await self._sleep(pause)
         wanted = max(1, min(self._waiting, int(self._slack) + 1))
@@ -82,6 +88,20 @@ class SharedRateGate:
             await self._sleep(int(answer[1]) / 1e6)
             return
         self._slots.extend(now + int(delay) / 1e6 for delay in answer)
+
+    async def _check_said(self) -> None:
+        """Says once if another job on this key said another rate: the key allows one."""
+        said, by = await self._said(keys=[self._key], args=[self.configured, self._job])
+        self._checked = True
+        if said and float(said) != self.configured:
+            log.warning(
+                "another job on this API key says another rate: the key's rate is shared, so "
+                "give every job on it the rate the key allows",
+                this_job=self._job,
+                requests_per_second=self.configured,
+                other_job=by,
+                other_requests_per_second=float(said),
+            )
 
     async def on_rate_limited(self, retry_after: float | None) -> None:
         pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)

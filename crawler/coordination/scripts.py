@@ -404,6 +404,16 @@ return delays
 """
 )
 
+# the rate a job says for the key, kept in the key's hash; answers the one said before, and by
+# which job: jobs that share a key and say different rates pace the key's slots at each's own
+RATE_SAID = """
+-- KEYS: rate;  ARGV: rate (requests/s), job
+local said = redis.call('HMGET', KEYS[1], 'said', 'said_by')
+redis.call('HSET', KEYS[1], 'said', ARGV[1], 'said_by', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 3600000)
+return {said[1] or '', said[2] or ''}
+"""
+
 # a 429: pause every worker on the key; a new episode slows down (``slowdown.Slowdown.limited``)
 RATE_LIMITED = """
 -- KEYS: rate;  ARGV: pause (µs)
