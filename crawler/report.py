@@ -50,8 +50,10 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     by_status = {str(s): n.count for s, n in totals.by_status.items() if n.count}
     if unlisted:
         by_status["pending"] = by_status.get("pending", 0) + unlisted
+    # while walks are under way, leased credits may still walk pending targets (RedisView)
+    spent = ledger.credits if view.walking else figures["credits_charged"]
     if by_status.get("pending") and (
-        job.budget.max_credits - figures["credits_charged"] < job.budget.credits_per_request
+        job.budget.max_credits - spent < job.budget.credits_per_request
     ):  # what one process stores at a budget stop, the workers of a coordinated job show so
         by_status["stopped_budget"] = by_status.get("stopped_budget", 0) + by_status.pop("pending")
     return {

@@ -251,6 +251,8 @@ class StateView(Protocol):
     """A job's saved state read for status and reports: the SQLite file or Redis."""
 
     job: dict[str, Any]  # runs, open_shard
+    # walks under way in other processes, whose leased credits may still walk pending targets
+    walking: bool
 
     @property
     def ledger(self) -> Ledger: ...

@@ -544,6 +544,7 @@ class SqliteView:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self.job = _job_row(db)
+        self.walking = False  # one process stores its own stopped_budget at a budget stop
 
     @classmethod
     def open(cls, layout: Layout) -> SqliteView | None:

@@ -215,3 +215,27 @@ def test_the_shared_slowdown_leaves_its_floor(client):
     it never stays at the floor for good."""
     local = shared_and_local_slowdown(client, [("limited", 0.0)] * 6 + [("ask", 40.0)])
     assert local.share == pytest.approx(0.9 * 0.05 + 0.01 * 10)
+
+
+def test_targets_show_stopped_budget_only_once_no_walk_is_under_way(client, redis_server):
+    """Leased credits reaching max_credits say the budget is spent only once no worker walks:
+    while a lease runs, its credits may still walk pending targets."""
+    from crawler.config import BudgetSettings  # noqa: PLC0415 -- this test's
+    from crawler.coordination.view import RedisView  # noqa: PLC0415 -- as above
+
+    one_product(client)
+    client.hset(k("ledger"), mapping={"leased": 100, "credits": 60})
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+
+    def statuses() -> tuple[bool, list[str]]:  # the report reads `walking` (report.build)
+        view = RedisView(redis_server.url, "job", BudgetSettings(max_credits=100))
+        try:
+            return view.walking, [status for (status,) in view.rows(("status",))]
+        finally:
+            view.close()
+
+    client.zadd(k("leases"), {"222": now_ms + 60_000})  # a walk under way
+    assert statuses() == (True, ["pending"])
+    client.zadd(k("leases"), {"222": now_ms - 1})  # its lease run out: nobody walks
+    assert statuses() == (False, ["stopped_budget"])

@@ -27,10 +27,16 @@ class RedisView:
             "open_shard": next(iter(self._open_shards()), None),
         }
         # one process marks its pending targets stopped_budget when the budget runs out; here
-        # no worker owns that moment, so what the budget no longer covers is shown so instead
+        # no worker owns that moment, so what the budget no longer covers is shown so instead.
+        # While walks are under way (a lease not run out) their workers' leased credits may
+        # still walk pending targets: only the credits spent count then.
         ledger = self.ledger
-        self._spent_out = budget is not None and (
-            budget.max_credits - max(ledger.leased, ledger.credits) < budget.credits_per_request
+        seconds, micros = self._redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        self.walking = bool(self._redis.zcount(self._p + "leases", now_ms, "+inf"))
+        spent = ledger.credits if self.walking else max(ledger.leased, ledger.credits)
+        self._spent_out = (
+            budget is not None and budget.max_credits - spent < budget.credits_per_request
         )
 
     @property
