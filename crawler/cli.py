@@ -203,7 +203,12 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
         print(
             f"  the API answered 429 (rate limited) {run['rate_limited']:,} times, in "
             f"{run['rate_limit_episodes']:,} episodes: it allows less than "
-            "api.requests_per_second; a lower setting would waste fewer requests and go faster",
+            "api.requests_per_second; a lower setting would waste fewer requests and go faster"
+            + (
+                f" (the last 429 came at about {run['rate_last_limited']:g} requests/s)"
+                if run.get("rate_last_limited")
+                else ""
+            ),
             file=sys.stderr,
         )
     stopped = run.get("stop_message")

@@ -74,13 +74,15 @@ class Gate(Protocol):
     configured: float
     current: float
     episodes: int
+    limited_at: float | None  # requests/s when the last 429 episode began (None: none yet)
 
     @property
     def paused(self) -> bool: ...
 
     async def acquire(self) -> None: ...
 
-    async def on_rate_limited(self, retry_after: float | None) -> None: ...
+    async def on_rate_limited(self, retry_after: float | None, sent_ago: float = 0.0) -> None:
+        """A 429 for a request sent ``sent_ago`` seconds ago."""
 
 
 class RateGate:
@@ -97,12 +99,14 @@ class RateGate:
         self.configured = rate
         self.current = rate
         self.episodes = 0
+        self.limited_at: float | None = None
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
         self._limiter = self._make_limiter(rate)
         self._window = SendWindow(rate)  # the configured rate's: a slower pace is the limiter's
         self._window_turn = asyncio.Lock()
         self._resume_at = 0.0
+        self._began = -math.inf  # when the last episode began
         self._slowdown = Slowdown()
 
     @staticmethod
@@ -137,14 +141,18 @@ class RateGate:
     def paused(self) -> bool:
         return self._resume_at > self._clock()
 
-    async def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429 answer: pause every walker; halve the rate once per episode, not per answer."""
+    async def on_rate_limited(self, retry_after: float | None, sent_ago: float = 0.0) -> None:
+        """A 429 answer: pause every walker; slow down once per episode, not per answer. A
+        request sent before the last episode began (its answer late) tells nothing new of the
+        rate now: it pauses, but begins no episode."""
         now = self._clock()
         pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)
-        new_episode = now >= self._resume_at
+        new_episode = now >= self._resume_at and now - sent_ago >= self._began
         self._resume_at = max(self._resume_at, now + pause)
         if new_episode:
             self.episodes += 1
+            self._began = now
+            self.limited_at = self.current
             self._slowdown.limited(now)
             self._set_rate()
             log.warning(

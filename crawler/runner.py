@@ -383,6 +383,8 @@ async def _finish(
     # after the run is recorded: a coordinated job's figures are then the job's as Redis has them
     log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
     run_info = {"started_at": started, "refresh": store.refresh, **info}
+    if (limited_at := run.walker.gate.limited_at) is not None:
+        run_info["rate_last_limited"] = round(limited_at, 1)  # the report's; not kept in state
     if parts.owner is not None:
         run_info["worker"] = parts.owner
     doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info, parts.view)

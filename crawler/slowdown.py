@@ -54,7 +54,7 @@ class Slowdown:
         self.ceiling = self.share
         if probing and self.reached <= now:
             self.margin = SAFE_AFTER_PROBE
-            self.share = self.safe
+            self.share = max(FLOOR, self.safe)  # at the floor, "probing" is the floor's own
             self.reached = now
         else:
             self.margin = SAFE_AFTER_CLIMB
@@ -77,8 +77,10 @@ class Slowdown:
             if self.share >= self.safe:
                 self.reached = now
             return True
-        # a step a second, not a new rate at every request
-        probed = min(1.0, self.safe + PROBE_PER_SECOND * (now - self.reached - HOLD_SECONDS))
+        # held from the end of the pause, if later (a long Retry-After is no time at the safe
+        # share); a step a second, not a new rate at every request
+        held = now - max(self.reached, paused_until)
+        probed = min(1.0, self.safe + PROBE_PER_SECOND * (held - HOLD_SECONDS))
         if probed < min(1.0, self.share + PROBE_PER_SECOND):
             return False
         self.share = probed

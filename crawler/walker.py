@@ -238,6 +238,7 @@ class Walker:
             cost.credits += credits
             walk.credits += credits
             self.counters.requests += 1
+            sent = self.clock()
             try:
                 page = await self.client.fetch(self.endpoint, target, walk.cursor)
             except RateLimited as exc:
@@ -245,7 +246,7 @@ class Walker:
                 cost.rate_limited += 1
                 self.counters.rate_limited += 1
                 self.policy.check_retry_after(exc.retry_after)
-                await self.gate.on_rate_limited(exc.retry_after)
+                await self.gate.on_rate_limited(exc.retry_after, self.clock() - sent)
                 if not tries.may_retry_rate_limited():
                     raise _GiveUp(f"{exc} (too many in a row)", cost) from None
                 continue

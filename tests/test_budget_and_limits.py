@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import re
 
 import pytest
 
@@ -163,3 +164,4 @@ async def test_a_rate_set_above_what_the_api_allows_is_named(tmp_path, sandbox):
         )
     assert status == 0, stderr.decode()
     assert b"it allows less than api.requests_per_second" in stderr
+    assert re.search(rb"the last 429 came at about \d+(\.\d)? requests/s", stderr), stderr

@@ -176,7 +176,7 @@ def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> An
     local = Slowdown()
 
     def past(seconds: float) -> None:  # every stored time, `seconds` earlier
-        for field in ("changed", "reached", "pause"):
+        for field in ("changed", "reached", "pause", "began"):
             if (value := client.hget(key, field)) is not None:
                 client.hset(key, field, f"{float(value) - seconds * 1e6:.0f}")
 
@@ -188,13 +188,15 @@ def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> An
         past(seconds)
         now += seconds
         if event == "limited":
-            limited(keys=[key], args=[0])
+            _, ceiling = limited(keys=[key], args=[0, 0])
             local.limited(now)
             paused_at = now
+            assert float(ceiling) == pytest.approx(local.ceiling, abs=0.01)  # limited_at's
         else:
             rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
             local.recover(now, paused_at)
-        assert shares() == pytest.approx((local.share, local.ceiling), abs=1e-3), (event, now)
+        # a climb step moves 0.1 a second, and Redis's clock goes on between the scripts
+        assert shares() == pytest.approx((local.share, local.ceiling), abs=0.01), (event, now)
     return local
 
 
@@ -239,3 +241,33 @@ def test_targets_show_stopped_budget_only_once_no_walk_is_under_way(client, redi
     assert statuses() == (True, ["pending"])
     client.zadd(k("leases"), {"222": now_ms - 1})  # its lease run out: nobody walks
     assert statuses() == (False, ["stopped_budget"])
+
+
+def test_the_shared_slowdown_carries_on_from_an_older_crawlers_state(client):
+    """A hash an older crawler wrote (no ``reached``, ``ceiling`` or ``margin``) with a share
+    between the safe one and 1: the hold starts at the first request, then the rate probes up
+    (it had stayed where it was for good)."""
+    from crawler.coordination.scripts import RATE  # noqa: PLC0415 -- this test's
+
+    key = "crawler:rate:old"
+    rate = client.register_script(RATE)
+    client.hset(key, mapping={"factor": 0.95, "changed": 0, "pause": 0, "tat": 0})
+    rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
+    reached = float(client.hget(key, "reached"))
+    client.hset(key, "reached", f"{reached - 40e6:.0f}")  # 40 s later
+    rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
+    assert float(client.hget(key, "factor")) == pytest.approx(1.0)
+
+
+def test_a_late_429_begins_no_shared_episode(client):
+    from crawler.coordination.scripts import RATE_LIMITED  # noqa: PLC0415 -- this test's
+
+    key = "crawler:rate:late"
+    limited = client.register_script(RATE_LIMITED)
+    assert int(limited(keys=[key], args=[0, 0])[0]) == 1
+    for field in ("changed", "pause", "began"):  # 5 s later
+        client.hset(key, field, f"{float(client.hget(key, field)) - 5e6:.0f}")
+    assert int(limited(keys=[key], args=[0, 10_000_000])[0]) == 0  # sent 10 s ago
+    assert float(client.hget(key, "factor")) == pytest.approx(0.5)
+    assert int(limited(keys=[key], args=[0, 1_000_000])[0]) == 1  # sent 1 s ago
+    assert float(client.hget(key, "factor")) == pytest.approx(0.25)

@@ -17,6 +17,7 @@ from crawler.layout import Layout
 from crawler.limits import RateGate
 from crawler.retry import RetryPolicy
 from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
+from crawler.slowdown import FLOOR, Slowdown
 from crawler.state_sqlite import SqliteStore
 from tests.conftest import (
     ENV,
@@ -221,13 +222,50 @@ async def test_a_rate_above_the_allowed_one_is_learned():
 async def test_a_rate_change_keeps_the_limiter_full():
     """A new rate's bucket starts as full as the old one: a send right after another waits its
     turn at the new rate, rather than going at once through an empty bucket."""
-    gate = RateGate(4)
+    gate = RateGate(2)
     loop = asyncio.get_running_loop()
     await gate.acquire()
-    await gate.on_rate_limited(0.0)  # no pause; the rate halves to 2/s
+    await gate.on_rate_limited(0.0)  # no pause; the rate halves to 1/s
     started = loop.time()
     await gate.acquire()
-    assert loop.time() - started >= 0.2  # an empty bucket would have let it go at once
+    # about 0.5 s, less the time between the two calls (an empty bucket: at once)
+    assert loop.time() - started >= 0.3
+
+
+async def test_a_late_429_begins_no_episode():
+    """The answer to a request sent before the last episode began, arriving after its pause,
+    pauses again but does not slow down again: it says nothing of the rate now."""
+    time = FakeTime()
+    gate = RateGate(100, clock=time.clock, sleep=time.sleep)
+    await gate.on_rate_limited(1.0)
+    time.now += 1.5
+    await gate.on_rate_limited(1.0, sent_ago=2.0)  # sent before the episode began
+    assert gate.episodes == 1 and gate.current == 50 and gate.paused
+    time.now += 1.5
+    await gate.on_rate_limited(1.0, sent_ago=0.5)  # sent since: a new episode
+    assert gate.episodes == 2 and gate.current == 25
+
+
+def test_the_slowdown_holds_from_the_end_of_a_long_pause():
+    """A Retry-After longer than the hold is no time spent at the safe share: the hold starts
+    when the pause ends, and the rate does not jump at once by what the pause lasted."""
+    slowdown = Slowdown()
+    slowdown.limited(0.0)
+    slowdown.recover(6.0, 1.0)  # climbed back to 0.9
+    slowdown.recover(39.0, 1.0)  # held 30 s, probed 3 s: 0.93
+    slowdown.limited(40.0)  # met while probing: 0.95 of 0.93
+    assert slowdown.share == pytest.approx(0.8835)
+    assert not slowdown.recover(161.0, 160.0)  # a pause of 120 s, just over
+    assert slowdown.share == pytest.approx(0.8835)
+    assert slowdown.recover(160.0 + 32.0, 160.0)  # held 30 s from the pause's end, then probed
+    assert slowdown.share == pytest.approx(0.8835 + 0.02)
+
+
+def test_the_slowdown_stays_at_its_floor():
+    slowdown = Slowdown()
+    for second in range(7):  # halved down to the floor, and a 429 while held there
+        slowdown.limited(float(second))
+    assert slowdown.share == FLOOR
 
 
 async def test_a_429_pause_begun_while_waiting_in_the_limiter_holds_the_request():

@@ -38,6 +38,7 @@ class SharedRateGate:
         self.configured = rate
         self.current = rate
         self.episodes = 0
+        self.limited_at: float | None = None
         self._key = f"crawler:rate:{key_fingerprint}"
         self._slack = slack_requests(rate)
         self._rate = link.script(RATE)
@@ -103,11 +104,15 @@ class SharedRateGate:
                 other_requests_per_second=float(said),
             )
 
-    async def on_rate_limited(self, retry_after: float | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None, sent_ago: float = 0.0) -> None:
         pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)
         self._slots.clear()
         self._paused_until = max(self._paused_until, self._clock() + pause)
-        if await self._limited(keys=[self._key], args=[int(pause * 1e6)]):
+        episode, ceiling = await self._limited(
+            keys=[self._key], args=[int(pause * 1e6), int(sent_ago * 1e6)]
+        )
+        self.limited_at = self.configured * float(ceiling)  # whichever worker began it
+        if int(episode):
             self.episodes += 1
             log.warning(
                 "rate limited: pausing every walker of every worker on this key",

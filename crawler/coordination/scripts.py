@@ -340,8 +340,13 @@ if factor < 1 then
       if factor >= safe then redis.call('HSET', key, 'reached', string.format('%.0f', now)) end
     end
   else
-    local reached = tonumber(redis.call('HGET', key, 'reached') or string.format('%.0f', now))
-    local probed = math.min(1, safe + @PROBE@ * ((now - reached) / 1000000 - @HOLD@))
+    local reached = tonumber(redis.call('HGET', key, 'reached') or '0')
+    if reached == 0 then  -- a hash an older crawler wrote: the hold starts now
+      reached = now
+      redis.call('HSET', key, 'reached', string.format('%.0f', now))
+    end
+    local held = (now - math.max(reached, pause)) / 1000000
+    local probed = math.min(1, safe + @PROBE@ * (held - @HOLD@))
     if probed >= math.min(1, factor + @PROBE@) then
       factor = probed
       redis.call('HSET', key, 'factor', factor)
@@ -416,12 +421,14 @@ return {said[1] or '', said[2] or ''}
 
 # a 429: pause every worker on the key; a new episode slows down (``slowdown.Slowdown.limited``)
 RATE_LIMITED = """
--- KEYS: rate;  ARGV: pause (µs)
+-- KEYS: rate;  ARGV: pause (µs), µs since the request was sent
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local key = KEYS[1]
 local pause = tonumber(redis.call('HGET', key, 'pause') or '0')
-local episode = now >= pause
+local began = tonumber(redis.call('HGET', key, 'began') or '0')
+-- a request sent before the last episode began says nothing new of the rate now
+local episode = now >= pause and now - tonumber(ARGV[2]) >= began
 redis.call('HSET', key, 'pause', string.format('%.0f', math.max(pause, now + tonumber(ARGV[1]))))
 if episode then
   local factor = tonumber(redis.call('HGET', key, 'factor') or '1')
@@ -430,7 +437,8 @@ if episode then
   local reached = redis.call('HGET', key, 'reached')  -- false while climbing back
   local text = string.format('%.0f', now)
   if factor > margin * ceiling * (1 + 1e-9) and reached and tonumber(reached) <= now then
-    redis.call('HSET', key, 'factor', @PROBED@ * factor, 'margin', @PROBED@, 'reached', text)
+    redis.call('HSET', key, 'factor', math.max(@FLOOR@, @PROBED@ * factor), 'margin', @PROBED@,
+               'reached', text)
   else
     local halved = math.max(@FLOOR@, factor * @HALVE@)
     redis.call('HSET', key, 'factor', halved, 'margin', @CLIMB@)
@@ -440,11 +448,12 @@ if episode then
       redis.call('HDEL', key, 'reached')
     end
   end
-  redis.call('HSET', key, 'ceiling', factor, 'changed', text)
+  redis.call('HSET', key, 'ceiling', factor, 'changed', text, 'began', text)
   redis.call('HINCRBY', key, 'episodes', 1)
 end
 redis.call('PEXPIRE', key, 3600000)
-return episode and 1 or 0
+-- the ceiling as text: Redis would answer a Lua number as an integer, 0
+return {episode and 1 or 0, redis.call('HGET', key, 'ceiling') or '1'}
 """
 
 
