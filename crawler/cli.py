@@ -206,7 +206,7 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
             "api.requests_per_second; a lower setting would waste fewer requests and go faster"
             + (
                 f" (the last 429 came at about {run['rate_last_limited']:g} requests/s)"
-                if run.get("rate_last_limited")
+                if run.get("rate_last_limited") is not None
                 else ""
             ),
             file=sys.stderr,

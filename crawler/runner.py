@@ -384,7 +384,8 @@ async def _finish(
     log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
     run_info = {"started_at": started, "refresh": store.refresh, **info}
     if (limited_at := run.walker.gate.limited_at) is not None:
-        run_info["rate_last_limited"] = round(limited_at, 1)  # the report's; not kept in state
+        # the report's, not kept in state; three figures, so that 0.125/s is not 0.1
+        run_info["rate_last_limited"] = float(f"{limited_at:.3g}")
     if parts.owner is not None:
         run_info["worker"] = parts.owner
     doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info, parts.view)

@@ -202,23 +202,24 @@ async def test_two_jobs_on_one_key_hold_one_rate(tmp_path: Path, redis_server: R
 async def test_jobs_on_one_key_that_say_different_rates_are_told(
     tmp_path: Path, redis_server: RedisServer
 ):
+    """Told of another job's rate, not of its own earlier one (its rate was lowered)."""
+    warning = b"another job on this API key says another rate"
     async with serve_in_process(SandboxOptions()) as (url, _):
         stderrs = []
-        for name, rate in (("first", 300), ("second", 200)):
+        runs = (("first", 300, 1), ("second", 200, 1), ("first", 200, 2))  # a target added
+        for name, rate, targets in runs:
             folder = tmp_path / name
-            folder.mkdir()
-            pairs = [(MORE[0], "US")]
+            folder.mkdir(exist_ok=True)
+            pairs = [(p, "US") for p in MORE[:targets]]
             api = {"requests_per_second": rate}
             job = write_job(folder, url, redis_server.url, pairs, name=name, api=api)
             stderrs.append(await _ended(await start(job, "one")))
-    assert b"another job on this API key says another rate" not in stderrs[0]
-    (told,) = [
-        orjson.loads(line)
-        for line in stderrs[1].splitlines()
-        if b"another job on this API key says another rate" in line
-    ]
+    assert warning not in stderrs[0]
+    (told,) = [orjson.loads(line) for line in stderrs[1].splitlines() if warning in line]
     assert told["other_job"] == "first" and told["other_requests_per_second"] == 300
     assert told["this_job"] == "second" and told["requests_per_second"] == 200
+    assert b"1 done" in stderrs[2] or b"2 done" in stderrs[2], stderrs[2]  # it did walk
+    assert warning not in stderrs[2]
 
 
 async def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisServer):

@@ -164,10 +164,10 @@ def test_after_a_gap_of_every_worker_nothing_is_taken_over_for_a_lease(client):
 
 
 def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> Any:
-    """Drives the Redis gate's scripts and a ``Slowdown`` through the same 429s ("limited")
-    and requests ("ask"), each ``seconds`` after the one before, and checks that they agree at
-    every step; answers the ``Slowdown``. Redis's clock cannot be moved, so the times stored
-    in the gate's hash are moved back instead."""
+    """Drives the Redis gate's scripts and a ``Slowdown`` through the same 429s ("limited", or
+    "limited:S" with a pause of S seconds) and requests ("ask"), each ``seconds`` after the one
+    before, and checks that they agree at every step; answers the ``Slowdown``. Redis's clock
+    cannot be moved, so the times stored in the gate's hash are moved back instead."""
     from crawler.coordination.scripts import RATE, RATE_LIMITED  # noqa: PLC0415 -- these tests'
     from crawler.slowdown import Slowdown  # noqa: PLC0415 -- as above
 
@@ -187,16 +187,17 @@ def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> An
     for event, seconds in steps:
         past(seconds)
         now += seconds
-        if event == "limited":
-            _, ceiling = limited(keys=[key], args=[0, 0])
+        if event.startswith("limited"):
+            pause = float(event.partition(":")[2] or 0)
+            _, ceiling = limited(keys=[key], args=[int(pause * 1e6), 0])
             local.limited(now)
-            paused_at = now
-            assert float(ceiling) == pytest.approx(local.ceiling, abs=0.01)  # limited_at's
+            paused_at = now + pause
+            assert float(ceiling) == pytest.approx(local.ceiling, abs=0.005)  # limited_at's
         else:
             rate(keys=[key, key + ":sent"], args=[100, 1.5, 1, 0.02])
             local.recover(now, paused_at)
         # a climb step moves 0.1 a second, and Redis's clock goes on between the scripts
-        assert shares() == pytest.approx((local.share, local.ceiling), abs=0.01), (event, now)
+        assert shares() == pytest.approx((local.share, local.ceiling), abs=0.005), (event, now)
     return local
 
 
@@ -210,6 +211,13 @@ def test_the_shared_slowdown_follows_the_one_process_rules(client):
     # probed, stepped back, then halved at the safe share and climbed 3 s
     assert local.ceiling == pytest.approx((0.93 * 0.95 + 0.025) * 0.95)
     assert local.share == pytest.approx(local.ceiling * 0.5 + 0.3)
+
+
+def test_the_shared_slowdown_holds_from_the_end_of_a_long_pause(client):
+    steps = [("limited", 0), ("ask", 6), ("ask", 33), ("limited:120", 0), ("ask", 121),
+             ("ask", 32)]  # fmt: skip
+    local = shared_and_local_slowdown(client, steps)
+    assert local.share == pytest.approx(0.93 * 0.95 + 0.03)  # held 30 s from the pause's end
 
 
 def test_the_shared_slowdown_leaves_its_floor(client):
@@ -271,3 +279,15 @@ def test_a_late_429_begins_no_shared_episode(client):
     assert float(client.hget(key, "factor")) == pytest.approx(0.5)
     assert int(limited(keys=[key], args=[0, 1_000_000])[0]) == 1  # sent 1 s ago
     assert float(client.hget(key, "factor")) == pytest.approx(0.25)
+
+
+def test_the_rates_jobs_said_are_answered_again_the_same(client):
+    """RATE_SAID answers the other jobs' rates; sent again (a lost answer), the same."""
+    from crawler.coordination.scripts import RATE_SAID  # noqa: PLC0415 -- this test's
+
+    said = client.register_script(RATE_SAID)
+    key = "crawler:rate:x:said"
+    assert said(keys=[key], args=[300, "first"]) == []
+    assert said(keys=[key], args=[200, "second"]) == ["first", "300"]
+    assert said(keys=[key], args=[200, "second"]) == ["first", "300"]
+    assert said(keys=[key], args=[200, "first"]) == ["second", "200"]  # its own rate, changed

@@ -91,18 +91,20 @@ class SharedRateGate:
         self._slots.extend(now + int(delay) / 1e6 for delay in answer)
 
     async def _check_said(self) -> None:
-        """Says once if another job on this key said another rate: the key allows one."""
-        said, by = await self._said(keys=[self._key], args=[self.configured, self._job])
+        """Says once if another job on this key said another rate within the hour: the key
+        allows one."""
+        others = await self._said(keys=[self._key + ":said"], args=[self.configured, self._job])
         self._checked = True
-        if said and float(said) != self.configured:
-            log.warning(
-                "another job on this API key says another rate: the key's rate is shared, so "
-                "give every job on it the rate the key allows",
-                this_job=self._job,
-                requests_per_second=self.configured,
-                other_job=by,
-                other_requests_per_second=float(said),
-            )
+        for job, said in zip(others[::2], others[1::2], strict=True):
+            if float(said) != self.configured:
+                log.warning(
+                    "another job on this API key says another rate: the key's rate is shared, "
+                    "so give every job on it the rate the key allows",
+                    this_job=self._job,
+                    requests_per_second=self.configured,
+                    other_job=job,
+                    other_requests_per_second=float(said),
+                )
 
     async def on_rate_limited(self, retry_after: float | None, sent_ago: float = 0.0) -> None:
         pause = retry_after if retry_after is not None else max(_DEFAULT_PAUSE, 1 / self.current)

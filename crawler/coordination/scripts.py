@@ -21,7 +21,8 @@ a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
     runs           list   one summary per worker run, newest first
 
 The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``
-(hash) and ``crawler:rate:<key fingerprint>:sent`` (list: the last slots handed out).
+(hash), ``crawler:rate:<key fingerprint>:sent`` (list: the last slots handed out) and
+``crawler:rate:<key fingerprint>:said`` (hash: the rate each job said, and when).
 """
 
 from __future__ import annotations
@@ -409,15 +410,29 @@ return delays
 """
 )
 
-# the rate a job says for the key, kept in the key's hash; answers the one said before, and by
-# which job: jobs that share a key and say different rates pace the key's slots at each's own
-RATE_SAID = """
--- KEYS: rate;  ARGV: rate (requests/s), job
-local said = redis.call('HMGET', KEYS[1], 'said', 'said_by')
-redis.call('HSET', KEYS[1], 'said', ARGV[1], 'said_by', ARGV[2])
+# the rate each job says for the key (job -> "rate when", µs), kept an hour: answers the other
+# jobs' (job, rate, ...) said within the hour. Jobs that share a key and say different rates pace
+# the key's slots at each's own. Sent again after a lost answer, it answers the same.
+RATE_SAID = (
+    _NOW
+    + """
+-- KEYS: said;  ARGV: rate (requests/s), job
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[1] .. ' ' .. string.format('%.0f', now))
 redis.call('PEXPIRE', KEYS[1], 3600000)
-return {said[1] or '', said[2] or ''}
+local others = {}
+local said = redis.call('HGETALL', KEYS[1])
+for i = 1, #said, 2 do
+  local rate, at = string.match(said[i + 1], '(%S+) (%S+)')
+  if now - tonumber(at) > 3600000000 then
+    redis.call('HDEL', KEYS[1], said[i])
+  elseif said[i] ~= ARGV[2] then
+    table.insert(others, said[i])
+    table.insert(others, rate)
+  end
+end
+return others
 """
+)
 
 # a 429: pause every worker on the key; a new episode slows down (``slowdown.Slowdown.limited``)
 RATE_LIMITED = """
