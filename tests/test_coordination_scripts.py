@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,7 @@ def test_after_a_gap_of_every_worker_nothing_is_taken_over_for_a_lease(client):
     assert answer[:2] == ["111", "2"], (answer, client.hgetall(k("clock")), client.time())
 
 
-def shared_and_local_slowdown(client: Any, steps: list[tuple[str, float]]) -> Any:
+def shared_and_local_slowdown(client: Any, steps: Sequence[tuple[str, float]]) -> Any:
     """Drives the Redis gate's scripts and a ``Slowdown`` through the same 429s ("limited", or
     "limited:S" with a pause of S seconds) and requests ("ask"), each ``seconds`` after the one
     before, and checks that they agree at every step; answers the ``Slowdown``. Redis's clock
