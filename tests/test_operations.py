@@ -21,6 +21,7 @@ from tests.conftest import (
     crawler_command,
     output_ids,
     requests_to,
+    run_crawler,
     subprocess_env,
     target_rows,
     until,
@@ -28,18 +29,6 @@ from tests.conftest import (
 )
 
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
-
-
-async def _crawler(*args: str) -> tuple[int, bytes, bytes]:
-    process = await asyncio.create_subprocess_exec(
-        *crawler_command(*args),
-        env=subprocess_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout, stderr
 
 
 def _json_lines(text: bytes) -> list[dict[str, Any]]:
@@ -50,7 +39,7 @@ async def test_json_logs_without_a_terminal(tmp_path: Path, served):
     url, _ = served
     targets: list[dict[str, Any]] = [*TARGETS[:2], {"product_id": "123", "region": "US"}]
     job = write_job(tmp_path, url, targets)
-    status, _, stderr = await _crawler("run", str(job))
+    status, _, stderr = await run_crawler("run", str(job))
     assert status == 1
     lines = [line for line in stderr.splitlines() if line.strip()]
     events = _json_lines(stderr)
@@ -81,15 +70,15 @@ async def test_report_and_status_are_cumulative_across_a_kill(tmp_path: Path, sa
         await until(lambda: requests_to(box) >= 100)
         process.send_signal(signal.SIGKILL)
         await process.wait()
-        status, stdout, _ = await _crawler("status", "--json", str(job))
+        status, stdout, _ = await run_crawler("status", "--json", str(job))
         assert status == 0
         middle = orjson.loads(stdout)
         assert middle["targets_by_status"].get("pending", 0) > 0
         assert middle["totals"]["pages"] > 0
-        status, _, stderr = await _crawler("run", str(job))
+        status, _, stderr = await run_crawler("run", str(job))
         assert status == 0, stderr.decode()
         charged = box.ledgers[key_fingerprint(KEY)].charged
-    status, stdout, _ = await _crawler("status", "--json", str(job))
+    status, stdout, _ = await run_crawler("status", "--json", str(job))
     final = orjson.loads(stdout)
     report = orjson.loads((load_job(job).output.dir / "run-report.json").read_bytes())
     for doc in (final, report):
@@ -153,12 +142,12 @@ async def test_without_a_terminal_progress_is_a_periodic_line():
 async def test_plan_and_verify_from_the_command_line(tmp_path: Path, served):
     url, box = served
     job = write_job(tmp_path, url, TARGETS[:2])
-    status, stdout, _ = await _crawler("plan", "--json", str(job))
+    status, stdout, _ = await run_crawler("plan", "--json", str(job))
     assert status == 0
     blind = orjson.loads(stdout)["estimate"]
     assert blind["budget_covers"] is None and blind["targets_unknown"] == 6  # nothing known yet
     assert sum(b.requests for b in box.ledgers.values()) == 0  # plan alone sends nothing
-    status, stdout, _ = await _crawler("plan", "--probe", "--json", "--all", str(job))
+    status, stdout, _ = await run_crawler("plan", "--probe", "--json", "--all", str(job))
     assert status == 0
     probed = orjson.loads(stdout)
     assert probed["estimate"]["targets_unknown"] == 0 and probed["estimate"]["budget_covers"]
@@ -167,11 +156,11 @@ async def test_plan_and_verify_from_the_command_line(tmp_path: Path, served):
     assert by_target[(PRODUCTS[0], "GB")]["review_count"] == 545
     # every page of it: 545 reviews at 10 a page, page 1 already walked
     assert by_target[(PRODUCTS[0], "GB")]["walk_expected"] == 55
-    status, _, stderr = await _crawler("run", str(job))
+    status, _, stderr = await run_crawler("run", str(job))
     assert status == 0, stderr.decode()
-    status, stdout, _ = await _crawler("verify", str(job))
+    status, stdout, _ = await run_crawler("verify", str(job))
     assert status == 0 and b"ok" in stdout
     shard = next((load_job(job).output.dir / "shards").iterdir())
     shard.write_bytes(shard.read_bytes()[:-10])  # a shard cut short after the fact
-    status, stdout, _ = await _crawler("verify", str(job))
+    status, stdout, _ = await run_crawler("verify", str(job))
     assert status == 1 and b"problem" in stdout
