@@ -281,7 +281,7 @@ def _view(job: Job) -> StateView | None:
 
         return RedisView(job.coordination.redis_url, job.name, job.budget)
     from crawler.layout import Layout  # noqa: PLC0415
-    from crawler.state_sqlite import SqliteView  # noqa: PLC0415
+    from crawler.state.sqlite import SqliteView  # noqa: PLC0415
 
     return SqliteView.open(Layout(job.output.dir))
 

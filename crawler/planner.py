@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 from crawler.config import Job
-from crawler.events import WALKABLE
 from crawler.state import Ledger, Totals
+from crawler.state.events import WALKABLE
 
 
 def pages_left(totals: Totals, unlisted: int = 0) -> int | None:

@@ -27,7 +27,6 @@ from crawler.errors import (
     RunStopped,
     WrongEndpoint,
 )
-from crawler.events import WALKABLE, Status
 from crawler.layout import Layout, write_atomically
 from crawler.limits import Gate, RateGate
 from crawler.planner import pages_left
@@ -35,7 +34,8 @@ from crawler.progress import Figures, Progress
 from crawler.recovery import recover
 from crawler.retry import RetryPolicy
 from crawler.state import StateStore, StateView
-from crawler.state_sqlite import SqliteStore, SqliteView
+from crawler.state.events import WALKABLE, Status
+from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.walker import Door, RunCounters, Walker
 from crawler.writer import Writer
 

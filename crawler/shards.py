@@ -19,9 +19,9 @@ import orjson
 import zstandard
 
 from crawler.errors import OutputError, StateError
-from crawler.events import ShardSealed
 from crawler.layout import Layout, write_atomically
 from crawler.state import ShardInfo
+from crawler.state.events import ShardSealed
 
 
 def compressor(kind: str) -> Callable[[bytes], bytes]:

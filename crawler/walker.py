@@ -16,10 +16,10 @@ from crawler.budget import Budget
 from crawler.client import ApiClient
 from crawler.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
-from crawler.events import Finish, PageCommitted, Status, TargetFailed
 from crawler.limits import Gate
 from crawler.retry import RetryPolicy
 from crawler.state import Claimed, TargetState
+from crawler.state.events import Finish, PageCommitted, Status, TargetFailed
 from crawler.writer import Writer
 
 # pages of no reviews that still say has_more, in a row, before the walk is given up: a feed that

@@ -21,7 +21,10 @@ import structlog
 
 from crawler.dedup import SeenSet
 from crawler.endpoint import CursorEndpoint, Page
-from crawler.events import (
+from crawler.layout import Layout, shard_name
+from crawler.shards import OpenShard, compressor, write_manifest
+from crawler.state import ShardInfo, StateStore, TargetState
+from crawler.state.events import (
     Commit,
     PageCommitted,
     ShardOpened,
@@ -30,9 +33,6 @@ from crawler.events import (
     TargetFailed,
     WriterPosition,
 )
-from crawler.layout import Layout, shard_name
-from crawler.shards import OpenShard, compressor, write_manifest
-from crawler.state import ShardInfo, StateStore, TargetState
 from crawler.targets import Target
 
 log = structlog.get_logger("crawler.writer")

@@ -23,7 +23,7 @@ from crawler.layout import Layout
 from crawler.report import CSV_COLUMNS
 from crawler.sandbox import Sandbox, SandboxOptions, serve
 from crawler.shards import read_lines
-from crawler.state_sqlite import SqliteView
+from crawler.state.sqlite import SqliteView
 
 KEY = "sk_test_alpha"
 ENV = {"KEYAPI_API_KEY": KEY}

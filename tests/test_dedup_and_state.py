@@ -10,7 +10,9 @@ import pytest
 
 from crawler.dedup import SeenIds, SeenLog
 from crawler.errors import StateError
-from crawler.events import (
+from crawler.layout import Layout
+from crawler.recovery import recover
+from crawler.state.events import (
     Commit,
     PageCommitted,
     ShardOpened,
@@ -18,9 +20,7 @@ from crawler.events import (
     TargetFailed,
     WriterPosition,
 )
-from crawler.layout import Layout
-from crawler.recovery import recover
-from crawler.state_sqlite import SqliteStore
+from crawler.state.sqlite import SqliteStore
 from crawler.targets import TargetList
 
 

@@ -18,7 +18,7 @@ from crawler.limits import RateGate
 from crawler.retry import RetryPolicy
 from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
 from crawler.slowdown import FLOOR, Slowdown
-from crawler.state_sqlite import SqliteStore
+from crawler.state.sqlite import SqliteStore
 from tests.conftest import (
     ENV,
     KEY,

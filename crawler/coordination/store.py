@@ -35,7 +35,9 @@ from crawler.coordination.scripts import (
 )
 from crawler.coordination.seen import ProductSeen
 from crawler.errors import ConfigError, LeaseLost, StateError
-from crawler.events import (
+from crawler.layout import Layout, shard_sequence
+from crawler.state import rules
+from crawler.state.events import (
     WALKABLE,
     Commit,
     Finish,
@@ -44,8 +46,7 @@ from crawler.events import (
     Status,
     WriterPosition,
 )
-from crawler.layout import Layout, shard_sequence
-from crawler.state import Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.state.model import Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
 from crawler.targets import Target, TargetList
 
 log = structlog.get_logger("crawler.coordination")
@@ -488,19 +489,16 @@ class RedisStore:
     async def commit(self, batch: Commit) -> list[TargetState]:
         """One script for the whole batch; LeaseLost when a product was taken over meanwhile
         (nothing of the batch is then counted)."""
-        delta = Totals()
         changed: dict[int, tuple[TargetState, Target]] = {}
         seen: dict[str, list[str]] = {}
         fences: dict[str, str] = {}
-        credits = 0
         for change in batch.changes:
             state, target, lease = self._live[change.target_id]
             fences[lease.product_id] = lease.epoch
-            delta.add(state, -1)
-            state.apply(change)
-            delta.add(state)
-            credits += change.credits
             changed[state.id] = (state, target)
+        delta, credits = rules.committed({i: s for i, (s, _) in changed.items()}, batch.changes)
+        for change in batch.changes:
+            state, target, _ = self._live[change.target_id]
             new = _ids(change.ids, change.other_ids) if isinstance(change, PageCommitted) else []
             if new:
                 seen.setdefault(target.product_id, []).extend(new)

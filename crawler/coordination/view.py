@@ -10,8 +10,8 @@ import orjson
 
 from crawler.config import BudgetSettings
 from crawler.coordination.store import prefix_of, totals_from
-from crawler.events import Status
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
+from crawler.state.events import Status
 
 
 class RedisView:

@@ -25,21 +25,14 @@ from typing import Any, TypeVar
 import orjson
 
 from crawler.errors import OutputError, StateError
-from crawler.events import (
-    WALKABLE,
-    Commit,
-    Finish,
-    ShardOpened,
-    Status,
-    WriterPosition,
-)
 from crawler.layout import Layout
-from crawler.state import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.state import rules
+from crawler.state.events import WALKABLE, Commit, Finish, ShardOpened, Status, WriterPosition
+from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
 from crawler.targets import Target, TargetList
 
-VERSION = 2
+VERSION = 3
 _CLAIM_BATCH = 256  # rows read per query while handing out targets
-_FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
 _T = TypeVar("_T")
 
 SCHEMA = """
@@ -50,6 +43,8 @@ CREATE TABLE job (
     runs INTEGER NOT NULL DEFAULT 0,
     leased INTEGER NOT NULL DEFAULT 0,
     credits INTEGER NOT NULL DEFAULT 0,
+    outstanding INTEGER NOT NULL DEFAULT 0,
+    forfeited INTEGER NOT NULL DEFAULT 0,
     next_shard INTEGER NOT NULL DEFAULT 1,
     open_shard TEXT,
     shard_bytes INTEGER NOT NULL DEFAULT 0,
@@ -143,7 +138,7 @@ class SqliteStore:
         # one thread, first in first out: commits and leases are durable in the order made
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         job = _job_row(db)
-        self.ledger = Ledger(job["leased"], job["credits"])
+        self.ledger = Ledger(job["leased"], job["credits"], job["forfeited"])
         self.runs: int = job["runs"]
         self.refresh: int = job["refresh"]
         self._next_shard: int = job["next_shard"]
@@ -187,6 +182,7 @@ class SqliteStore:
             if fresh:
                 layout.remove_job_files()
             db = await asyncio.to_thread(_connect, layout, output)
+            await asyncio.to_thread(_forfeit, db, layout.state_db)
             return cls(layout, db, lock_fd)
         except BaseException:
             os.close(lock_fd)
@@ -234,6 +230,8 @@ class SqliteStore:
 
     def _sync(self, targets: TargetList, digest: str) -> None:
         with self._transaction():
+            # a target no longer in the job file is kept (with what it harvested) but inactive:
+            # never walked, never counted, until the file lists it again
             self._db.execute("UPDATE targets SET active = 0 WHERE active")
             self._db.executemany(
                 "INSERT INTO targets (product_id, region, max_pages) VALUES (?, ?, ?) "
@@ -241,12 +239,36 @@ class SqliteStore:
                 "max_pages = excluded.max_pages",
                 targets.rows(),
             )
-            # a walk that ended at a cap goes on once the cap is raised or removed
-            self._db.execute(
-                "UPDATE targets SET status = 'pending', finish = NULL WHERE status = 'done' "
-                "AND finish = 'cap' AND (max_pages IS NULL OR walk_pages < max_pages)"
+            # rules.configured changes only targets with a cap, or whose walk ended at one
+            self._update_where(
+                "active AND (max_pages IS NOT NULL OR finish = 'cap')",
+                rules.configured,
             )
             self._db.execute("UPDATE job SET targets_digest = ?", (digest,))
+
+    def _update_where(
+        self, where: str, change: Callable[[TargetState, int | None], bool], *args: Any
+    ) -> int:
+        """Apply ``change`` to the state of every target matching ``where`` (inside a
+        transaction); the number changed."""
+        rows = self._db.execute(
+            f"SELECT max_pages, {_STATE_COLUMNS} FROM targets WHERE {where}",  # noqa: S608 -- ours
+            args,
+        ).fetchall()
+        changed: list[TargetState] = []
+        for row in rows:
+            state = state_of(row[1:])
+            if change(state, row[0]):
+                changed.append(state)
+        self._db.executemany(_UPDATE_TARGET, map(_row_of, changed))
+        return len(changed)
+
+    def _apply(self, rule: rules.Rule) -> int:
+        """A rule over every active target of the statuses it changes."""
+        marks = ", ".join("?" * len(rule.statuses))
+        return self._update_where(
+            f"active AND status IN ({marks})", lambda state, _cap: rule(state), *rule.statuses
+        )
 
     async def begin_run(self, *, refresh: bool, mode: str) -> int:
         """Count a new run; with ``refresh``, start a refresh unless one is still under way.
@@ -262,8 +284,7 @@ class SqliteStore:
         db = self._db
         current = self.refresh
         with self._transaction():
-            # targets stopped by a budget are walked again: it may have been raised
-            db.execute("UPDATE targets SET status = 'pending' WHERE status = 'stopped_budget'")
+            self._apply(rules.BUDGET_REOPENED)
             under_way = self._refresh_open(current)
             if refresh and not under_way:
                 current += 1
@@ -271,13 +292,7 @@ class SqliteStore:
                     "INSERT INTO refreshes (id, started_at, mode) VALUES (?, ?, ?)",
                     (current, started, mode),
                 )
-                db.execute(
-                    "UPDATE targets SET walk = ?, status = 'pending', finish = NULL, "
-                    "cursor = NULL, walk_pages = 0, walk_new = 0, walk_goal = NULL, "
-                    "walk_credits = 0, walk_expected = NULL, walk_count = NULL "
-                    "WHERE active AND status = 'done'",
-                    (current,),
-                )
+                self._apply(rules.refresh_started(current))
                 under_way = True
             db.execute("UPDATE job SET runs = runs + 1, refresh = ?", (current,))
             cursor = db.execute(
@@ -307,10 +322,9 @@ class SqliteStore:
     def _end(self, info: dict[str, Any], budget_stopped: bool) -> None:
         with self._transaction():
             if budget_stopped:
-                self._db.execute(
-                    "UPDATE targets SET status = 'stopped_budget' WHERE active AND "
-                    "status = 'pending'"
-                )
+                self._apply(rules.BUDGET_STOPPED)
+            # a clean end: every credit leased and not given back went out with a request
+            self._db.execute("UPDATE job SET outstanding = 0")
             names = list(info)
             self._db.execute(
                 f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",  # noqa: S608 -- names are ours
@@ -352,13 +366,12 @@ class SqliteStore:
         """Read, check and add in one transaction, in the store's one thread: atomic."""
         with self._transaction():
             (leased,) = self._db.execute("SELECT leased FROM job").fetchone()
-            size = credits
-            if ceiling is not None:
-                room = ceiling - leased
-                size = min(credits, room - room % cost)
-                if size < cost:
-                    return 0
-            self._db.execute("UPDATE job SET leased = ?", (leased + size,))
+            size = credits if ceiling is None else rules.lease_size(leased, credits, cost, ceiling)
+            if size == 0:
+                return 0
+            self._db.execute(
+                "UPDATE job SET leased = ?, outstanding = outstanding + ?", (leased + size, size)
+            )
         self.ledger.leased = leased + size
         return size
 
@@ -366,15 +379,12 @@ class SqliteStore:
 
     async def commit(self, batch: Commit) -> list[TargetState]:
         """Apply a batch; returns the targets it brought to a final status."""
-        changed: dict[int, TargetState] = {}
-        for change in batch.changes:
-            target = self._live[change.target_id]
-            self.totals.add(target, -1)
-            target.apply(change)
-            self.totals.add(target)
-            self.ledger.credits += change.credits
-            changed[target.id] = target
-        await self._run(self._write, list(changed.values()), batch, self.ledger.credits)
+        changed = {c.target_id: self._live[c.target_id] for c in batch.changes}
+        delta, credits = rules.committed(changed, batch.changes)
+        for status, sums in delta.by_status.items():
+            self.totals.by_status[status].merge(sums)
+        self.ledger.credits += credits
+        await self._run(self._write, list(changed.values()), batch, credits)
         for event in batch.shards:
             if isinstance(event, ShardOpened):
                 self._open_shard = ShardInfo(event.file)
@@ -383,7 +393,7 @@ class SqliteStore:
                 self._shards.append(ShardInfo(event.file, event.records, event.bytes, event.sha256))
                 self._open_shard = None
         self._position = batch.position
-        finished = [t for t in changed.values() if t.status in _FINAL]
+        finished = [t for t in changed.values() if t.status in rules.FINAL]
         for target in finished:
             del self._live[target.id]
         return finished
@@ -405,9 +415,9 @@ class SqliteStore:
             db.executemany(_UPDATE_TARGET, map(_row_of, targets))
             p = batch.position
             db.execute(
-                "UPDATE job SET credits = ?, shard_bytes = ?, shard_records = ?, seen = ?, "
-                "seen_other = ?",
-                (credits, p.shard_bytes, p.shard_records, p.seen, p.seen_other),
+                "UPDATE job SET credits = credits + ?, outstanding = outstanding - ?, "
+                "shard_bytes = ?, shard_records = ?, seen = ?, seen_other = ?",
+                (credits, credits, p.shard_bytes, p.shard_records, p.seen, p.seen_other),
             )
 
     async def maintain(self) -> None:
@@ -468,6 +478,13 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
         job = _job_row(db)
     except sqlite3.Error as exc:
         raise _error(exc, path) from None
+    if job["version"] == 2:  # version 3 added the lease a crash forfeits: nothing else moved
+        db.executescript(
+            "BEGIN; ALTER TABLE job ADD COLUMN outstanding INTEGER NOT NULL DEFAULT 0; "
+            "ALTER TABLE job ADD COLUMN forfeited INTEGER NOT NULL DEFAULT 0; "
+            "UPDATE job SET version = 3; COMMIT;"
+        )
+        job = _job_row(db)
     if job["version"] != VERSION:
         db.close()
         raise StateError(
@@ -487,6 +504,22 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{changed}); put them back, or use another output.dir, or start over with --fresh"
         )
     return db
+
+
+def _forfeit(db: sqlite3.Connection, path: Path) -> None:
+    """The lease of a run that ended without giving it back (a crash) counts as forfeited."""
+    (outstanding,) = db.execute("SELECT outstanding FROM job").fetchone()
+    if outstanding:
+        ledger = Ledger()
+        rules.crashed(ledger, outstanding)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "UPDATE job SET forfeited = forfeited + ?, outstanding = 0", (ledger.forfeited,)
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _error(exc, path) from None
 
 
 def _job_row(db: sqlite3.Connection) -> dict[str, Any]:
@@ -563,7 +596,7 @@ class SqliteView:
 
     @property
     def ledger(self) -> Ledger:
-        return Ledger(self.job["leased"], self.job["credits"])
+        return Ledger(self.job["leased"], self.job["credits"], self.job["forfeited"])
 
     def totals(self) -> Totals:
         return totals_of(self._db)

@@ -1,0 +1,163 @@
+"""The job's rules: what a sync, a run's start, a commit, a credit lease and a run's end change.
+
+Written once, here, in Python; both stores call these and only keep what they decide (SQLite in
+one transaction, Redis in one script). A rule over targets takes a ``TargetState`` and changes it
+in place, returning whether it changed; ``Rule.statuses`` says which states it can change, so a
+store reads only those (a million finished targets cost nothing at a run's start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crawler.state.events import WALKABLE, Finish, PageCommitted, Status, TargetFailed
+from crawler.state.model import Ledger, TargetState, Totals
+
+FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
+# a credit lease is at most this share of what is left of the budget: near its end leases shrink,
+# so a crashed worker (whose lease counts as spent) forfeits at most a small part of any budget
+LEASE_SHARE = 1 / 8
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A change to targets of the given statuses (the others it leaves alone)."""
+
+    statuses: tuple[Status, ...]
+    change: Callable[[TargetState], bool]
+
+    def __call__(self, state: TargetState) -> bool:
+        return state.status in self.statuses and self.change(state)
+
+
+# -- a commit ---------------------------------------------------------------------------------
+
+
+def applied(state: TargetState, change: PageCommitted | TargetFailed) -> None:
+    """A committed page or failure, applied to its target: the one place a walk moves on."""
+    state.credits += change.credits
+    state.walk_credits += change.credits
+    state.retries += change.retries
+    state.rate_limited += change.rate_limited
+    state.status = change.status
+    if isinstance(change, TargetFailed):
+        state.reason = change.reason
+        return
+    state.reason = None
+    state.finish = change.finish
+    state.cursor = change.cursor
+    if state.walk_pages == 0:
+        state.walk_count = change.review_count
+    state.walk_pages += 1
+    state.walk_new += change.new
+    state.pages += 1
+    state.items += change.items
+    state.records += change.new
+    state.duplicates += change.duplicates
+    state.seconds += change.seconds
+    if change.review_count is not None:
+        state.review_count = change.review_count
+    if change.walk_goal is not None:
+        state.walk_goal = change.walk_goal
+    if change.expected is not None:
+        state.walk_expected = change.expected
+    if change.status is Status.DONE:
+        _ended(state)
+
+
+def _ended(state: TargetState) -> None:
+    # the count when the walk began, not when it ended: a review added meanwhile where the walk
+    # had passed was not seen, and the next refresh must count it as new
+    state.base_count = state.walk_count if state.walk_count is not None else state.review_count
+
+
+def committed(
+    states: dict[int, TargetState], changes: list[PageCommitted | TargetFailed]
+) -> tuple[Totals, int]:
+    """A batch's changes applied to the targets' states: the totals' change and the credits."""
+    delta = Totals()
+    credits = 0
+    for change in changes:
+        state = states[change.target_id]
+        delta.add(state, -1)
+        applied(state, change)
+        delta.add(state)
+        credits += change.credits
+    return delta, credits
+
+
+# -- a sync: the job file's targets become the saved ones --------------------------------------
+
+
+def configured(state: TargetState, max_pages: int | None) -> bool:
+    """A target whose page cap is now ``max_pages``: a walk that ended at a lower cap goes on,
+    a walk under way that has reached a lowered one ends (no page more is bought)."""
+    if state.status is Status.DONE:
+        if state.finish is Finish.CAP and (max_pages is None or state.walk_pages < max_pages):
+            state.status, state.finish = Status.PENDING, None
+            return True
+        return False
+    if state.status in WALKABLE and max_pages is not None and 0 < max_pages <= state.walk_pages:
+        state.status, state.finish, state.reason = Status.DONE, Finish.CAP, None
+        _ended(state)
+        return True
+    return False
+
+
+# -- a run's start and end ---------------------------------------------------------------------
+
+
+def _reopen(state: TargetState) -> bool:
+    state.status = Status.PENDING
+    return True
+
+
+# targets a budget stopped are walked again at the next run: the budget may have been raised
+BUDGET_REOPENED = Rule((Status.BUDGET,), _reopen)
+
+
+def _stop(state: TargetState) -> bool:
+    state.status = Status.BUDGET
+    return True
+
+
+# a run the job's budget stopped: what it did not finish waits for a larger budget
+BUDGET_STOPPED = Rule((Status.PENDING,), _stop)
+
+
+def refresh_started(refresh: int) -> Rule:
+    """Refresh ``refresh`` begins: every finished target starts a new walk from page 1."""
+
+    def restart(state: TargetState) -> bool:
+        state.walk, state.status, state.finish, state.cursor = refresh, Status.PENDING, None, None
+        state.walk_pages = state.walk_new = state.walk_credits = 0
+        state.walk_goal = state.walk_expected = state.walk_count = None
+        return True
+
+    return Rule((Status.DONE,), restart)
+
+
+def walkable(state: TargetState) -> bool:
+    """Whether a run walks this target (from its committed cursor)."""
+    return state.status in WALKABLE
+
+
+# -- credits -----------------------------------------------------------------------------------
+
+
+def lease_size(leased: int, asked: int, cost: int, ceiling: int) -> int:
+    """Credits a lease of ``asked`` gets when ``leased`` are leased already: within the ceiling,
+    at most ``LEASE_SHARE`` of what is left (never under one request), a multiple of ``cost``;
+    0 when not even one request fits."""
+    room = ceiling - leased
+    if room < cost:
+        return 0
+    size = min(asked, room, max(cost, int(room * LEASE_SHARE)))
+    return size - size % cost
+
+
+def crashed(ledger: Ledger, outstanding: int) -> None:
+    """A process ended without giving its lease back (killed, or taken for dead): its unused
+    credits may have been spent, so they stay leased, and are counted as forfeited."""
+    ledger.forfeited += max(0, outstanding)
