@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
+import orjson
+
 from crawler.dedup import SeenIds
 
 REGIONS = (
@@ -98,6 +100,35 @@ class TargetList:
             zip(self._ids, self._regions, self._caps, strict=True)
         ):
             yield (str(number) if number else odd[index]), regions[region], cap or None
+
+    def keys(self) -> Iterator[tuple[str, str]]:
+        """(product_id, region) per target, in order."""
+        for product_id, region, _ in self.rows():
+            yield product_id, region
+
+    def to_bytes(self) -> bytes:
+        """The list as bytes (its columns), for a store that keeps the targets it synced."""
+        odd = orjson.dumps({str(k): v for k, v in self._odd.items()})
+        parts = [self._ids.tobytes(), self._regions.tobytes(), self._caps.tobytes(), odd]
+        head = b"".join(len(part).to_bytes(8, "little") for part in parts)
+        return b"TL1" + head + b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TargetList:
+        if data[:3] != b"TL1":
+            raise ValueError("not a target list")
+        sizes = [int.from_bytes(data[3 + 8 * i : 11 + 8 * i], "little") for i in range(4)]
+        at = 35
+        parts = []
+        for size in sizes:
+            parts.append(data[at : at + size])
+            at += size
+        targets = cls()
+        targets._ids.frombytes(parts[0])
+        targets._regions.frombytes(parts[1])
+        targets._caps.frombytes(parts[2])
+        targets._odd = {int(k): v for k, v in orjson.loads(parts[3]).items()}
+        return targets
 
     def digest(self) -> str:
         """Changes whenever a target is added, removed, reordered or gets another cap."""

@@ -15,7 +15,7 @@ import redis
 
 from crawler.coordination import orphans
 from crawler.coordination.link import Link
-from crawler.coordination.scripts import CLAIM, COMMIT, LEASE, REGISTER, RENEW, SYNC
+from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.layout import Layout
 from tests.conftest import RedisServer
 
@@ -47,13 +47,21 @@ def claim(client: Any, worker: str, inc: int, request: str, lease_ms: int) -> li
     return result
 
 
-def commit(client: Any, worker: str, payload: dict[str, Any]) -> list[Any]:
-    base: dict[str, Any] = {"worker": worker, "shards": [], "open": None, "targets": [], "seen": [],
-            "totals": {}, "credits": 0, "release": [], "fences": []}  # fmt: skip
-    names = ("ledger", "totals", "shards", "shardorder", "leases", "attention", "retry", "todo")
-    keys = [k(f"w:{worker}"), *(k(n) for n in names), k("workers")]
-    result: list[Any] = client.register_script(COMMIT)(
-        keys=keys, args=[P, json.dumps({**base, **payload})]
+def apply(
+    client: Any,
+    worker: str,
+    inc: int,
+    ops: list[list[Any]],
+    *,
+    checks: Sequence[Sequence[str]] = (),
+    chan: str = "commit_seq",
+    seq: int = 1,
+) -> list[Any]:
+    """The one writing script, as a store sends it."""
+    payload = {"inc": inc, "chan": chan, "seq": seq, "checks": checks,
+               "ops": [[str(a) for a in op] for op in ops]}  # fmt: skip
+    result: list[Any] = client.register_script(APPLY)(
+        keys=[k(f"w:{worker}")], args=[json.dumps(payload)]
     )
     return result
 
@@ -68,8 +76,8 @@ def keep_alive(client: Any, worker: str, inc: int, seconds: float) -> None:
 
 
 def one_product(client: Any) -> None:
-    sync = client.register_script(SYNC)
-    sync(keys=[k("todo"), k("leases"), k("totals")], args=[P, "111", "US", "{}"])
+    client.hset(k("p:111"), mapping={"r:US": "{}", "e": 0})
+    client.rpush(k("todo"), "111")
 
 
 def test_a_claim_sent_again_never_hands_out_another_workers_lease(client):
@@ -82,8 +90,10 @@ def test_a_claim_sent_again_never_hands_out_another_workers_lease(client):
     taken = claim(client, "b", inc_b, "req-2", 1000)
     assert taken[:2] == ["111", "2"]
     assert claim(client, "a", inc_a, "req-1", 1000) == []  # the repeat: not b's lease
-    fenced = {"inc": inc_a, "seq": 1, "fences": [["111", "1"]], "seen": [["111", "r1"]]}
-    assert commit(client, "a", fenced)[0] == "fenced"
+    fenced = apply(
+        client, "a", inc_a, [["SADD", k("seen:111"), "r1"]], checks=[(k("p:111"), "e", "1")]
+    )
+    assert fenced == ["stale", k("p:111")]
     assert client.scard(k("seen:111")) == 0
 
 
@@ -98,26 +108,24 @@ def test_a_worker_waking_during_its_adoption_keeps_its_commit(client, tmp_path: 
     page1 = b"".join(b'{"review_id":"r%d"}\n' % i for i in range(10))
     page2 = b"".join(b'{"review_id":"r%d"}\n' % i for i in range(10, 20))
 
-    def batch(seq: int, size: int, records: int, opened: bool) -> dict[str, Any]:
+    def batch(seq: int, size: int, records: int) -> list[Any]:
         doc = {"file": shard.name, "worker": "w", "seq": 1, "sha256": None}
-        return {
-            "inc": inc,
-            "seq": seq,
-            "fences": [["111", "1"]],
-            "shards": [{**doc, "records": 0, "bytes": 0}] if opened else [],
-            "open": {**doc, "records": records, "bytes": size},
-            "seen": [["111", *(f"r{i}" for i in range(records - 10, records))]],
-        }
+        ids = [f"r{i}" for i in range(records - 10, records)]
+        ops = [["HSET", k("w:w"), "open_shard", shard.name],
+               ["HSET", k("shards"), shard.name,
+                json.dumps({**doc, "records": records, "bytes": size})],
+               ["SADD", k("seen:111"), *ids]]  # fmt: skip
+        return apply(client, "w", inc, ops, checks=[(k("p:111"), "e", "1")], seq=seq)
 
     shard.write_bytes(page1)
-    assert commit(client, "w", batch(1, len(page1), 10, True)) == ["ok"]
+    assert batch(1, len(page1), 10) == ["ok"]
     shard.write_bytes(page1 + page2)  # page 2 fsynced; then w is paused, long past a lease
     client.zadd(k("workers"), {"w": int(time.time() * 1000) - 10_000})
     real_copy = orphans._copy_committed
 
     def copy_then_wake(path: Path, length: int) -> Path:
         copied = real_copy(path, length)
-        assert commit(client, "w", batch(2, len(page1 + page2), 20, False)) == ["ok"]
+        assert batch(2, len(page1 + page2), 20) == ["ok"]
         return copied
 
     orphans._copy_committed = copy_then_wake  # the race, in order
@@ -125,13 +133,13 @@ def test_a_worker_waking_during_its_adoption_keeps_its_commit(client, tmp_path: 
         link = Link(f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0",
                     unavailable_seconds=5)  # fmt: skip
 
-        async def adopt() -> int:
+        async def adopt() -> list[str]:
             try:
                 return await orphans.adopt_orphans(link, P, layout, 2000)
             finally:
                 await link.close()
 
-        assert asyncio.run(adopt()) == 0  # refused: the copy is shorter than what is committed
+        assert asyncio.run(adopt()) == []  # refused: the copy is shorter than what is committed
     finally:
         orphans._copy_committed = real_copy
     doc = json.loads(client.hget(k("shards"), shard.name))
@@ -140,14 +148,17 @@ def test_a_worker_waking_during_its_adoption_keeps_its_commit(client, tmp_path: 
 
 
 def test_a_retired_incarnation_leases_no_credit(client):
-    lease = client.register_script(LEASE)
+    def lease(inc: int, credits: int, seq: int) -> list[Any]:
+        ops = [["HINCRBY", k("ledger"), "leased", credits]]
+        return apply(client, "w", inc, ops, chan="lease_seq", seq=seq)
+
     old = register(client, "w")
-    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 1, old]) == 10
-    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 1, old]) == 10  # a repeat
-    assert lease(keys=[k("ledger"), k("w:w")], args=[-4, 1, -1, 2, old]) == -4  # given back
+    assert lease(old, 10, 1) == ["ok"]
+    assert lease(old, 10, 1) == ["ok"]  # a repeat after a lost answer: applied once
+    assert lease(old, -4, 2) == ["ok"]  # given back
     new = register(client, "w")  # the same name started again elsewhere
-    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 3, old]) == ["retired"]
-    assert lease(keys=[k("ledger"), k("w:w")], args=[10, 2, 100, 3, new]) == 10
+    assert lease(old, 10, 3) == ["retired"]
+    assert lease(new, 10, 3) == ["ok"]
     assert int(client.hget(k("ledger"), "leased")) == 16
 
 

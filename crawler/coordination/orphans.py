@@ -15,6 +15,7 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
@@ -27,21 +28,19 @@ from crawler.shards import sha256_of
 log = structlog.get_logger("crawler.coordination")
 
 
-async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> int:
+async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> list[str]:
     """Seal the open shards of workers silent for longer than ``stale_ms`` whose files are in
-    this folder; the number sealed."""
-    dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms])
-    sealed = 0
+    this folder; the workers whose shard was sealed (and incarnation retired)."""
+    dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms, prefix])
+    sealed: list[str] = []
     for worker in dead:
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))
         file = state.get("open_shard")
         if not file or not layout.shard(file).exists():
             continue  # nothing open, or on another machine's disk: that worker's to finish
         record = await link.call(partial(link.redis.hget, prefix + "shards", file))
-        doc = orjson.loads(record)
         try:  # off the event loop: a shard can be large, and the leases must be renewed meanwhile
-            copy = await asyncio.to_thread(_copy_committed, layout.shard(file), doc["bytes"])
-            doc["sha256"] = await asyncio.to_thread(sha256_of, copy)
+            copy, doc = await asyncio.to_thread(seal_copy, layout.shard(file), orjson.loads(record))
         except (OSError, ValueError) as exc:
             log.warning("cannot seal a dead worker's shard here", shard=file, error=str(exc))
             continue
@@ -50,13 +49,23 @@ async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) 
             args=[worker, state["inc"], stale_ms, file, orjson.dumps(doc).decode(), record, prefix],
         )
         if answer != "ok":  # it came back, committed meanwhile, or another worker sealed it
-            copy.unlink(missing_ok=True)
+            await asyncio.to_thread(copy.unlink, missing_ok=True)
             continue
-        os.replace(copy, layout.shard(file))
-        fsync_dir(layout.shards_dir)
+        await asyncio.to_thread(_rename, copy, layout.shard(file), layout)
         log.warning("sealed a dead worker's open shard", worker=worker, shard=file)
-        sealed += 1
+        sealed.append(worker)
     return sealed
+
+
+def seal_copy(path: Path, doc: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The committed part of an open shard copied beside it, and the shard's record sealed."""
+    copy = _copy_committed(path, doc["bytes"])
+    return copy, {**doc, "sha256": sha256_of(copy)}
+
+
+def _rename(copy: Path, path: Path, layout: Layout) -> None:
+    os.replace(copy, path)
+    fsync_dir(layout.shards_dir)
 
 
 def _copy_committed(path: Path, length: int) -> Path:

@@ -101,13 +101,25 @@ if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then
 end
 -- given back by a worker's earlier incarnation first, then expired (not just after an outage)
 local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', 0, 'LIMIT', 0, 1)[1]
-if not pid and ARGV[6] == '1' and uptime > lease and now >= quiet then
-  pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)[1]
+local free = ARGV[6] == '1' and uptime > lease and now >= quiet
+if not pid and free then
+  -- this very incarnation's lease, run out while it was slow, is still its own: renewed, never
+  -- taken again (its pages in flight would meet a seen-set loaded anew)
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 16)) do
+    if redis.call('HGET', ARGV[1] .. 'p:' .. old, 'o') == me then
+      redis.call('ZADD', KEYS[2], now + lease, old)
+    else
+      pid = old
+      break
+    end
+  end
 end
 while not pid do  -- the queue may name a product another worker holds now: not taken from it
   pid = redis.call('LPOP', KEYS[1])
   if not pid then break end
-  if tonumber(redis.call('ZSCORE', KEYS[2], pid) or '0') > now then
+  local deadline = tonumber(redis.call('ZSCORE', KEYS[2], pid) or '-1')
+  -- held: a lease not run out, or one that only looks run out (the quiet after an outage)
+  if deadline > now or (deadline > 0 and not free) then
     redis.call('SADD', KEYS[4], pid)  -- whatever it was queued for is looked at next start
     pid = nil
   end
@@ -141,6 +153,8 @@ RENEW = (
 if tonumber(redis.call('HGET', KEYS[3], 'inc')) ~= tonumber(ARGV[4]) then return {'retired'} end
 quiet_until(ARGV[1], now, tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[2], now, ARGV[2])
+-- workers gone a day leave the heartbeat list (their record stays: it numbers their shards)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400000)
 redis.call('HSET', KEYS[3], 'beat', now, 'live', ARGV[5])
 local lost = {'ok'}
 for i = 6, #ARGV, 2 do
@@ -155,145 +169,57 @@ return lost
 """
 )
 
-# credits: read, check against the ceiling and add, in one step; a repeat answers as the first
-LEASE = """
--- KEYS: ledger, w:<worker>
--- ARGV: credits (< 0: given back), cost, ceiling (< 0: none), seq, incarnation
-if tonumber(redis.call('HGET', KEYS[2], 'inc')) ~= tonumber(ARGV[5]) then return {'retired'} end
-if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[2], 'lease_seq') or '0') then
-  return tonumber(redis.call('HGET', KEYS[2], 'lease_last') or '0')
-end
-local leased = tonumber(redis.call('HGET', KEYS[1], 'leased') or '0')
-local size = tonumber(ARGV[1])
-local ceiling = tonumber(ARGV[3])
-if ceiling >= 0 then
-  local cost = tonumber(ARGV[2])
-  local room = ceiling - leased
-  size = math.min(size, room - room % cost)
-  if size < cost then size = 0 end
-end
-if size ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', size) end
-redis.call('HSET', KEYS[2], 'lease_seq', ARGV[4], 'lease_last', size)
-return size
-"""
-
-# one writer batch: all of it or none. Refused whole when a product's lease moved on (fencing)
-# or this incarnation was retired: the shard bytes it counts are then never listed.
-COMMIT = (
+# the one script that writes a job's state: the checks and writes a rule of ``crawler.state.rules``
+# decided, applied whole or not at all. Refused when this incarnation was retired, or when a
+# checked field no longer holds what the rule read (another worker moved it: read again and
+# decide again); a repeat of an applied payload (same sequence number) answers ok, changing nothing.
+APPLY = (
     _NOW
     + """
--- KEYS: w:<worker>, ledger, totals, shards, shardorder, leases, attention, retry, todo, workers
--- ARGV: prefix, payload (JSON)
-local prefix = ARGV[1]
-local p = cjson.decode(ARGV[2])
+-- KEYS: w:<worker>
+-- ARGV: payload (JSON): inc, chan (the worker's sequence field, '' for none), seq,
+--       checks [[key, field, value ('' for absent)], ...], ops [[command, key, arg, ...], ...]
+--       ('$now' in an op stands for Redis's time in ms; an op ['UNLESS', key, field, value, ...]
+--       runs the command after the value only when the field no longer holds it)
+local p = cjson.decode(ARGV[1])
 local w = KEYS[1]
-if tonumber(redis.call('HGET', w, 'inc')) ~= p.inc then return {'retired'} end
-redis.call('ZADD', KEYS[10], now, p.worker)  -- a worker that commits is alive
-local done = tonumber(redis.call('HGET', w, 'commit_seq') or '0')
-if p.seq <= done then return {'ok'} end
-local stale = {'fenced'}
-for _, fence in ipairs(p.fences) do
-  if redis.call('HGET', prefix .. 'p:' .. fence[1], 'e') ~= fence[2] then
-    table.insert(stale, fence[1])
-  end
+if p.inc ~= cjson.null and tonumber(redis.call('HGET', w, 'inc')) ~= p.inc then
+  return {'retired'}
+end
+if p.chan ~= '' and p.seq <= tonumber(redis.call('HGET', w, p.chan) or '0') then return {'ok'} end
+local stale = {'stale'}
+for _, c in ipairs(p.checks) do
+  if (redis.call('HGET', c[1], c[2]) or '') ~= c[3] then table.insert(stale, c[1]) end
 end
 if #stale > 1 then return stale end
-for _, s in ipairs(p.shards) do
-  if s.sha256 == cjson.null then
-    redis.call('ZADD', KEYS[5], redis.call('ZCARD', KEYS[5]) + 1, s.file)
-    redis.call('HINCRBY', w, 'next_shard', 1)
-    redis.call('HSET', w, 'open_shard', s.file)
-  else
-    redis.call('HSET', w, 'open_shard', '')
+local text = string.format('%.0f', now)
+for _, op in ipairs(p.ops) do
+  if op[1] == 'UNLESS' then
+    if (redis.call('HGET', op[2], op[3]) or '') == op[4] then op = nil
+    else op = {unpack(op, 5)} end
   end
-  redis.call('HSET', KEYS[4], s.file, cjson.encode(s))
-end
-if p.open ~= cjson.null then redis.call('HSET', KEYS[4], p.open.file, cjson.encode(p.open)) end
-if #p.shards > 0 then redis.call('HINCRBY', prefix .. 'meta', 'shards_version', 1) end
-for _, t in ipairs(p.targets) do
-  redis.call('HSET', prefix .. 'p:' .. t[1], 'r:' .. t[2], t[3])
-  local key = t[1] .. ':' .. t[2]
-  if t[4] then redis.call('SADD', KEYS[7], key) else redis.call('SREM', KEYS[7], key) end
-  if t[4] then redis.call('SADD', KEYS[8], t[1]) end
-end
-for _, ids in ipairs(p.seen) do
-  for i = 2, #ids, 1000 do
-    redis.call('SADD', prefix .. 'seen:' .. ids[1], unpack(ids, i, math.min(i + 999, #ids)))
+  if op then
+    for i = 2, #op do if op[i] == '$now' then op[i] = text end end
+    redis.call(unpack(op))
   end
 end
-for field, value in pairs(p.totals) do redis.call('HINCRBYFLOAT', KEYS[3], field, value) end
-if p.credits ~= 0 then redis.call('HINCRBY', KEYS[2], 'credits', p.credits) end
-for _, pid in ipairs(p.release) do
-  local key = prefix .. 'p:' .. pid
-  redis.call('ZREM', KEYS[6], pid)
-  redis.call('HSET', key, 'o', '')
-  local fields = redis.call('HGETALL', key)  -- a target added while it was walked goes on
-  for i = 1, #fields, 2 do
-    local status = string.sub(fields[i], 1, 2) == 'r:' and cjson.decode(fields[i + 1]).status
-    if status == nil or status == 'pending' then  -- a new target's state leaves it out
-      redis.call('RPUSH', KEYS[9], pid)
-      break
-    end
-  end
-end
-redis.call('HSET', w, 'commit_seq', p.seq)
+if p.chan ~= '' then redis.call('HSET', w, p.chan, p.seq) end
 return {'ok'}
 """
 )
 
-# the targets of a job, written once by the first worker that runs it (and again when targets
-# are added): a target already there keeps its state; a product with a new target is queued
-SYNC = (
-    _NOW
-    + """
--- KEYS: todo, leases, totals;  ARGV: prefix, then product, region, state (JSON), ...
-local queued = {}
-local added = 0
-for i = 2, #ARGV, 3 do
-  local key = ARGV[1] .. 'p:' .. ARGV[i]
-  if redis.call('HSETNX', key, 'r:' .. ARGV[i + 1], ARGV[i + 2]) == 1 then
-    added = added + 1
-    if not queued[ARGV[i]] then
-      queued[ARGV[i]] = true
-      redis.call('HSETNX', key, 'e', 0)
-      local deadline = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or '0')
-      if deadline < now then redis.call('RPUSH', KEYS[1], ARGV[i]) end  -- else its holder's
-    end
-  end
-end
-if added > 0 then redis.call('HINCRBYFLOAT', KEYS[3], 'pending|count', added) end
-return 1
-"""
-)
-
-# at a worker's start, the products with failed or capped targets are queued again, once
-RETRY = """
--- KEYS: retry, todo
-local products = redis.call('SMEMBERS', KEYS[1])
-for i = 1, #products, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(products, i, math.min(i + 999, #products)))
-end
-redis.call('DEL', KEYS[1])
-return #products
-"""
-
-# a product given back before its walk ended (a stop): queued again for any worker
-RELEASE = """
--- KEYS: leases, todo;  ARGV: prefix, pid, epoch, requeue (1/0)
-local key = ARGV[1] .. 'p:' .. ARGV[2]
-if redis.call('HGET', key, 'e') ~= ARGV[3] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[2])
-redis.call('HSET', key, 'o', '')
-if ARGV[4] == '1' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
-return 1
-"""
-
-# the workers silent for longer than a lease
+# the workers silent for longer than a lease that left a shard open
 SILENT = (
     _NOW
     + """
--- KEYS: workers;  ARGV: stale ms
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+-- KEYS: workers;  ARGV: stale ms, prefix
+local silent = {}
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))) do
+  if (redis.call('HGET', ARGV[2] .. 'w:' .. w, 'open_shard') or '') ~= '' then
+    table.insert(silent, w)
+  end
+end
+return silent
 """
 )
 

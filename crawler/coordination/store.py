@@ -1,10 +1,11 @@
 """The coordinated store: a job's state in Redis, shared by every worker, behind ``StateStore``.
 
-A worker leases a product (all its regions) at a time, renews the lease while it walks, and
-commits each writer batch with one script that checks every lease's epoch first: a worker whose
-lease moved on (it was paused longer than ``lease_seconds``) cannot commit, so two workers never
-both count a page. Its own shard series carries its name; the shards' committed lengths live
-here, so a reader is only ever shown committed bytes.
+It decides nothing of the job: ``crawler.state.rules`` does, as for one process, and this store
+persists each decision with one APPLY script, checked against what the decision read (a lease's
+epoch, the ledger's count) so that a worker whose view went stale changes nothing. A worker
+leases a product (all its regions) at a time, renews the lease while it walks, and fences every
+commit with the lease's epoch. Its own shard series carries its name; the shards' committed
+lengths live here, so a reader is only ever shown committed bytes.
 """
 
 from __future__ import annotations
@@ -14,46 +15,29 @@ import os
 import socket
 import uuid
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
 from crawler.coordination.link import Link
-from crawler.coordination.orphans import adopt_orphans
-from crawler.coordination.scripts import (
-    CLAIM,
-    COMMIT,
-    LEASE,
-    REGISTER,
-    RELEASE,
-    RENEW,
-    RETRY,
-    SYNC,
-)
+from crawler.coordination.orphans import adopt_orphans, seal_copy
+from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
+from crawler.coordination.sync import sync_targets
+from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, LeaseLost, StateError
-from crawler.layout import Layout, shard_sequence
+from crawler.layout import Layout, fsync_dir, shard_sequence
 from crawler.state import rules
-from crawler.state.events import (
-    WALKABLE,
-    Commit,
-    Finish,
-    PageCommitted,
-    ShardOpened,
-    Status,
-    WriterPosition,
-)
-from crawler.state.model import Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
+from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
 from crawler.targets import Target, TargetList
 
 log = structlog.get_logger("crawler.coordination")
-_FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
-_ATTENTION = (Status.FAILED, Status.BUDGET)
-_SYNC_CHUNK = 2000  # targets per sync script: long scripts block every other worker
-_WAIT_MS = 500  # with nothing to claim, how often to look again while others hold products
+_WAIT_MS = (100, 500)  # with nothing to claim, how soon to look again: never a busy loop
 
 
 @dataclass
@@ -62,6 +46,7 @@ class Lease:
 
     product_id: str
     epoch: str
+    version: str  # the product's targets' version at the claim: a sync since may add some
     targets: set[int] = field(default_factory=set)  # local ids of its targets not final yet
     lost: bool = False
 
@@ -73,27 +58,6 @@ def prefix_of(job: str) -> str:
 def default_worker() -> str:
     name = f"{socket.gethostname()}-{os.getpid()}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-_DEFAULTS = asdict(TargetState(0))
-
-
-def state_json(state: TargetState, target: Target) -> str:
-    """A target's state as Redis keeps it: what differs from a new target's (a million new
-    targets are then a few bytes each)."""
-    doc = {k: v for k, v in asdict(state).items() if k != "id" and v != _DEFAULTS[k]}
-    if target.max_pages is not None:
-        doc["max_pages"] = target.max_pages
-    return orjson.dumps(doc).decode()
-
-
-def state_from(raw: str, local_id: int) -> tuple[TargetState, int | None]:
-    doc = orjson.loads(raw)
-    max_pages = doc.pop("max_pages", None)
-    state = TargetState(local_id, **doc)
-    state.status = Status(state.status)
-    state.finish = Finish(state.finish) if state.finish else None
-    return state, max_pages
 
 
 class RedisStore:
@@ -109,6 +73,7 @@ class RedisStore:
         self.refresh = 0
         self.runs = 0
         self._p = prefix_of(job)
+        self._w = self.key(f"w:{worker}")
         self._lease_ms = int(lease_seconds * 1000)
         # silent this long, a worker is taken for dead and its open shard sealed: twice a lease,
         # as retiring a worker that was only slow to start or busy costs it its run
@@ -120,6 +85,7 @@ class RedisStore:
         self._open_shard: ShardInfo | None = None
         self._position = WriterPosition()
         self._sealed: list[ShardInfo] = []  # this worker's, for recovery
+        self._earlier_open: dict[str, Any] | None = None  # the shard its last incarnation had
         self._leases: dict[str, Lease] = {}
         self._live: dict[int, tuple[TargetState, Target, Lease]] = {}
         self._queue: list[Claimed] = []
@@ -128,15 +94,21 @@ class RedisStore:
         self._drained = False
         self.retired = False
         self.pages_committed = 0  # this worker's, for the rate in its heartbeat
+        self._apply = link.script(APPLY)
         self._claim = link.script(CLAIM)
-        self._commit = link.script(COMMIT)
-        self._lease = link.script(LEASE)
         self._renew = link.script(RENEW)
-        self._release = link.script(RELEASE)
-        self._sync = link.script(SYNC)
 
     def key(self, name: str) -> str:
         return self._p + name
+
+    async def apply(self, writes: Writes, *, chan: str = "", seq: int = 0) -> list[str]:
+        """Persist one decided change: ['ok'], ['retired'], or ['stale', key, ...]."""
+        payload = {"inc": self._inc or None, "chan": chan, "seq": seq,
+                   "checks": writes.checks, "ops": writes.ops}  # fmt: skip
+        answer: list[str] = await self._apply(keys=[self._w], args=[orjson.dumps(payload)])
+        if answer[0] == "retired":
+            self.retired = True
+        return answer
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -155,6 +127,8 @@ class RedisStore:
         await store._check_durability()
         await store._check_output(output)
         await store._register()
+        await store._forfeit(store._w)
+        await store._seal_my_open_shard()
         await store.refresh_view()
         return store
 
@@ -190,7 +164,7 @@ class RedisStore:
         info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid()}).decode()
         register = self.link.script(REGISTER)
         inc, commit_seq, lease_seq, next_shard, open_file = await register(
-            keys=[self.key(f"w:{self.worker}"), self.key("workers"), self.key("leases")],
+            keys=[self._w, self.key("workers"), self.key("leases")],
             args=[self.worker, info, self._p],
         )
         self._inc, self._commit_seq, self._lease_seq = int(inc), int(commit_seq), int(lease_seq)
@@ -201,10 +175,51 @@ class RedisStore:
         mine = [s for s in mine if s["worker"] == self.worker]
         mine.sort(key=lambda s: s["seq"])
         self._sealed = [_info(s) for s in mine if s["sha256"] is not None]
-        opened = next((s for s in mine if s["file"] == open_file), None)
-        if opened is not None:
-            self._open_shard = _info(opened)
-            self._position = WriterPosition(opened["bytes"], opened["records"])
+        self._earlier_open = next((s for s in mine if s["file"] == open_file), None)
+
+    async def _forfeit(self, worker_key: str) -> None:
+        """The credits a worker's earlier incarnation leased and never gave back (it died, or
+        was retired while paused) count as forfeited: maybe sent, never to be used now."""
+        raw = await self.link.call(lambda: self.link.redis.hget(worker_key, "outstanding"))
+        if not raw or int(raw) <= 0:
+            return
+        ledger = Ledger()
+        rules.crashed(ledger, int(raw))
+        writes = Writes()
+        writes.check(worker_key, "outstanding", raw)  # once, whoever does it
+        writes.op("HINCRBY", self.key("ledger"), "forfeited", ledger.forfeited)
+        writes.op("HSET", worker_key, "outstanding", 0)
+        payload = {"inc": None, "chan": "", "seq": 0, "checks": writes.checks, "ops": writes.ops}
+        await self._apply(keys=[self._w], args=[orjson.dumps(payload)])
+
+    async def _seal_my_open_shard(self) -> None:
+        """A new incarnation never appends to the file an earlier one had open: that one may be
+        only paused and write again. The committed part is sealed under the file's name (a
+        copy, renamed in: the old file lives on, unnamed, for whoever still writes it), and
+        this incarnation starts a new file."""
+        doc = self._earlier_open
+        if doc is None or not self.layout.shard(doc["file"]).exists():
+            return  # none, or on another machine's disk: that machine's to finish
+        path = self.layout.shard(doc["file"])
+        record = orjson.dumps(doc).decode()
+        writes = Writes()
+        writes.check(self.key("shards"), doc["file"], record)
+        writes.op("HSET", self._w, "open_shard", "")
+        if doc["records"] == 0:  # opened, nothing committed: nothing to keep
+            writes.op("HDEL", self.key("shards"), doc["file"])
+            writes.op("ZREM", self.key("shardorder"), doc["file"])
+            if (await self.apply(writes))[0] == "ok":
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+            return
+        copy, sealed = await asyncio.to_thread(seal_copy, path, doc)
+        writes.op("HSET", self.key("shards"), doc["file"], orjson.dumps(sealed).decode())
+        writes.op("HINCRBY", self.key("meta"), "shards_version", 1)
+        if (await self.apply(writes))[0] != "ok":
+            await asyncio.to_thread(copy.unlink, missing_ok=True)
+            return
+        await asyncio.to_thread(_replace, copy, path, self.layout)
+        self._sealed.append(_info(sealed))
+        log.info("sealed the shard an earlier run of this worker left open", shard=doc["file"])
 
     async def refresh_view(self) -> None:
         """The job's totals and ledger as Redis has them (for the progress display)."""
@@ -215,7 +230,7 @@ class RedisStore:
             )
         )
         self.totals = totals_from(totals)
-        self.ledger = Ledger(int(ledger.get("leased", 0)), int(ledger.get("credits", 0)))
+        self.ledger = ledger_from(ledger)
 
     # -- what the run reads --------------------------------------------------------------------
 
@@ -254,44 +269,7 @@ class RedisStore:
     # -- the run's life ------------------------------------------------------------------------
 
     async def sync_targets(self, targets: TargetList) -> bool:
-        """Write the job's targets into Redis once (and what was added since), under a lock:
-        the other workers wait for it."""
-        digest = targets.digest()
-        redis, meta = self.link.redis, self.key("meta")
-        while await self.link.call(lambda: redis.hget(meta, "digest")) != digest:
-            taken = await self.link.call(
-                lambda: redis.set(self.key("init"), self.worker, nx=True, px=120_000)
-            )
-            if not taken:
-                await asyncio.sleep(0.2)  # another worker is writing them
-                continue
-            try:
-                if await self.link.call(lambda: redis.hget(meta, "digest")) != digest:
-                    await self._write_targets(targets)
-                    await self.link.call(
-                        lambda: redis.hset(
-                            meta, mapping={"digest": digest, "targets": len(targets)}
-                        )
-                    )
-                    return True
-            finally:
-                await self.link.call(lambda: redis.delete(self.key("init")))
-        return False
-
-    async def _write_targets(self, targets: TargetList) -> None:
-        keys = [self.key("todo"), self.key("leases"), self.key("totals")]
-        args: list[Any] = [self._p]
-        new = state_json(TargetState(0), Target("0", "US"))
-        for product_id, region, cap in targets.rows():
-            state = (
-                new if cap is None else state_json(TargetState(0), Target(product_id, region, cap))
-            )
-            args += [product_id, region, state]
-            if len(args) > 3 * _SYNC_CHUNK:
-                await self._sync(keys=keys, args=args)
-                args = [self._p]
-        if len(args) > 1:
-            await self._sync(keys=keys, args=args)
+        return await sync_targets(self, targets)
 
     async def begin_run(self, *, refresh: bool, mode: str) -> int:
         """A worker's run: products with failed or capped targets are queued again."""
@@ -300,7 +278,13 @@ class RedisStore:
                 "--refresh is not available for a coordinated job yet; harvest it again under "
                 "another coordination.job and output.dir"
             )
-        await self.link.script(RETRY)(keys=[self.key("retry"), self.key("todo")], args=[])
+        retry = self.key("retry")
+        products = await self.link.call(lambda: self.link.redis.smembers(retry))
+        if products:
+            writes = Writes()
+            writes.members("RPUSH", self.key("todo"), sorted(products))
+            writes.members("SREM", retry, sorted(products))
+            await self.apply(writes)
         await self.refresh_view()
         return 0
 
@@ -310,12 +294,13 @@ class RedisStore:
         for lease in list(self._leases.values()):
             await self._release_product(lease, requeue=True)
         await self._seal_orphans_here()
-        doc = orjson.dumps({"worker": self.worker, **info}).decode()
-        redis = self.link.redis
+        writes = Writes()
         ended = orjson.dumps({"held": 0, "rate": 0.0, "stopped": True}).decode()
-        await self.link.call(lambda: redis.hset(self.key(f"w:{self.worker}"), "live", ended))
-        await self.link.call(lambda: redis.lpush(self.key("runs"), doc))
-        await self.link.call(lambda: redis.ltrim(self.key("runs"), 0, 999))
+        # a clean end: what is leased and not given back went out with requests
+        writes.op("HSET", self._w, "live", ended, "outstanding", 0)
+        writes.op("LPUSH", self.key("runs"), orjson.dumps({"worker": self.worker, **info}))
+        writes.op("LTRIM", self.key("runs"), 0, 999)
+        await self.apply(writes)
         await self.refresh_view()
 
     async def _seal_orphans_here(self) -> None:
@@ -326,8 +311,12 @@ class RedisStore:
         deadline = loop.time() + 1.5 * self._dead_ms / 1000
         while loop.time() < deadline and await self._silent_with_shards_here():
             if self.link.settled(self._lease_ms / 1000):
-                await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
+                await self._adopt()
             await asyncio.sleep(self._lease_ms / 3000)
+
+    async def _adopt(self) -> None:
+        for worker in await adopt_orphans(self.link, self._p, self.layout, self._dead_ms):
+            await self._forfeit(self.key(f"w:{worker}"))
 
     async def _silent_with_shards_here(self) -> bool:
         redis = self.link.redis
@@ -367,22 +356,20 @@ class RedisStore:
             self.retired = True
             return
         if answer[0] == "wait":  # another worker's product: its lease ends, or it finishes
-            await asyncio.sleep(min(int(answer[1]), _WAIT_MS) / 1000)
+            low, high = _WAIT_MS
+            await asyncio.sleep(max(low, min(int(answer[1]), high)) / 1000)
             return
-        product_id, epoch, flat = answer[0], answer[1], answer[2]
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        if product_id in self._leases:  # its own, expired and taken back: the old lease is over
-            self._leases[product_id].lost = True
-            self._forget(self._leases[product_id])
-        lease = Lease(product_id, epoch)
+        product_id, epoch, flat_fields = answer[0], answer[1], answer[2]
+        fields = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
+        lease = Lease(product_id, epoch, fields.get("v", ""))
         self._leases[product_id] = lease
         claimed: list[Claimed] = []
         for name, raw in sorted(fields.items()):
             if not name.startswith("r:"):
                 continue
-            state, cap = state_from(raw, self._next_id)
+            state, cap, off = parse_doc(raw, self._next_id)
             self._next_id += 1
-            if state.status not in WALKABLE:
+            if off or not rules.walkable(state):
                 continue
             target = Target(product_id, name[2:], cap)
             lease.targets.add(state.id)
@@ -402,10 +389,12 @@ class RedisStore:
         return held is not None and not held[2].lost
 
     async def _release_product(self, lease: Lease, *, requeue: bool) -> None:
-        keys = [self.key("leases"), self.key("todo")]
-        args = [self._p, lease.product_id, lease.epoch, "1" if requeue else "0"]
         if not lease.lost:
-            await self._release(keys=keys, args=args)
+            key = self.key(f"p:{lease.product_id}")
+            writes = Writes()
+            writes.check(key, "e", lease.epoch)
+            _release(writes, self, lease, requeue=requeue)
+            await self.apply(writes)
         self._forget(lease)
 
     def _forget(self, lease: Lease) -> None:
@@ -437,13 +426,13 @@ class RedisStore:
                     "nothing of its uncommitted work counts: start it again"
                 )
             if self.link.settled(self._lease_ms / 1000):
-                await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
+                await self._adopt()
             await self.refresh_view()
 
     async def renew(self, rate: float = 0.0) -> None:
         held = [lease for lease in self._leases.values() if not lease.lost]
         info = orjson.dumps({"held": len(held), "rate": round(rate, 2), "pid": os.getpid()})
-        keys = [self.key("leases"), self.key("workers"), self.key(f"w:{self.worker}")]
+        keys = [self.key("leases"), self.key("workers"), self._w]
         args: list[Any] = [self._p, self.worker, self._lease_ms, self._inc, info.decode()]
         for lease in held:
             args += [lease.product_id, lease.epoch]
@@ -463,90 +452,106 @@ class RedisStore:
     # -- credits -------------------------------------------------------------------------------
 
     async def lease(self, credits: int, cost: int, ceiling: int) -> int:
-        granted = await self._lease_credits(credits, cost, ceiling)
-        self.ledger.leased += granted
-        return granted
+        """``rules.lease_size`` of what the ledger says now, added only if the ledger still
+        says it (another worker leasing meanwhile: read again, decide again)."""
+        ledger = self.key("ledger")
+        while True:
+            raw = await self.link.call(lambda: self.link.redis.hget(ledger, "leased"))
+            size = rules.lease_size(int(raw or 0), credits, cost, ceiling)
+            if size == 0:
+                return 0
+            writes = Writes()
+            writes.check(ledger, "leased", raw)
+            writes.op("HINCRBY", ledger, "leased", size)
+            writes.op("HINCRBY", self._w, "outstanding", size)
+            if await self._credits(writes) == "ok":
+                self.ledger.leased += size
+                return size
 
     async def give_back(self, credits: int) -> None:
-        await self._lease_credits(-credits, 1, -1)
+        writes = Writes()
+        writes.op("HINCRBY", self.key("ledger"), "leased", -credits)
+        writes.op("HINCRBY", self._w, "outstanding", -credits)
+        await self._credits(writes)
         self.ledger.leased -= credits
 
-    async def _lease_credits(self, credits: int, cost: int, ceiling: int) -> int:
+    async def _credits(self, writes: Writes) -> str:
         self._lease_seq += 1
-        keys = [self.key("ledger"), self.key(f"w:{self.worker}")]
-        args = [credits, cost, ceiling, self._lease_seq, self._inc]
-        answer = await self._lease(keys=keys, args=args)
-        if isinstance(answer, list):  # retired: not one more credit for this incarnation
-            self.retired = True
+        answer = await self.apply(writes, chan="lease_seq", seq=self._lease_seq)
+        if answer[0] == "retired":  # not one more credit for this incarnation
             raise LeaseLost(
                 f"worker {self.worker}: another process took this worker's name, or the others "
                 "found it dead; start it again"
             )
-        return int(answer)
+        return answer[0]
 
     # -- commits -------------------------------------------------------------------------------
 
     async def commit(self, batch: Commit) -> list[TargetState]:
-        """One script for the whole batch; LeaseLost when a product was taken over meanwhile
-        (nothing of the batch is then counted)."""
-        changed: dict[int, tuple[TargetState, Target]] = {}
-        seen: dict[str, list[str]] = {}
-        fences: dict[str, str] = {}
+        """The batch as ``rules.committed`` decides it, in one script fenced by every lease's
+        epoch; LeaseLost when a product was taken over meanwhile (nothing of it then counts)."""
+        held = {c.target_id: self._live[c.target_id] for c in batch.changes}
+        states = {i: state for i, (state, _, _) in held.items()}
+        delta, credits = rules.committed(states, batch.changes)
+        writes = Writes()
+        writes.op("ZADD", self.key("workers"), "$now", self.worker)  # a worker that commits lives
+        for _, _, lease in held.values():
+            writes.check(self.key(f"p:{lease.product_id}"), "e", lease.epoch)
+        self._shard_writes(writes, batch)
+        for state, target, _ in held.values():
+            self._target_writes(writes, state, target)
         for change in batch.changes:
-            state, target, lease = self._live[change.target_id]
-            fences[lease.product_id] = lease.epoch
-            changed[state.id] = (state, target)
-        delta, credits = rules.committed({i: s for i, (s, _) in changed.items()}, batch.changes)
-        for change in batch.changes:
-            state, target, _ = self._live[change.target_id]
-            new = _ids(change.ids, change.other_ids) if isinstance(change, PageCommitted) else []
-            if new:
-                seen.setdefault(target.product_id, []).extend(new)
-        finished = [s for s, _ in changed.values() if s.status in _FINAL]
+            if isinstance(change, PageCommitted):
+                ids = _ids(change.ids, change.other_ids)
+                product_id = held[change.target_id][1].product_id
+                writes.members("SADD", self.key(f"seen:{product_id}"), ids)
+        for name, value in flat(delta).items():
+            writes.op("HINCRBYFLOAT", self.key("totals"), name, repr(value))
+        if credits:
+            writes.op("HINCRBY", self.key("ledger"), "credits", credits)
+            writes.op("HINCRBY", self._w, "outstanding", -credits)
+        finished = [s for s in states.values() if s.status in rules.FINAL]
         release = self._released_by(finished)
-        payload = {
-            "worker": self.worker,
-            "inc": self._inc,
-            "seq": self._commit_seq + 1,
-            "fences": [[p, e] for p, e in fences.items()],
-            "shards": [self._shard_doc(e) for e in batch.shards],
-            "open": self._open_doc(batch),
-            "targets": [
-                [
-                    t.product_id,
-                    t.region,
-                    state_json(s, t),
-                    s.status in (Status.FAILED, Status.BUDGET),
-                ]
-                for s, t in changed.values()
-            ],
-            "seen": [[p, *ids] for p, ids in seen.items()],
-            "totals": flat(delta),
-            "credits": credits,
-            "release": [lease.product_id for lease in release],
-        }
-        keys = [
-            self.key(f"w:{self.worker}"),
-            *(self.key(k) for k in ("ledger", "totals", "shards", "shardorder", "leases")),
-            *(self.key(k) for k in ("attention", "retry", "todo", "workers")),
-        ]
-        answer = await self._commit(keys=keys, args=[self._p, orjson.dumps(payload).decode()])
-        if answer[0] != "ok":
-            self.retired = self.retired or answer[0] == "retired"
-            raise LeaseLost(
-                f"worker {self.worker}: "
-                + (
-                    f"products {', '.join(answer[1:])} were taken over by another worker"
-                    if answer[0] == "fenced"
-                    else "another process took this worker's name, or the others found it dead"
-                )
-                + " (it was paused or cut off longer than coordination.lease_seconds); nothing "
-                "of its last batch counts, start it again"
-            )
+        for lease in release:
+            _release(writes, self, lease, requeue=False)
+        answer = await self.apply(writes, chan="commit_seq", seq=self._commit_seq + 1)
+        if answer[0] != "ok":  # the worker stops: what this batch changed in memory is moot
+            raise LeaseLost(_refused(self.worker, answer, len(self._p)))
         self._commit_seq += 1
         self.pages_committed += sum(isinstance(c, PageCommitted) for c in batch.changes)
         self._after_commit(batch, delta, credits, release)
         return finished
+
+    def _shard_writes(self, writes: Writes, batch: Commit) -> None:
+        shards = self.key("shards")
+        opened = self._open_shard.file if self._open_shard else None
+        for event in batch.shards:
+            if isinstance(event, ShardOpened):
+                writes.op("ZADD", self.key("shardorder"), "$now", event.file)
+                writes.op("HINCRBY", self._w, "next_shard", 1)
+                writes.op("HSET", self._w, "open_shard", event.file)
+                writes.op("HSET", shards, event.file, self._doc(event.file, 0, 0, None))
+                opened = event.file
+            else:
+                writes.op("HSET", self._w, "open_shard", "")
+                doc = self._doc(event.file, event.records, event.bytes, event.sha256)
+                writes.op("HSET", shards, event.file, doc)
+                opened = None
+        if opened is not None:
+            p = batch.position
+            writes.op("HSET", shards, opened, self._doc(opened, p.shard_records, p.shard_bytes))
+        if batch.shards:
+            writes.op("HINCRBY", self.key("meta"), "shards_version", 1)
+
+    def _target_writes(self, writes: Writes, state: TargetState, target: Target) -> None:
+        key, name = self.key(f"p:{target.product_id}"), target.key
+        writes.op("HSET", key, f"r:{target.region}", doc_of(state, target.max_pages))
+        # failed or at a credit cap: looked at by status, and walked again at the next start
+        if state.status in (Status.FAILED, Status.BUDGET):
+            writes.op("SADD", self.key("attention"), name)
+            writes.op("SADD", self.key("retry"), target.product_id)
+        else:
+            writes.op("SREM", self.key("attention"), name)
 
     def _released_by(self, finished: list[TargetState]) -> list[Lease]:
         done: list[Lease] = []
@@ -577,26 +582,42 @@ class RedisStore:
         for lease in release:
             self._forget(lease)
 
-    def _shard_doc(self, event: Any) -> dict[str, Any]:
-        if isinstance(event, ShardOpened):
-            return self._doc(event.file, 0, 0, None)
-        return self._doc(event.file, event.records, event.bytes, event.sha256)
-
-    def _open_doc(self, batch: Commit) -> dict[str, Any] | None:
-        opened = self._open_shard.file if self._open_shard else None
-        for event in batch.shards:
-            opened = event.file if isinstance(event, ShardOpened) else None
-        if opened is None:
-            return None
-        return self._doc(opened, batch.position.shard_records, batch.position.shard_bytes, None)
-
-    def _doc(self, file: str, records: int, size: int, sha256: str | None) -> dict[str, Any]:
-        seq = shard_sequence(file)
-        return {"file": file, "worker": self.worker, "seq": seq, "records": records,
-                "bytes": size, "sha256": sha256}  # fmt: skip
+    def _doc(self, file: str, records: int, size: int, sha256: str | None = None) -> str:
+        doc = {"file": file, "worker": self.worker, "seq": shard_sequence(file),
+               "records": records, "bytes": size, "sha256": sha256}  # fmt: skip
+        return orjson.dumps(doc).decode()
 
     async def close(self) -> None:
         await self.link.close()
+
+
+def _release(writes: Writes, store: RedisStore, lease: Lease, *, requeue: bool) -> None:
+    """A product given back: unleased; queued again when asked, or when a sync changed its
+    targets since it was claimed (one may have been added while it was walked)."""
+    key = store.key(f"p:{lease.product_id}")
+    writes.op("ZREM", store.key("leases"), lease.product_id)
+    writes.op("HSET", key, "o", "")
+    if requeue:
+        writes.op("RPUSH", store.key("todo"), lease.product_id)
+    else:
+        writes.unless(key, "v", lease.version, "RPUSH", store.key("todo"), lease.product_id)
+
+
+def _refused(worker: str, answer: list[str], prefix: int) -> str:
+    if answer[0] == "stale":
+        products = ", ".join(k[prefix + 2 :] for k in answer[1:])
+        why = f"products {products} were taken over by another worker (or a changed job file)"
+    else:
+        why = "another process took this worker's name, or the others found it dead"
+    return (
+        f"worker {worker}: {why} (it was paused or cut off longer than "
+        "coordination.lease_seconds); nothing of its last batch counts, start it again"
+    )
+
+
+def _replace(copy: Path, path: Path, layout: Layout) -> None:
+    os.replace(copy, path)
+    fsync_dir(layout.shards_dir)
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:
@@ -609,21 +630,7 @@ def _ids(packed: bytes, other: bytes) -> list[str]:
     return [str(n) for n in numbers] + [i for i in other.decode().split("\n") if i]
 
 
-def flat(totals: Totals) -> dict[str, float]:
-    """A Totals as the fields of the ``totals`` hash: ``<status>|<figure>``, zeros left out."""
-    out: dict[str, float] = {}
-    for status, sums in totals.by_status.items():
-        for name, value in asdict(sums).items():
-            if value:
-                out[f"{status}|{name}"] = value
-    return out
-
-
-def totals_from(fields: dict[str, str]) -> Totals:
-    totals = Totals()
-    for name, value in fields.items():
-        status, _, figure = name.partition("|")
-        sums: Sums = totals.by_status[Status(status)]
-        number = float(value)
-        setattr(sums, figure, number if figure == "seconds" else round(number))
-    return totals
+def ledger_from(fields: dict[str, str]) -> Ledger:
+    return Ledger(
+        int(fields.get("leased", 0)), int(fields.get("credits", 0)), int(fields.get("forfeited", 0))
+    )

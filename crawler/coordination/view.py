@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 
 from crawler.config import BudgetSettings
-from crawler.coordination.store import prefix_of, totals_from
+from crawler.coordination.store import ledger_from, prefix_of
+from crawler.coordination.writes import totals_from
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
 from crawler.state.events import Status
 
@@ -42,7 +43,7 @@ class RedisView:
     @property
     def ledger(self) -> Ledger:
         ledger = self._redis.hgetall(self._p + "ledger")
-        return Ledger(int(ledger.get("leased", 0)), int(ledger.get("credits", 0)))
+        return ledger_from(ledger)
 
     def totals(self) -> Totals:
         return totals_from(self._redis.hgetall(self._p + "totals"))
@@ -91,10 +92,16 @@ class RedisView:
 
     def _targets(self, product_id: str, region: str | None = None) -> list[dict[str, Any]]:
         fields = self._redis.hgetall(f"{self._p}p:{product_id}")
-        rows = [
-            {"product_id": product_id, "region": name[2:], **_DEFAULTS, **orjson.loads(raw)}
+        docs = [
+            (name[2:], orjson.loads(raw))
             for name, raw in sorted(fields.items())
             if name.startswith("r:") and (region is None or name[2:] == region)
+        ]
+        # a target the job file no longer lists is kept, not shown (as one process keeps it)
+        rows = [
+            {"product_id": product_id, "region": name, **_DEFAULTS, **doc}
+            for name, doc in docs
+            if not doc.pop("off", False)
         ]
         if self._spent_out:
             for row in rows:
