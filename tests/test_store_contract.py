@@ -1,0 +1,229 @@
+"""One contract, two stores: every test here runs against the SQLite store and the Redis store
+(a real redis-server), through the ``StateStore`` seam a run uses. The job's rules live once, in
+``crawler.state.rules``; these tests say that both stores keep what the rules decide."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from crawler.coordination.link import Link
+from crawler.coordination.store import RedisStore
+from crawler.errors import LeaseLost, StateError
+from crawler.layout import Layout
+from crawler.state import StateStore
+from crawler.state.events import Commit, Finish, PageCommitted, Status, TargetFailed
+from crawler.state.model import Claimed
+from crawler.state.sqlite import SqliteStore
+from crawler.targets import REGION_INDEX, TargetList
+from tests.conftest import RedisServer
+
+OUTPUT = {"shard_max_records": 10, "compression": "none"}
+A, B = "1729679758111249333", "1729679758111249334"
+
+Opener = Callable[..., Awaitable[StateStore]]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def open_store(request: Any, tmp_path: Path) -> AsyncIterator[Opener]:
+    """``await open_store(worker=...)``: the job's store as one process (or one worker) opens
+    it; every store opened is closed at the end."""
+    opened: list[StateStore] = []
+    server: RedisServer | None = None
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+
+    async def open_one(worker: str = "w1", output: dict[str, Any] | None = None) -> StateStore:
+        layout = Layout(tmp_path / "out")
+        store: StateStore
+        if server is None:
+            store = await SqliteStore.open(layout, output or OUTPUT)
+        else:
+            link = Link(server.url, unavailable_seconds=5)
+            store = await RedisStore.open(
+                link, job="job", worker=worker, layout=layout, output=output or OUTPUT,
+                lease_seconds=30,
+            )  # fmt: skip
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        try:
+            await store.close()
+        except Exception:  # noqa: S110 -- a test may have closed it already
+            pass
+
+
+def targets(*rows: tuple[str, str, int | None]) -> TargetList:
+    listed = TargetList()
+    for product_id, region, cap in rows:
+        listed.append(product_id, REGION_INDEX[region], cap)
+    return listed
+
+
+async def start(store: StateStore, listed: TargetList) -> list[Claimed]:
+    """A run's start, then every target it would walk."""
+    await store.sync_targets(listed)
+    await store.begin_run(refresh=False, mode="early_stop")
+    return await claim_all(store)
+
+
+async def claim_all(store: StateStore) -> list[Claimed]:
+    claimed = []
+    while (one := await store.claim()) is not None:
+        claimed.append(one)
+    return claimed
+
+
+def page(claimed: Claimed, *, last: bool = False, ids: int = 0) -> PageCommitted:
+    cursor = (claimed.saved.cursor or 1) if isinstance(claimed.saved.cursor, int) else 1
+    return PageCommitted(
+        claimed.saved.id, claimed.fence, cursor + 1, Status.DONE if last else Status.PENDING,
+        Finish.END if last else None, 10, ids, 0, 2, 0, 0, 0.1, 100, None, None,
+    )  # fmt: skip
+
+
+async def commit(store: StateStore, *changes: PageCommitted | TargetFailed) -> None:
+    await store.commit(Commit(list(changes), [], store.position))
+
+
+def keys(claimed: list[Claimed]) -> set[str]:
+    return {c.target.key for c in claimed}
+
+
+async def end(store: StateStore, *, budget_stopped: bool = False) -> None:
+    await store.end_run({"finished_at": 0.0, "exit_status": 0}, budget_stopped=budget_stopped)
+
+
+async def test_a_target_removed_from_the_job_file_is_neither_walked_nor_counted(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None), (A, "GB", None), (B, "US", None)))
+    assert keys(first) == {f"{A}:US", f"{A}:GB", f"{B}:US"}
+    await commit(store, *(page(c) for c in first))  # each walk under way
+    await end(store)
+    await store.close()
+    store = await open_store()
+    again = await start(store, targets((A, "US", None)))
+    assert keys(again) == {f"{A}:US"}
+    assert again[0].saved.walk_pages == 1  # the kept target goes on from its cursor
+    assert store.totals.targets == 1
+    await end(store)
+    await store.close()
+    store = await open_store()  # listed again: back, with what it had walked
+    back = await start(store, targets((A, "US", None), (B, "US", None)))
+    assert {c.target.key: c.saved.walk_pages for c in back} == {f"{A}:US": 1, f"{B}:US": 1}
+    assert store.totals.targets == 2
+
+
+async def test_a_raised_or_removed_cap_walks_on_and_a_lowered_one_ends_the_walk(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", 1), (A, "GB", 5), (B, "US", 1)))
+    capped = {c.target.key: c for c in first}
+    done = PageCommitted(
+        capped[f"{A}:US"].saved.id, capped[f"{A}:US"].fence, 2, Status.DONE, Finish.CAP,
+        10, 10, 0, 2, 0, 0, 0.1, 100, None, None,
+    )  # fmt: skip
+    done_b = PageCommitted(
+        capped[f"{B}:US"].saved.id, capped[f"{B}:US"].fence, 2, Status.DONE, Finish.CAP,
+        10, 10, 0, 2, 0, 0, 0.1, 100, None, None,
+    )  # fmt: skip
+    await commit(store, done, done_b, page(capped[f"{A}:GB"]), page(capped[f"{A}:GB"]))
+    await end(store)
+    await store.close()
+    store = await open_store()
+    # A:US raised to 3, B:US's cap removed, A:GB (2 pages walked) lowered to 2
+    again = await start(store, targets((A, "US", 3), (A, "GB", 2), (B, "US", None)))
+    assert {c.target.key: (c.saved.walk_pages, c.target.max_pages) for c in again} == {
+        f"{A}:US": (1, 3),
+        f"{B}:US": (1, None),
+    }
+    assert store.totals.count(Status.DONE) == 1  # A:GB: at its lowered cap, no page more
+
+
+async def test_a_budget_stop_leaves_the_walks_for_a_larger_budget(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None), (B, "US", None)))
+    granted = 0
+    while size := await store.lease(100, 2, 40):
+        granted += size
+    assert granted == 40  # the ceiling, whatever the lease sizes
+    await commit(store, *(page(c) for c in first))
+    await end(store, budget_stopped=True)
+    await store.close()
+    store = await open_store()
+    again = await start(store, targets((A, "US", None), (B, "US", None)))
+    assert keys(again) == {f"{A}:US", f"{B}:US"}
+    assert await store.lease(100, 2, 40) == 0
+    assert await store.lease(100, 2, 1000) > 0  # raised: the walks go on
+
+
+async def test_leases_shrink_as_the_budget_nears_its_end(open_store):
+    store = await open_store()
+    await start(store, targets((A, "US", None)))
+    sizes = []
+    while size := await store.lease(1000, 2, 1000):
+        sizes.append(size)
+    assert sum(sizes) == 1000 and sizes[0] <= 1000 // 8
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 2
+
+
+async def test_a_crashed_lease_is_counted_as_forfeited(open_store):
+    store = await open_store()
+    await start(store, targets((A, "US", None)))
+    leased = await store.lease(100, 2, 10_000)
+    await store.give_back(10)
+    await store.close()  # killed here: the rest neither given back nor the run ended
+    store = await open_store()
+    assert store.ledger.forfeited == leased - 10
+    assert store.ledger.leased == leased - 10  # still counted as spent: the ceiling holds
+    await store.lease(10, 2, 10_000)
+    await end(store)
+    await store.close()
+    store = await open_store()  # a clean end forfeits nothing
+    assert store.ledger.forfeited == leased - 10
+
+
+async def test_a_stale_writer_changes_nothing(open_store, tmp_path: Path):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None)))
+    if isinstance(store, SqliteStore):
+        with pytest.raises(StateError, match="another crawler is running"):
+            await open_store()
+        return
+    await open_store()  # the same worker's name started again: the first one is retired
+    with pytest.raises(LeaseLost):
+        await commit(store, page(first[0]))
+    fresh = await open_store(worker="w2")
+    view = await claim_all(fresh)
+    assert [c.saved.walk_pages for c in view] == [0]  # nothing of the stale commit counted
+
+
+async def test_the_output_settings_a_job_began_with_are_kept(open_store):
+    store = await open_store()
+    await start(store, targets((A, "US", None)))
+    await end(store)
+    await store.close()
+    with pytest.raises(StateError, match="output settings changed"):
+        await open_store(output={**OUTPUT, "compression": "gzip"})
+
+
+async def test_a_commit_sent_again_after_a_lost_answer_counts_once(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None)))
+    if isinstance(store, SqliteStore):
+        pytest.skip("one process commits in its own transaction: no answer to lose")
+    assert isinstance(store, RedisStore)
+    from crawler.coordination.writes import Writes  # noqa: PLC0415 -- this test's alone
+
+    writes = Writes()
+    writes.op("HINCRBY", store.key("ledger"), "credits", 2)
+    assert await store.apply(writes, chan="commit_seq", seq=7) == ["ok"]
+    assert await store.apply(writes, chan="commit_seq", seq=7) == ["ok"]  # the repeat
+    ledger = await store.link.call(lambda: store.link.redis.hgetall(store.key("ledger")))
+    assert ledger["credits"] == "2"
+    assert orjson.loads(orjson.dumps(first[0].target.key)) == f"{A}:US"
