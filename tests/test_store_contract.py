@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,8 @@ async def open_store(request: Any, tmp_path: Path) -> AsyncIterator[Opener]:
 
     yield open_one
     for store in opened:
-        try:
+        with contextlib.suppress(Exception):  # a test may have closed it already
             await store.close()
-        except Exception:  # noqa: S110 -- a test may have closed it already
-            pass
 
 
 def targets(*rows: tuple[str, str, int | None]) -> TargetList:
