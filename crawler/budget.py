@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -42,6 +43,7 @@ class Budget:
         self._last_lease = -1e9
         self._left = 0  # leased, durable, not used yet
         self._lock = asyncio.Lock()
+        self._cut_short: set[asyncio.Future[int]] = set()  # leases their walker left
 
     @property
     def spent(self) -> int:
@@ -83,7 +85,14 @@ class Budget:
             self._block = max(self._base, self._block // 2)
         self._last_lease = now
         ceiling = self._settings.max_credits
-        granted = await self._store.lease(self._block, cost, ceiling)
+        # shielded: a walker cancelled while the store writes the lease (a stop's second step)
+        # must not lose it; the task ends on its own and give_back returns what it took
+        taking = asyncio.ensure_future(self._store.lease(self._block, cost, ceiling))
+        try:
+            granted = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            self._cut_short.add(taking)
+            raise
         if granted < cost:
             raise BudgetExhausted(
                 f"budget.max_credits reached: {self.spent} of {ceiling} credits spent, a "
@@ -94,6 +103,10 @@ class Budget:
 
     async def give_back(self) -> None:
         """End of run, no request in flight: return the unused lease to the budget."""
+        for taking in self._cut_short:  # their walkers were cancelled: the leases are the run's
+            with contextlib.suppress(Exception):  # a lease that failed took nothing
+                self._left += await taking
+        self._cut_short.clear()
         if self._left:
             left, self._left = self._left, 0
             await self._store.give_back(left)

@@ -139,7 +139,7 @@ def _load(args: argparse.Namespace) -> Job:
     """The job file, coordinated through ``--redis`` when given."""
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from crawler.config import load_job  # noqa: PLC0415
+    from crawler.config import load_job, masked_url  # noqa: PLC0415
     from crawler.errors import ConfigError  # noqa: PLC0415
 
     job = load_job(args.job)
@@ -147,7 +147,7 @@ def _load(args: argparse.Namespace) -> Job:
         return job.coordinated(getattr(args, "redis", None))
     except ValidationError:
         raise ConfigError(
-            f"--redis: '{args.redis}' is not a Redis URL (redis://HOST:PORT/DB)"
+            f"--redis: '{masked_url(args.redis)}' is not a Redis URL (redis://HOST:PORT/DB)"
         ) from None
 
 
@@ -237,6 +237,20 @@ def _status(args: argparse.Namespace) -> int:
 
 def _show(job: Job, args: argparse.Namespace, *, title: str) -> int:
     """The job's summary, what needs attention, and (with --all) every target."""
+    if job.coordination is None:
+        return _show_state(job, args, title=title)
+    import redis.exceptions  # noqa: PLC0415 -- a coordinated job's state is in Redis
+
+    from crawler.config import masked_url  # noqa: PLC0415
+    from crawler.coordination.link import unreachable  # noqa: PLC0415
+
+    try:
+        return _show_state(job, args, title=title)
+    except redis.exceptions.RedisError as exc:
+        raise unreachable(exc, str(masked_url(job.redis_url))) from None
+
+
+def _show_state(job: Job, args: argparse.Namespace, *, title: str) -> int:
     from crawler import report  # noqa: PLC0415
 
     view = _view(job)
@@ -279,7 +293,7 @@ def _view(job: Job) -> StateView | None:
     if job.coordination is not None:
         from crawler.coordination.view import RedisView  # noqa: PLC0415
 
-        return RedisView(job.coordination.redis_url, job.name, job.budget)
+        return RedisView(job.redis_url, job.name, job.budget)
     from crawler.layout import Layout  # noqa: PLC0415
     from crawler.state.sqlite import SqliteView  # noqa: PLC0415
 

@@ -76,7 +76,8 @@ class OutputSettings(_Model):
 class CoordinationSettings(_Model):
     """Several processes, on one machine or many, working one job through Redis."""
 
-    redis_url: str = Field(pattern=r"^(redis|rediss|unix)://")
+    # None: given on the command line (--redis URL)
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
     job: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the job file's name
     lease_seconds: float = Field(30.0, gt=0)
     unavailable_seconds: float = Field(300.0, gt=0)
@@ -152,11 +153,29 @@ class Job:
         return named or stem
 
     def coordinated(self, redis_url: str | None) -> Job:
-        """This job worked through Redis at ``redis_url`` (the command line's ``--redis``)."""
+        """This job worked through Redis at ``redis_url`` (the command line's ``--redis``, which
+        fills in or overrides ``coordination.redis_url``)."""
         if redis_url is None:
+            if self.coordination is not None and self.coordination.redis_url is None:
+                raise ConfigError(
+                    f"{self.path}: coordination.redis_url: not set; give it there, or run with "
+                    "--redis URL"
+                )
             return self
-        settings = self.coordination or CoordinationSettings(redis_url=redis_url)
-        return replace(self, coordination=settings.model_copy(update={"redis_url": redis_url}))
+        settings = CoordinationSettings.model_validate({"redis_url": redis_url})
+        if self.coordination is not None:
+            settings = self.coordination.model_copy(update={"redis_url": settings.redis_url})
+        return replace(self, coordination=settings)
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis of a coordinated job (``coordinated`` made sure there is one)."""
+        url = self.coordination.redis_url if self.coordination else None
+        if url is None:
+            raise ConfigError(
+                f"{self.path}: coordination.redis_url: not set; give it there, or --redis URL"
+            )
+        return url
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key from the environment (never from the file); ConfigError names the variable."""
@@ -334,5 +353,16 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
         and err["type"] not in ("value_error",)
         and not isinstance(err["input"], dict)
     ):
-        message = f"{message} (got {err['input']!r})"
+        shown = masked_url(err["input"]) if loc[-1:] == ("redis_url",) else err["input"]
+        message = f"{message} (got {shown!r})"
     return f"{where}: {field or 'job'}: {message}"
+
+
+def masked_url(url: object) -> object:
+    """A URL without its password (a Redis URL's ``user:password@``), for messages."""
+    if not isinstance(url, str):
+        return url
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ class Layout:
         return self.state_dir / "lock"
 
     @property
+    def coordinated(self) -> Path:
+        """Beside a coordinated job's shards: which job of which Redis they belong to."""
+        return self.state_dir / "coordinated.json"
+
+    def worker_lock(self, worker: str) -> Path:
+        """Held by the one process of this machine that runs as ``worker``."""
+        return self.state_dir / f"worker-{worker}.lock"
+
+    @property
     def seen_ids(self) -> Path:
         return self.state_dir / "seen.u64"
 
@@ -70,6 +80,7 @@ class Layout:
         removed: list[Path] = []
         written = (self.manifest, self.report)
         candidates = [*self.shard_files(), *written, self.seen_ids, self.seen_other]
+        candidates += [self.coordinated]
         candidates += [
             self.state_db.with_name(self.state_db.name + s) for s in ("", "-wal", "-shm")
         ]
@@ -131,3 +142,18 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def hold(path: Path) -> int | None:
+    """An exclusive lock on ``path`` for as long as this process keeps the descriptor (the
+    system lets go of it when the process dies, however it dies); None: another holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError.from_os(exc, path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

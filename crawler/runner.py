@@ -201,7 +201,7 @@ async def _open(
 
     redis_store = await open_worker(job, layout, output, worker)
     fingerprint = key_fingerprint(api_key)
-    url, name = job.coordination.redis_url, job.name
+    url, name = job.redis_url, job.name
     return _Parts(
         redis_store,
         lambda: redis_store.seen,

@@ -6,6 +6,7 @@ Imported only when a job is coordinated (``coordination:`` in the job file, or `
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Any
 
@@ -13,9 +14,9 @@ from crawler.config import Job
 from crawler.coordination.gate import SharedRateGate
 from crawler.coordination.link import Link
 from crawler.coordination.orphans import repair_sealed
-from crawler.coordination.store import RedisStore, default_worker
-from crawler.errors import ConfigError
-from crawler.layout import Layout
+from crawler.coordination.store import Origin, RedisStore, default_worker
+from crawler.errors import ConfigError, OutputError, StateError
+from crawler.layout import Layout, hold
 
 __all__ = ["RedisStore", "SharedRateGate", "default_worker", "key_fingerprint", "open_worker"]
 
@@ -36,20 +37,48 @@ async def open_worker(
             f"--worker {worker!r}: a worker's name is letters, digits, '_', '.' and '-' (it names "
             "its shard files and its keys in Redis)"
         )
-    link = Link(settings.redis_url, unavailable_seconds=settings.unavailable_seconds)
+    name = worker or default_worker()
+    held = _hold_worker(job, layout, name)
+    link = Link(job.redis_url, unavailable_seconds=settings.unavailable_seconds)
     try:
         store = await RedisStore.open(
             link,
             job=job.name,
-            worker=worker or default_worker(),
+            worker=name,
             layout=layout,
             output=output,
             lease_seconds=settings.lease_seconds,
+            origin=Origin(str(job.path.resolve()), explicit=settings.job is not None),
         )
+        store.held = held
         layout.shards_dir.mkdir(parents=True, exist_ok=True)
         sealed, _ = await store.manifest()
         repair_sealed(layout, [(s.file, s.bytes) for s in sealed])
     except BaseException:
         await link.close()
+        os.close(held)
         raise
     return store
+
+
+def _hold_worker(job: Job, layout: Layout, worker: str) -> int:
+    """This machine's one process under ``worker``'s name; a folder a one-process run of the
+    job owns is refused (its credits and reviews would be bought again from nothing)."""
+    if layout.state_db.exists():
+        raise StateError(
+            f"{layout.root}: holds the state of this job run in one process (state/state.db); "
+            "run coordinated it would start over and buy every page again. Finish it without "
+            "--redis (and without coordination:), or give the coordinated job another "
+            "output.dir"
+        )
+    try:
+        layout.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(exc, layout.state_dir) from None
+    fd = hold(layout.worker_lock(worker))
+    if fd is None:
+        raise StateError(
+            f"{job.path}: worker {worker!r} is running already on this machine (for "
+            f"{layout.root}); stop it first, or give this one another --worker name"
+        )
+    return fd

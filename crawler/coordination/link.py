@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from crawler.config import masked_url
 from crawler.errors import CoordinationError
 
 log = structlog.get_logger("crawler.coordination")
@@ -31,7 +32,7 @@ class Link:
     def __init__(self, url: str, *, unavailable_seconds: float) -> None:
         import redis.asyncio  # noqa: PLC0415 -- only a coordinated job needs the client
 
-        self.url = _shown(url)
+        self.url = str(masked_url(url))
         self.redis: Any = redis.asyncio.Redis.from_url(
             url, socket_timeout=10, socket_connect_timeout=5, decode_responses=True
         )
@@ -40,6 +41,12 @@ class Link:
             redis.exceptions.TimeoutError,
             redis.exceptions.BusyLoadingError,
             OSError,
+        )
+        # answers that waiting does not mend: said at once, with what to fix
+        self._refusals: tuple[type[BaseException], ...] = (
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+            redis.exceptions.ResponseError,
         )
         self._unavailable = unavailable_seconds
         self._down_since: float | None = None
@@ -64,6 +71,8 @@ class Link:
         while True:
             try:
                 result = await command()
+            except self._refusals as exc:
+                raise refused(exc, self.url) from None
             except self._errors as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # a cancellation turned into an error
@@ -116,9 +125,38 @@ class Link:
         await self.redis.aclose()
 
 
-def _shown(url: str) -> str:
-    """The URL without a password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+def refused(exc: BaseException, url: str) -> CoordinationError:
+    """What a Redis error that waiting does not mend means, and what to fix."""
+    import redis.exceptions as errors  # noqa: PLC0415 -- only a coordinated job needs the client
+
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, errors.AuthenticationError | errors.AuthenticationWrongNumberOfArgsError):
+        fix = "it refused the password (or user): fix it in coordination.redis_url or --redis"
+    elif isinstance(exc, errors.NoPermissionError | errors.AuthorizationError):
+        fix = (
+            "its user may not run what a worker needs: grant it the key pattern crawler:* and "
+            "the commands +@read +@write +@scripting +info +config|get +time"
+        )
+    elif isinstance(exc, errors.ReadOnlyError):
+        fix = "it is a read-only replica: point coordination.redis_url at the primary"
+    elif isinstance(exc, errors.OutOfMemoryError):
+        fix = "it is out of memory (maxmemory): raise maxmemory, or free memory; nothing is lost"
+    else:
+        fix = "it refused a command"
+    return CoordinationError(
+        f"Redis at {url}: {fix} ({text}); start the worker again once that is fixed"
+    )
+
+
+def unreachable(exc: BaseException, url: str) -> CoordinationError:
+    """Redis cannot be reached now, for a command that does not wait for it (status)."""
+    import redis.exceptions as errors  # noqa: PLC0415 -- only a coordinated job needs the client
+
+    if isinstance(exc, errors.AuthenticationError | errors.AuthorizationError):
+        return refused(exc, url)
+    if isinstance(exc, errors.ResponseError):
+        return refused(exc, url)
+    return CoordinationError(
+        f"Redis at {url} unreachable ({type(exc).__name__}): the job's state is there; "
+        "start Redis (or fix --redis / coordination.redis_url) and ask again"
+    )

@@ -30,7 +30,7 @@ from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, LeaseLost, StateError
-from crawler.layout import Layout, fsync_dir, shard_sequence
+from crawler.layout import Layout, fsync_dir, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
@@ -49,6 +49,14 @@ class Lease:
     version: str  # the product's targets' version at the claim: a sync since may add some
     targets: set[int] = field(default_factory=set)  # local ids of its targets not final yet
     lost: bool = False
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a worker's job file is: two files that only share a name are two jobs."""
+
+    path: str  # the job file, resolved
+    explicit: bool  # named by coordination.job: the user says it is the same job
 
 
 def prefix_of(job: str) -> str:
@@ -94,6 +102,7 @@ class RedisStore:
         self._drained = False
         self.retired = False
         self.pages_committed = 0  # this worker's, for the rate in its heartbeat
+        self.held: int | None = None  # the lock on this worker's name on this machine
         self._apply = link.script(APPLY)
         self._claim = link.script(CLAIM)
         self._renew = link.script(RENEW)
@@ -122,9 +131,11 @@ class RedisStore:
         layout: Layout,
         output: dict[str, Any],
         lease_seconds: float,
+        origin: Origin | None = None,
     ) -> RedisStore:
         store = cls(link, job, worker, layout, lease_seconds)
         await store._check_durability()
+        await store._check_identity(origin or Origin("", explicit=True))
         await store._check_output(output)
         await store._register()
         await store._forfeit(store._w)
@@ -147,6 +158,39 @@ class RedisStore:
                 "committed page and no credit lease (CONFIG SET appendonly yes; CONFIG SET "
                 "appendfsync always)"
             )
+
+    async def _check_identity(self, origin: Origin) -> None:
+        """One name, one job: a job file elsewhere on this machine under a name a job on this
+        Redis has is another job (refused), unless coordination.job names it on purpose; a
+        folder holding another job's shards is refused too."""
+        redis, meta, host = self.link.redis, self.key("meta"), socket.gethostname()
+        name = self._p[8:-1]
+        if origin.path:
+            await self.link.call(lambda: redis.hsetnx(meta, f"origin:{host}", origin.path))
+            first = await self.link.call(lambda: redis.hget(meta, f"origin:{host}"))
+            if first != origin.path and not origin.explicit:
+                raise ConfigError(
+                    f"{origin.path}: coordination.job: a job named {name!r} on this Redis was "
+                    f"started from {first}; this file is another job: give it a "
+                    f"coordination.job of its own (or, if it is the same job moved, set "
+                    f"coordination.job: {name})"
+                )
+        await self.link.call(lambda: redis.hsetnx(meta, "id", uuid.uuid4().hex))
+        job_id = await self.link.call(lambda: redis.hget(meta, "id"))
+        marker = self.layout.coordinated
+        mine = {"job": name, "id": job_id}
+        try:
+            saved = orjson.loads(marker.read_bytes()) if marker.exists() else None
+        except (OSError, orjson.JSONDecodeError):
+            saved = None
+        if saved is not None and saved.get("id") != job_id:
+            raise StateError(
+                f"{self.layout.root}: holds the shards of another coordinated job "
+                f"({saved.get('job')!r}), or of one whose state this Redis no longer has; "
+                "use another output.dir"
+            )
+        if saved is None:
+            await asyncio.to_thread(write_atomically, marker, orjson.dumps(mine) + b"\n")
 
     async def _check_output(self, output: dict[str, Any]) -> None:
         meta = self.key("meta")
@@ -589,6 +633,9 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.link.close()
+        if self.held is not None:
+            os.close(self.held)
+            self.held = None
 
 
 def _release(writes: Writes, store: RedisStore, lease: Lease, *, requeue: bool) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import operator
 import os
 import sqlite3
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import orjson
 
 from crawler.errors import OutputError, StateError
-from crawler.layout import Layout
+from crawler.layout import Layout, hold
 from crawler.state import rules
 from crawler.state.events import WALKABLE, Commit, Finish, ShardOpened, Status, WriterPosition
 from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
@@ -457,6 +456,11 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             "version, or start over with --fresh"
         )
     created = not path.exists()
+    if created and layout.coordinated.exists():
+        raise StateError(
+            f"{layout.root}: holds a coordinated job's shards: its state is in Redis (run it "
+            "with --redis URL), or use an empty output.dir"
+        )
     if created and layout.shard_files():  # before any state exists: never theirs to cut
         advice = (
             "holds a coordinated job's shards: its state is in Redis (run it with --redis URL), "
@@ -558,15 +562,9 @@ _OUTPUT_ERRORS = (
 
 
 def _lock(layout: Layout) -> int:
-    try:
-        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise OutputError.from_os(exc, layout.lock) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateError(f"{layout.root}: another crawler is running this job") from None
+    fd = hold(layout.lock)
+    if fd is None:
+        raise StateError(f"{layout.root}: another crawler is running this job")
     return fd
 
 
