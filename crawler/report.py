@@ -43,6 +43,8 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     # summed over targets, whose walks overlap: not the wall time (the runs have that)
     figures["target_seconds"] = round(totals.total("seconds"), 3)
     figures["credits_charged"] = max(ledger.leased, ledger.credits)  # an upper bound
+    # leased by runs that died holding them (part of credits_charged): maybe never sent
+    figures["credits_forfeited"] = ledger.forfeited
     figures["max_credits"] = job.budget.max_credits
     figures["runs"] = view.job["runs"]
     shards = view.shards()

@@ -20,8 +20,13 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
     totals, estimate = doc["totals"], doc["estimate"]
     console.print(
         f"[bold]{job.path}[/bold]: {_plural(totals['runs'], 'run')}, "
-        f"{totals['credits_charged']:,} of {totals['max_credits']:,} credits, "
-        f"{_plural(totals['shards'], 'shard')}"
+        f"{totals['credits_charged']:,} of {totals['max_credits']:,} credits"
+        + (
+            f" ({totals['credits_forfeited']:,} leased by runs that died: maybe unsent)"
+            if totals.get("credits_forfeited")
+            else ""
+        )
+        + f", {_plural(totals['shards'], 'shard')}"
     )
     by_status = ", ".join(f"{n:,} {s}" for s, n in doc["targets_by_status"].items())
     console.print(f"targets  {doc['targets_total']:,}: {by_status}")

@@ -29,7 +29,7 @@ from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
-from crawler.errors import ConfigError, LeaseLost, StateError
+from crawler.errors import ConfigError, LeaseLost, OutputError, StateError
 from crawler.layout import Layout, fsync_dir, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
@@ -190,7 +190,7 @@ class RedisStore:
                 "use another output.dir"
             )
         if saved is None:
-            await asyncio.to_thread(write_atomically, marker, orjson.dumps(mine) + b"\n")
+            await asyncio.to_thread(_mark, marker, orjson.dumps(mine) + b"\n")
 
     async def _check_output(self, output: dict[str, Any]) -> None:
         meta = self.key("meta")
@@ -660,6 +660,14 @@ def _refused(worker: str, answer: list[str], prefix: int) -> str:
         f"worker {worker}: {why} (it was paused or cut off longer than "
         "coordination.lease_seconds); nothing of its last batch counts, start it again"
     )
+
+
+def _mark(marker: Path, text: bytes) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(exc, marker.parent) from None
+    write_atomically(marker, text)
 
 
 def _replace(copy: Path, path: Path, layout: Layout) -> None:

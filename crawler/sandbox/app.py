@@ -75,6 +75,7 @@ class KeyLedger:
     charged: int = 0
     requests: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    targets: Counter[str] = field(default_factory=Counter)  # requests by "product:REGION"
     tokens: float = 0.0
     refilled: float = 0.0
     admitted: deque[float] = field(default_factory=deque)  # admission times in the last second
@@ -87,6 +88,7 @@ class KeyLedger:
             "charged": self.charged,
             "requests": self.requests,
             "statuses": dict(self.statuses),
+            "targets": dict(self.targets),
             "requests_while_throttled": self.requests_while_throttled,
             "while_throttled_at": list(self.while_throttled_at),
         }
@@ -134,6 +136,8 @@ class Sandbox:
         if key is None or (opts.keys is not None and key not in opts.keys):
             return _error(401, 40100, "missing or invalid API key")
         book = self._book(key)
+        query = request.query
+        book.targets[f"{query.get('product_id')}:{query.get('region')}"] += 1
         return self._count(book, await self._answer(request, key, book))
 
     def _book(self, key: str) -> KeyLedger:
