@@ -22,7 +22,6 @@ from crawler.endpoint import REVIEWS
 from crawler.errors import (
     AuthError,
     ComeBackLater,
-    ConfigError,
     OutputError,
     RunStopped,
     WrongEndpoint,
@@ -190,16 +189,11 @@ async def _open(
             return SeenLog(layout.seen_ids, layout.seen_other, position.seen, position.seen_other)
 
         return _Parts(store, seen, RateGate, lambda: SqliteView.open(layout))
-    if fresh:
-        raise ConfigError(
-            f"{job.path}: --fresh cannot start a coordinated job over (other workers may be "
-            "running it); name another coordination.job, or delete its keys and its shards"
-        )
     # only a coordinated job needs Redis: imported here, not above
     from crawler.coordination import SharedRateGate, key_fingerprint, open_worker  # noqa: PLC0415
     from crawler.coordination.view import RedisView  # noqa: PLC0415
 
-    redis_store = await open_worker(job, layout, output, worker)
+    redis_store = await open_worker(job, layout, output, worker, fresh=fresh)
     fingerprint = key_fingerprint(api_key)
     url, name = job.redis_url, job.name
     return _Parts(

@@ -101,7 +101,7 @@ class TargetList:
         ):
             yield (str(number) if number else odd[index]), regions[region], cap or None
 
-    def keys(self) -> Iterator[tuple[str, str]]:
+    def pairs(self) -> Iterator[tuple[str, str]]:
         """(product_id, region) per target, in order."""
         for product_id, region, _ in self.rows():
             yield product_id, region

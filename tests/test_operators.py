@@ -203,3 +203,54 @@ async def test_lease_seconds_alone_and_the_url_on_the_command_line(
         status, _, stderr = await run_crawler("run", "--no-progress", str(job))
     assert_exact(job, ids_expected)
     assert status == 2 and b"coordination.redis_url: not set" in stderr
+
+
+async def test_a_coordinated_refresh_writes_only_new_reviews_through_a_kill(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS)
+        for process in [await start(job, f"w{n}") for n in (1, 2)]:
+            stderr = await _ended(process)
+            assert process.returncode == 0, stderr.decode()
+        before = set(output_ids(load_job(job).output.dir))
+        await box.grow(2)
+        sent = (await box.ledger())[key_fingerprint(KEY)]["requests"]
+        workers = [await start(job, f"w{n}", "--refresh") for n in (1, 2)]
+        await until_requests(box, sent + 10)
+        workers[0].send_signal(signal.SIGKILL)  # killed in the refresh; back with the flag
+        await workers[0].wait()
+        workers[0] = await start(job, "w1", "--refresh")
+        for process in workers:
+            stderr = await _ended(process)
+            assert process.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS)
+        status, stdout, _ = await run_crawler("status", "--json", str(job))
+    assert_exact(job, ids_expected)
+    assert status == 0
+    doc = orjson.loads(stdout)
+    (refresh,) = doc["refreshes"]  # one refresh, joined by the restarted worker
+    assert refresh["refresh"] == 1 and refresh["targets"] == len(PAIRS)
+    assert refresh["new_reviews"] == len(ids_expected - before)
+    assert doc["targets_by_status"] == {"done": len(PAIRS)}
+
+
+async def test_fresh_waits_for_no_worker_and_then_starts_over(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with serve_in_process(SandboxOptions(latency=(0.005, 0.02))) as (url, box):
+        job = write_job(tmp_path, url, redis_server.url, PAIRS, api={"requests_per_second": 100})
+        running = await start(job, "w1")
+        await until_requests(box, 20)
+        refused = await start(job, "w2", "--fresh")
+        stderr = await _ended(refused, 30)
+        assert refused.returncode == 2 and b"stop every worker of the job" in stderr
+        running.send_signal(signal.SIGINT)
+        await _ended(running)
+        again = await start(job, "w2", "--fresh")
+        stderr = await _ended(again)
+        assert again.returncode == 0, stderr.decode()
+        ids_expected = await expected(box, PAIRS)
+    assert_exact(job, ids_expected)
+    workers = {p.name.split("-")[1] for p in Layout(load_job(job).output.dir).shard_files()}
+    assert workers == {"w2"}  # w1's shards went with the rest of the old state

@@ -14,12 +14,13 @@ import pytest
 
 from crawler.coordination.link import Link
 from crawler.coordination.store import RedisStore
+from crawler.coordination.view import RedisView
 from crawler.errors import LeaseLost, StateError
 from crawler.layout import Layout
 from crawler.state import StateStore
 from crawler.state.events import Commit, Finish, PageCommitted, Status, TargetFailed
 from crawler.state.model import Claimed
-from crawler.state.sqlite import SqliteStore
+from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.targets import REGION_INDEX, TargetList
 from tests.conftest import RedisServer
 
@@ -52,6 +53,12 @@ async def open_store(request: Any, tmp_path: Path) -> AsyncIterator[Opener]:
         opened.append(store)
         return store
 
+    # the fixture's second face: the job's state as status reads it
+    open_one.view = (  # type: ignore[attr-defined]
+        (lambda: SqliteView.open(Layout(tmp_path / "out")))
+        if server is None
+        else (lambda: RedisView(server.url, "job"))
+    )
     yield open_one
     for store in opened:
         with contextlib.suppress(Exception):  # a test may have closed it already
@@ -226,3 +233,27 @@ async def test_a_commit_sent_again_after_a_lost_answer_counts_once(open_store):
     ledger = await store.link.call(lambda: store.link.redis.hgetall(store.key("ledger")))
     assert ledger["credits"] == "2"
     assert orjson.loads(orjson.dumps(first[0].target.key)) == f"{A}:US"
+
+
+async def test_each_refresh_keeps_its_own_figures(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None), (B, "US", None)))
+    await commit(store, *(page(c, last=True, ids=10) for c in first))
+    await end(store)
+    for refresh in (1, 2):
+        await store.close()
+        store = await open_store()
+        await store.sync_targets(targets((A, "US", None), (B, "US", None)))
+        assert await store.begin_run(refresh=True, mode="early_stop") == refresh
+        walks = await claim_all(store)
+        assert {(c.saved.walk, c.saved.walk_pages) for c in walks} == {(refresh, 0)}
+        await commit(store, *(page(c, last=True, ids=refresh) for c in walks))
+        await end(store)
+    view = open_store.view()
+    try:
+        figures = [
+            (r["refresh"], r["targets"], r["new_reviews"], r["done"]) for r in view.refreshes()
+        ]
+    finally:
+        view.close()
+    assert figures == [(1, 2, 2, 2), (2, 2, 4, 2)]  # the second left the first's as they were

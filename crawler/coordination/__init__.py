@@ -5,16 +5,20 @@ Imported only when a job is coordinated (``coordination:`` in the job file, or `
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
+from functools import partial
 from typing import Any
+
+import orjson
 
 from crawler.config import Job
 from crawler.coordination.gate import SharedRateGate
 from crawler.coordination.link import Link
 from crawler.coordination.orphans import repair_sealed
-from crawler.coordination.store import Origin, RedisStore, default_worker
+from crawler.coordination.store import Origin, RedisStore, default_worker, prefix_of
 from crawler.errors import ConfigError, OutputError, StateError
 from crawler.layout import Layout, hold
 
@@ -27,9 +31,11 @@ def key_fingerprint(api_key: str) -> str:
 
 
 async def open_worker(
-    job: Job, layout: Layout, output: dict[str, Any], worker: str | None
+    job: Job, layout: Layout, output: dict[str, Any], worker: str | None, *, fresh: bool = False
 ) -> RedisStore:
-    """Join the job as a worker: register, then seal what dead workers left open here."""
+    """Join the job as a worker: register, then seal what dead workers left open here.
+    ``fresh`` first removes the job's state in Redis and its files here (refused while a worker
+    of it is alive)."""
     settings = job.coordination
     assert settings is not None  # noqa: S101 -- the caller checked the job is coordinated
     if worker is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", worker):
@@ -41,6 +47,8 @@ async def open_worker(
     held = _hold_worker(job, layout, name)
     link = Link(job.redis_url, unavailable_seconds=settings.unavailable_seconds)
     try:
+        if fresh:
+            await _start_over(link, job, layout, name)
         store = await RedisStore.open(
             link,
             job=job.name,
@@ -59,6 +67,34 @@ async def open_worker(
         os.close(held)
         raise
     return store
+
+
+async def _start_over(link: Link, job: Job, layout: Layout, worker: str) -> None:
+    """--fresh: every key of the job in Redis and every file of it in this folder, removed,
+    once no other worker of it is alive (its heartbeat younger than two leases)."""
+    assert job.coordination is not None  # noqa: S101 -- the caller's check
+    prefix, redis = prefix_of(job.name), link.redis
+    seconds, micros = await link.call(redis.time)
+    now = seconds * 1000 + micros // 1000
+    beats = await link.call(lambda: redis.zrange(prefix + "workers", 0, -1, withscores=True))
+    alive = []
+    for name, beat in beats:
+        live = await link.call(partial(redis.hget, f"{prefix}w:{name}", "live"))
+        stopped = bool(live) and bool(orjson.loads(live).get("stopped"))
+        if name != worker and not stopped and now - beat < 2000 * job.coordination.lease_seconds:
+            alive.append(name)
+    if alive:
+        raise StateError(
+            f"{job.path}: --fresh: worker {', '.join(sorted(alive))} of job {job.name!r} is "
+            "running; stop every worker of the job first"
+        )
+    keys = [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await link.call(partial(redis.delete, *keys[start : start + 1000]))
+    try:
+        await asyncio.to_thread(layout.remove_job_files)
+    except OSError as exc:
+        raise OutputError.from_os(exc, layout.root) from None
 
 
 def _hold_worker(job: Job, layout: Layout, worker: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from array import array
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from crawler.coordination.link import Link
 from crawler.coordination.orphans import adopt_orphans, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
-from crawler.coordination.sync import sync_targets
+from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, LeaseLost, OutputError, StateError
 from crawler.layout import Layout, fsync_dir, shard_sequence, write_atomically
@@ -109,6 +110,15 @@ class RedisStore:
 
     def key(self, name: str) -> str:
         return self._p + name
+
+    def count(self, writes: Writes, delta: rules.Delta) -> None:
+        """The sums a change of targets moves: totals by status, each refresh's figures."""
+        for name, value in flat(delta.totals).items():
+            writes.op("HINCRBYFLOAT", self.key("totals"), name, repr(value))
+        for refresh, figures in delta.refreshes.items():
+            for name, value in figures.items():
+                if value:
+                    writes.op("HINCRBY", self.key(f"refresh:{refresh}"), name, value)
 
     async def apply(self, writes: Writes, *, chan: str = "", seq: int = 0) -> list[str]:
         """Persist one decided change: ['ok'], ['retired'], or ['stale', key, ...]."""
@@ -316,12 +326,52 @@ class RedisStore:
         return await sync_targets(self, targets)
 
     async def begin_run(self, *, refresh: bool, mode: str) -> int:
-        """A worker's run: products with failed or capped targets are queued again."""
+        """A worker's run: products with failed or capped targets are queued again; with
+        ``refresh``, a refresh starts unless one is under way (then this worker joins it). A
+        refresh is the job's: every worker applies it to the products it takes."""
+        await self._queue_retries()
+        meta = self.key("meta")
+        current = int(await self.link.call(lambda: self.link.redis.hget(meta, "refresh")) or 0)
         if refresh:
-            raise ConfigError(
-                "--refresh is not available for a coordinated job yet; harvest it again under "
-                "another coordination.job and output.dir"
+            current = await self._start_refresh(current, mode)
+        self.refresh = current
+        await self.refresh_view()
+        return current
+
+    async def _start_refresh(self, current: int, mode: str) -> int:
+        """Refresh ``current + 1``, its products all queued (once, even through a kill), unless
+        refresh ``current`` is still under way."""
+        redis, meta = self.link.redis, self.key("meta")
+        queued = int(await self.link.call(lambda: redis.hget(meta, "refresh_queued")) or 0)
+        if current and queued == current:
+            todo, held = await self.link.call(
+                lambda: asyncio.gather(
+                    redis.llen(self.key("todo")), redis.zcard(self.key("leases"))
+                )
             )
+            if todo or held:
+                return current  # under way: joined
+        if queued == current:  # not a refresh left half-queued by a kill: a new one
+            writes = Writes()
+            writes.check(meta, "refresh", current or None)
+            writes.op("HSET", meta, "refresh", current + 1)
+            started = orjson.dumps({"started_at": time.time(), "mode": mode}).decode()
+            writes.op("HSET", self.key("refreshes"), current + 1, started)
+            if (await self.apply(writes))[0] != "ok":  # another worker started it: joined
+                return int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
+            current += 1
+        saved = await self.link.call(lambda: redis.hget(meta, "targets_list"))
+        products = list(dict.fromkeys(p for p, _ in decoded(saved).pairs())) if saved else []
+        for start in range(0, len(products), 10_000):
+            writes = Writes()
+            writes.members("RPUSH", self.key("todo"), products[start : start + 10_000])
+            await self.apply(writes)
+        writes = Writes()
+        writes.op("HSET", meta, "refresh_queued", current)
+        await self.apply(writes)
+        return current
+
+    async def _queue_retries(self) -> None:
         retry = self.key("retry")
         products = await self.link.call(lambda: self.link.redis.smembers(retry))
         if products:
@@ -329,8 +379,6 @@ class RedisStore:
             writes.members("RPUSH", self.key("todo"), sorted(products))
             writes.members("SREM", retry, sorted(products))
             await self.apply(writes)
-        await self.refresh_view()
-        return 0
 
     async def end_run(self, info: dict[str, Any], *, budget_stopped: bool) -> None:
         """Give back the products still held (queued again for any worker), seal what dead
@@ -407,15 +455,20 @@ class RedisStore:
         fields = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
         lease = Lease(product_id, epoch, fields.get("v", ""))
         self._leases[product_id] = lease
-        claimed: list[Claimed] = []
+        targets = []
         for name, raw in sorted(fields.items()):
-            if not name.startswith("r:"):
+            if name.startswith("r:"):
+                state, cap, off = parse_doc(raw, self._next_id)
+                self._next_id += 1
+                if not off:
+                    targets.append((state, Target(product_id, name[2:], cap)))
+        if self.refresh and not await self._joined(lease, targets):
+            self._forget(lease)
+            return
+        claimed: list[Claimed] = []
+        for state, target in targets:
+            if not rules.walkable(state):
                 continue
-            state, cap, off = parse_doc(raw, self._next_id)
-            self._next_id += 1
-            if off or not rules.walkable(state):
-                continue
-            target = Target(product_id, name[2:], cap)
             lease.targets.add(state.id)
             self._live[state.id] = (state, target, lease)
             claimed.append(Claimed(target, state, int(epoch), lease))
@@ -427,6 +480,21 @@ class RedisStore:
         ids = await self.link.call(lambda: self.link.redis.smembers(self.key(f"seen:{product_id}")))
         self.seen.hold(product_id, ids)
         self._queue.extend(claimed)
+
+    async def _joined(self, lease: Lease, targets: list[tuple[TargetState, Target]]) -> bool:
+        """The refresh under way applied to a product just taken (``rules.refresh_started``,
+        the rule one process applies at the refresh's start); False if it was lost meanwhile."""
+        delta, writes = rules.Delta(), Writes()
+        joining = rules.refresh_started(self.refresh)
+        for state, target in targets:
+            if rules.changed(state, joining, delta):
+                doc = doc_of(state, target.max_pages)
+                writes.op("HSET", self.key(f"p:{target.product_id}"), f"r:{target.region}", doc)
+        if not writes.ops:
+            return True
+        writes.check(self.key(f"p:{lease.product_id}"), "e", lease.epoch)
+        self.count(writes, delta)
+        return (await self.apply(writes))[0] == "ok"
 
     def holds(self, target_id: int) -> bool:
         held = self._live.get(target_id)
@@ -536,7 +604,8 @@ class RedisStore:
         epoch; LeaseLost when a product was taken over meanwhile (nothing of it then counts)."""
         held = {c.target_id: self._live[c.target_id] for c in batch.changes}
         states = {i: state for i, (state, _, _) in held.items()}
-        delta, credits = rules.committed(states, batch.changes)
+        delta = rules.committed(states, batch.changes)
+        credits = delta.credits
         writes = Writes()
         writes.op("ZADD", self.key("workers"), "$now", self.worker)  # a worker that commits lives
         for _, _, lease in held.values():
@@ -549,8 +618,7 @@ class RedisStore:
                 ids = _ids(change.ids, change.other_ids)
                 product_id = held[change.target_id][1].product_id
                 writes.members("SADD", self.key(f"seen:{product_id}"), ids)
-        for name, value in flat(delta).items():
-            writes.op("HINCRBYFLOAT", self.key("totals"), name, repr(value))
+        self.count(writes, delta)
         if credits:
             writes.op("HINCRBY", self.key("ledger"), "credits", credits)
             writes.op("HINCRBY", self._w, "outstanding", -credits)
@@ -563,7 +631,7 @@ class RedisStore:
             raise LeaseLost(_refused(self.worker, answer, len(self._p)))
         self._commit_seq += 1
         self.pages_committed += sum(isinstance(c, PageCommitted) for c in batch.changes)
-        self._after_commit(batch, delta, credits, release)
+        self._after_commit(batch, delta.totals, credits, release)
         return finished
 
     def _shard_writes(self, writes: Writes, batch: Commit) -> None:

@@ -15,14 +15,15 @@ import asyncio
 import base64
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import zstandard
 
-from crawler.coordination.writes import Writes, doc_of, flat, parse_doc
+from crawler.coordination.writes import Writes, doc_of, parse_doc
 from crawler.state import rules
-from crawler.state.model import TargetState, Totals
+from crawler.state.model import TargetState
 from crawler.targets import TargetList
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ async def sync_targets(store: RedisStore, targets: TargetList) -> bool:
                 return False
             saved = await link.call(lambda: redis.hget(meta, "targets_list"))
             fresh = not await link.call(lambda: redis.hexists(meta, "targets"))
-            before = _decoded(saved) if saved else TargetList()
+            before = decoded(saved) if saved else TargetList()
             for chunk in _chunks(_changes(before, targets)):
                 await _write(store, chunk, fresh=fresh)
                 await link.call(lambda: redis.set(lock, token, xx=True, px=_LOCK_MS))
@@ -93,14 +94,13 @@ async def _write(store: RedisStore, chunk: dict[str, dict[str, Any]], *, fresh: 
     when a worker changed one of them in between."""
     while True:
         held = {} if fresh else await _read(store, list(chunk))
-        writes, delta, queue = Writes(), Totals(), []
+        writes, delta, queue = Writes(), rules.Delta(), []
         for product_id, regions in chunk.items():
             if _product(store, writes, delta, product_id, regions, held.get(product_id, {})):
                 queue.append(product_id)
         if queue:
             writes.op("RPUSH", store.key("todo"), *queue)
-        for name, value in flat(delta).items():
-            writes.op("HINCRBYFLOAT", store.key("totals"), name, repr(value))
+        store.count(writes, delta)
         if (await store.apply(writes))[0] == "ok":
             return
 
@@ -108,7 +108,7 @@ async def _write(store: RedisStore, chunk: dict[str, dict[str, Any]], *, fresh: 
 def _product(  # noqa: PLR0917 -- one chunk's accumulators, passed along the products
     store: RedisStore,
     writes: Writes,
-    delta: Totals,
+    delta: rules.Delta,
     product_id: str,
     regions: dict[str, Any],
     found: dict[str, str],
@@ -126,14 +126,13 @@ def _product(  # noqa: PLR0917 -- one chunk's accumulators, passed along the pro
         if raw is not None:
             state, _, off = parse_doc(raw, 0)
             was_on, touched = not off, True
-        if was_on:
-            delta.add(state, -1)
+        before = replace(state) if was_on else None
         on = cap is not _OFF
         if on:
             rules.configured(state, cap)
-            delta.add(state)
             walkable = walkable or rules.walkable(state)
-        else:
+        delta.moved(before, state if on else None)
+        if not on:
             writes.op("SREM", store.key("attention"), f"{product_id}:{region}")
         writes.op("HSET", key, f"r:{region}", doc_of(state, cap if on else None, on))
     writes.op("HSETNX", key, "e", "0")
@@ -175,5 +174,5 @@ def _encoded(targets: TargetList) -> str:
     return base64.b64encode(packed).decode()
 
 
-def _decoded(text: str) -> TargetList:
+def decoded(text: str) -> TargetList:
     return TargetList.from_bytes(zstandard.ZstdDecompressor().decompress(base64.b64decode(text)))

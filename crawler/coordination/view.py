@@ -13,6 +13,7 @@ from crawler.coordination.store import ledger_from, prefix_of
 from crawler.coordination.writes import totals_from
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
 from crawler.state.events import Status
+from crawler.state.rules import REFRESH_FIGURES
 
 
 class RedisView:
@@ -60,7 +61,19 @@ class RedisView:
         return [_info(d) for d in self._shard_docs() if d["sha256"] is None and d["records"]]
 
     def refreshes(self) -> list[dict[str, Any]]:
-        return []  # a coordinated job is not refreshed yet (see README)
+        """Per refresh, its figures as the workers counted them (``rules.refresh_figures``)."""
+        out = []
+        started = self._redis.hgetall(self._p + "refreshes")
+        for refresh in sorted(started, key=int):
+            figures = self._redis.hgetall(f"{self._p}refresh:{refresh}")
+            out.append(
+                {
+                    "refresh": int(refresh),
+                    **orjson.loads(started[refresh]),
+                    **{name: int(figures.get(name, 0)) for name in REFRESH_FIGURES},
+                }
+            )
+        return out
 
     def last_run(self) -> dict[str, Any] | None:
         run = self._redis.lindex(self._p + "runs", 0)

@@ -8,8 +8,9 @@ store reads only those (a million finished targets cost nothing at a run's start
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from crawler.state.events import WALKABLE, Finish, PageCommitted, Status, TargetFailed
 from crawler.state.model import Ledger, TargetState, Totals
@@ -72,19 +73,73 @@ def _ended(state: TargetState) -> None:
     state.base_count = state.walk_count if state.walk_count is not None else state.review_count
 
 
-def committed(
-    states: dict[int, TargetState], changes: list[PageCommitted | TargetFailed]
-) -> tuple[Totals, int]:
-    """A batch's changes applied to the targets' states: the totals' change and the credits."""
-    delta = Totals()
-    credits = 0
+@dataclass
+class Delta:
+    """What changes of targets change in the job's sums: the totals by status, each refresh's
+    figures, and the credits committed."""
+
+    totals: Totals = field(default_factory=Totals)
+    refreshes: dict[int, Counter[str]] = field(default_factory=dict)
+    credits: int = 0
+
+    def moved(self, before: TargetState | None, after: TargetState | None) -> None:
+        """A target's state went from ``before`` to ``after`` (None: not counted there)."""
+        if before is not None:
+            self.totals.add(before, -1)
+        if after is not None:
+            self.totals.add(after)
+        if before is not None and after is not None:  # (a target coming back was counted)
+            # a refresh keeps what happened during it: a target that moves on to the next
+            # refresh leaves its figures in this one
+            figures = refresh_figures(after)
+            if before.walk == after.walk:
+                figures.subtract(refresh_figures(before))
+            if after.walk and any(figures.values()):
+                self.refreshes.setdefault(after.walk, Counter()).update(figures)
+
+
+def changed(state: TargetState, rule: Callable[[TargetState], bool], delta: Delta) -> bool:
+    """``rule`` applied to ``state``, its effect counted in ``delta``; whether it changed."""
+    before = replace(state)
+    if not rule(state):
+        return False
+    delta.moved(before, state)
+    return True
+
+
+def committed(states: dict[int, TargetState], changes: list[PageCommitted | TargetFailed]) -> Delta:
+    """A batch's changes applied to the targets' states, and what they change in the sums."""
+    delta = Delta()
     for change in changes:
         state = states[change.target_id]
-        delta.add(state, -1)
+        before = replace(state)
         applied(state, change)
-        delta.add(state)
-        credits += change.credits
-    return delta, credits
+        delta.moved(before, state)
+        delta.credits += change.credits
+    return delta
+
+
+REFRESH_FIGURES = ("targets", "probed", "changed", "new_reviews", "credits", "pages", "done")
+
+
+def refresh_figures(state: TargetState) -> Counter[str]:
+    """What a target of refresh ``state.walk`` adds to that refresh's figures (walk 0, the
+    first harvest, is no refresh)."""
+    if state.walk == 0:
+        return Counter()
+    probed = state.walk_pages > 0
+    # changed: page 1 told of another count or of unseen reviews (a one-page feed with nothing
+    # new is as unchanged as a page 1 with the same count)
+    one_page_same = state.finish is Finish.END and state.walk_pages == 1 and state.walk_new == 0
+    return Counter(
+        targets=1,
+        probed=int(probed),
+        changed=int(probed and state.finish is not Finish.SAME and not one_page_same),
+        new_reviews=state.walk_new,
+        credits=state.walk_credits,
+        pages=state.walk_pages,
+        done=int(state.status is Status.DONE),
+    )
 
 
 # -- a sync: the job file's targets become the saved ones --------------------------------------
@@ -127,15 +182,22 @@ BUDGET_STOPPED = Rule((Status.PENDING,), _stop)
 
 
 def refresh_started(refresh: int) -> Rule:
-    """Refresh ``refresh`` begins: every finished target starts a new walk from page 1."""
+    """Refresh ``refresh`` is under way: a target finished before it starts a new walk from
+    page 1; one whose walk was not finished carries it on, as the refresh's. Applied at the
+    refresh's start or at any time after (Redis applies it as it hands a product out): a
+    target already in the refresh is left alone."""
 
-    def restart(state: TargetState) -> bool:
-        state.walk, state.status, state.finish, state.cursor = refresh, Status.PENDING, None, None
-        state.walk_pages = state.walk_new = state.walk_credits = 0
-        state.walk_goal = state.walk_expected = state.walk_count = None
+    def join(state: TargetState) -> bool:
+        if state.walk >= refresh:
+            return False
+        state.walk = refresh
+        if state.status is Status.DONE:
+            state.status, state.finish, state.cursor = Status.PENDING, None, None
+            state.walk_pages = state.walk_new = state.walk_credits = 0
+            state.walk_goal = state.walk_expected = state.walk_count = None
         return True
 
-    return Rule((Status.DONE,), restart)
+    return Rule((Status.DONE, *WALKABLE), join)
 
 
 def walkable(state: TargetState) -> bool:

@@ -15,7 +15,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,7 +105,14 @@ CREATE TABLE runs (
 CREATE TABLE refreshes (
     id INTEGER PRIMARY KEY,
     started_at REAL NOT NULL,
-    mode TEXT NOT NULL
+    mode TEXT NOT NULL,
+    targets INTEGER NOT NULL DEFAULT 0,
+    probed INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    new_reviews INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -255,12 +262,28 @@ class SqliteStore:
             args,
         ).fetchall()
         changed: list[TargetState] = []
+        delta = rules.Delta()
         for row in rows:
-            state = state_of(row[1:])
-            if change(state, row[0]):
+            state, cap = state_of(row[1:]), row[0]
+
+            def rule(s: TargetState, cap: int | None = cap) -> bool:
+                return change(s, cap)
+
+            if rules.changed(state, rule, delta):
                 changed.append(state)
         self._db.executemany(_UPDATE_TARGET, map(_row_of, changed))
+        self._count_refreshes(delta)
         return len(changed)
+
+    def _count_refreshes(self, delta: rules.Delta) -> None:
+        for refresh, figures in delta.refreshes.items():
+            names = [n for n in rules.REFRESH_FIGURES if figures[n]]
+            if names:
+                self._db.execute(
+                    f"UPDATE refreshes SET {', '.join(f'{n} = {n} + ?' for n in names)} "  # noqa: S608 -- ours
+                    "WHERE id = ?",
+                    [*(figures[n] for n in names), refresh],
+                )
 
     def _apply(self, rule: rules.Rule) -> int:
         """A rule over every active target of the statuses it changes."""
@@ -379,11 +402,11 @@ class SqliteStore:
     async def commit(self, batch: Commit) -> list[TargetState]:
         """Apply a batch; returns the targets it brought to a final status."""
         changed = {c.target_id: self._live[c.target_id] for c in batch.changes}
-        delta, credits = rules.committed(changed, batch.changes)
-        for status, sums in delta.by_status.items():
+        delta = rules.committed(changed, batch.changes)
+        for status, sums in delta.totals.by_status.items():
             self.totals.by_status[status].merge(sums)
-        self.ledger.credits += credits
-        await self._run(self._write, list(changed.values()), batch, credits)
+        self.ledger.credits += delta.credits
+        await self._run(self._write, list(changed.values()), batch, delta)
         for event in batch.shards:
             if isinstance(event, ShardOpened):
                 self._open_shard = ShardInfo(event.file)
@@ -397,7 +420,7 @@ class SqliteStore:
             del self._live[target.id]
         return finished
 
-    def _write(self, targets: list[TargetState], batch: Commit, credits: int) -> None:
+    def _write(self, targets: list[TargetState], batch: Commit, delta: rules.Delta) -> None:
         db = self._db
         with self._transaction():
             for event in batch.shards:
@@ -412,6 +435,8 @@ class SqliteStore:
                     )
                     db.execute("UPDATE job SET open_shard = NULL")
             db.executemany(_UPDATE_TARGET, map(_row_of, targets))
+            self._count_refreshes(delta)
+            credits = delta.credits
             p = batch.position
             db.execute(
                 "UPDATE job SET credits = credits + ?, outstanding = outstanding - ?, "
@@ -482,12 +507,8 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
         job = _job_row(db)
     except sqlite3.Error as exc:
         raise _error(exc, path) from None
-    if job["version"] == 2:  # version 3 added the lease a crash forfeits: nothing else moved
-        db.executescript(
-            "BEGIN; ALTER TABLE job ADD COLUMN outstanding INTEGER NOT NULL DEFAULT 0; "
-            "ALTER TABLE job ADD COLUMN forfeited INTEGER NOT NULL DEFAULT 0; "
-            "UPDATE job SET version = 3; COMMIT;"
-        )
+    if job["version"] == 2:
+        _migrate(db)
         job = _job_row(db)
     if job["version"] != VERSION:
         db.close()
@@ -508,6 +529,30 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{changed}); put them back, or use another output.dir, or start over with --fresh"
         )
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Version 2 -> 3: the lease a crash forfeits, and each refresh's figures kept for good
+    (worked out once from the targets, as version 2 showed them)."""
+    figures = ", ".join(f"{n} INTEGER NOT NULL DEFAULT 0" for n in rules.REFRESH_FIGURES)
+    adds = "; ".join(f"ALTER TABLE refreshes ADD COLUMN {column}" for column in figures.split(", "))
+    db.executescript(
+        "BEGIN; ALTER TABLE job ADD COLUMN outstanding INTEGER NOT NULL DEFAULT 0; "
+        f"ALTER TABLE job ADD COLUMN forfeited INTEGER NOT NULL DEFAULT 0; {adds}; COMMIT;"
+    )
+    rows = db.execute(f"SELECT walk, {_STATE_COLUMNS} FROM targets WHERE active AND walk > 0")  # noqa: S608 -- ours
+    sums: dict[int, Counter[str]] = {}
+    for row in rows:
+        sums.setdefault(row[0], Counter()).update(rules.refresh_figures(state_of(row[1:])))
+    db.execute("BEGIN IMMEDIATE")
+    for refresh, counted in sums.items():
+        db.execute(
+            f"UPDATE refreshes SET {', '.join(f'{n} = ?' for n in rules.REFRESH_FIGURES)} "  # noqa: S608 -- ours
+            "WHERE id = ?",
+            [*(counted[n] for n in rules.REFRESH_FIGURES), refresh],
+        )
+    db.execute("UPDATE job SET version = 3")
+    db.execute("COMMIT")
 
 
 def _forfeit(db: sqlite3.Connection, path: Path) -> None:
@@ -608,20 +653,11 @@ class SqliteView:
         return runs[0] if runs else None
 
     def refreshes(self) -> list[dict[str, Any]]:
-        """Per refresh: targets it covers, how many changed, new reviews, credits, pages."""
+        """Per refresh: targets it covered, how many changed, new reviews, credits, pages
+        (``rules.refresh_figures``, kept as they happened: a later refresh changes none)."""
         return self._dicts(
-            "SELECT r.id AS refresh, r.mode, r.started_at, count(t.id) AS targets, "
-            "sum(t.walk_pages > 0) AS probed, "
-            # changed: page 1 told of a different count or of unseen reviews (a one-page feed
-            # with nothing new is as unchanged as a page 1 with the same count)
-            "sum(t.walk_pages > 0 AND coalesce(t.finish, '') != 'same' AND NOT (t.finish = 'end' "
-            "AND t.walk_pages = 1 AND t.walk_new = 0)) AS changed, "
-            "coalesce(sum(t.walk_new), 0) AS new_reviews, "
-            "coalesce(sum(t.walk_credits), 0) AS credits, "
-            "coalesce(sum(t.walk_pages), 0) AS pages, "
-            "sum(t.status = 'done') AS done "
-            "FROM refreshes r LEFT JOIN targets t ON t.walk = r.id AND t.active "
-            "GROUP BY r.id ORDER BY r.id",
+            f"SELECT id AS refresh, mode, started_at, {', '.join(rules.REFRESH_FIGURES)} "  # noqa: S608 -- ours
+            "FROM refreshes ORDER BY id",
             (),
         )
 
