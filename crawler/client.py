@@ -1,4 +1,8 @@
-"""One HTTP session per run: a page request in, a parsed page or a classified error out."""
+"""One HTTP session per run: a page request in, a parsed page or a classified error out.
+
+What the server says (a ``message``, a ``Location``) reaches an error's words only through the
+run's ``Redactor``, so the API key it may echo is never shown.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ from types import TracebackType
 from typing import Self
 
 import aiohttp
-import orjson
 
-from crawler.endpoint import Cursor, CursorEndpoint, Page
+from crawler.endpoint import Cursor, CursorEndpoint, Page, server_message
 from crawler.errors import (
     ApiError,
     AuthError,
@@ -21,6 +24,7 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
+from crawler.redact import Redactor
 from crawler.targets import Target
 
 
@@ -37,9 +41,12 @@ class ApiClient:
         *,
         concurrency: int,
         timeout_seconds: float,
+        redactor: Redactor | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        # the key is always among the secrets blotted out of what the server says
+        self._redact = redactor if redactor is not None else Redactor([api_key])
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
@@ -83,15 +90,32 @@ class ApiClient:
             # the exception's repr may carry request headers; keep only its class name
             raise ServerError(f"network fault ({type(exc).__name__})") from None
         if status == 200:
-            return endpoint.decode(body)
-        raise _error(status, body, headers.get("Retry-After"), headers.get("Location"), url)
+            return self._page(endpoint, body)
+        raise _error(
+            status, body, headers.get("Retry-After"), headers.get("Location"), url, self._redact
+        )
+
+    def _page(self, endpoint: CursorEndpoint, body: bytes) -> Page:
+        page = endpoint.decode(body, self._redact)
+        cursor = page.next_cursor
+        if isinstance(cursor, str) and self._redact.finds(cursor):
+            # it would be saved with the page and told when the walk gets stuck
+            raise ServerError("next_cursor holds the API key: refused", status=200)
+        return page
 
 
-def _error(
-    status: int, body: bytes, retry_after: str | None, location: str | None, url: str
+def _error(  # noqa: PLR0917 -- the parts of one answer, each passed in once
+    status: int,
+    body: bytes,
+    retry_after: str | None,
+    location: str | None,
+    url: str,
+    redact: Redactor,
 ) -> ApiError:
     """The error for a non-200 answer, by what the caller does next."""
-    message = _message_of(body)
+    said = server_message(body)
+    shown = redact(said) if said else ""
+    message = f": {shown}" if shown else ""
     if status == 429:
         return RateLimited(f"429 rate limited{message}", retry_after=parse_retry_after(retry_after))
     if status in (401, 403):
@@ -107,7 +131,7 @@ def _error(
     # no secret in it: the key rides in a header, and the query is left out anyway)
     # where a redirect points, without its query: the path is what tells a wrong base_url
     moved = (
-        f", redirecting to {location.partition('?')[0][:200]}"
+        f", redirecting to {redact(location.partition('?')[0])}"
         if location and 300 <= status < 400
         else ""
     )
@@ -123,18 +147,6 @@ def _reason(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "unknown status"
-
-
-def _message(doc: dict[str, object]) -> str:
-    return str(doc.get("message", ""))[:200]
-
-
-def _message_of(body: bytes) -> str:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ""
-    return f": {_message(doc)}" if isinstance(doc, dict) and doc.get("message") else ""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -20,6 +20,16 @@ SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
 
 
+class ApiKey(str):
+    """The API key: its value where it is used (a header, a fingerprint), ``'***'`` in every
+    repr, so no dataclass, traceback or debug print that holds it ever shows it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -158,10 +168,10 @@ class Job:
         settings = self.coordination or CoordinationSettings(redis_url=redis_url)
         return replace(self, coordination=settings.model_copy(update={"redis_url": redis_url}))
 
-    def api_key(self, environ: Mapping[str, str] | None = None) -> str:
+    def api_key(self, environ: Mapping[str, str] | None = None) -> ApiKey:
         """The key from the environment (never from the file); ConfigError names the variable."""
         if self.api.is_sandbox:
-            return SANDBOX_KEY
+            return ApiKey(SANDBOX_KEY)
         env = os.environ if environ is None else environ
         key = env.get(self.api.key_env, "").strip()
         if not key:
@@ -169,7 +179,7 @@ class Job:
                 f"{self.path}: api.key_env: environment variable {self.api.key_env} is not set; "
                 "export it with your API key"
             )
-        return key
+        return ApiKey(key)
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:

@@ -8,16 +8,20 @@ cursor endpoint of the same API is one more ``CursorEndpoint``, not a copy of th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from crawler.errors import ServerError
+from crawler.redact import NOTHING, Redactor
 from crawler.targets import Target
 
 Cursor = int | str
+
+# every way decoding bytes can fail: msgspec's errors, RecursionError (nesting deeper than the
+# stack), ValueError (UnicodeDecodeError and orjson's errors among them), TypeError, OverflowError
+UNREADABLE = (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +35,20 @@ class Page:
     total: int | None
 
 
+class Decode(Protocol):
+    """An answer's bytes -> Page; ServerError for anything else, its words passed through
+    ``redact`` where they quote the server."""
+
+    def __call__(self, body: bytes, redact: Redactor = ...) -> Page: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CursorEndpoint:
     name: str
     path: str
     cursor_param: str
     first_cursor: Cursor
-    decode: Callable[[bytes], Page]  # raises ServerError for an answer that does not fit
+    decode: Decode
 
     def params(self, target: Target, cursor: Cursor) -> dict[str, str]:
         return {
@@ -82,15 +93,15 @@ _any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
 
 
-def decode_reviews(body: bytes) -> Page:
+def decode_reviews(body: bytes, redact: Redactor = NOTHING) -> Page:
     """A reviews answer -> Page; anything that does not fit the contract is a server fault."""
     try:
         doc = _envelope.decode(body)
     except msgspec.DecodeError:
-        raise ServerError(_unfit(body), status=200) from None
+        raise ServerError(_unfit(body, redact), status=200) from None
     data = doc.data
     if doc.code != 0 or data is None:
-        raise ServerError(_unfit(body), status=200)
+        raise ServerError(_unfit(body, redact), status=200)
     if data.has_more and data.next_cursor is None:
         raise ServerError("answer says has_more but gives no next cursor", status=200)
     raws = data.review_items
@@ -134,15 +145,35 @@ def _one_line(raw: msgspec.Raw) -> bytes:
     return _encode.encode(_any.decode(data))
 
 
-def _unfit(body: bytes) -> str:
+def _unfit(body: bytes, redact: Redactor) -> str:
     """Why an answer with status 200 is not a page, for the retry log."""
-    try:
-        status = _status.decode(body)
-    except msgspec.DecodeError:
+    status = _envelope_status(body)
+    if status is None:
         return "truncated or non-JSON body"
     if status.code != 0:
-        return f"API code {status.code!r}: {str(status.message or '')[:200]}"
+        return f"API code {redact(repr(status.code), 40)}: {redact(status.message or '')}"
     return "answer does not fit the contract (data, review_items, has_more)"
+
+
+def server_message(body: bytes) -> object:
+    """The ``message`` of any answer's envelope, None when it has none."""
+    status = _envelope_status(body)
+    return None if status is None else status.message
+
+
+def _envelope_status(body: bytes) -> _Status | None:
+    """The code and message of any answer, None when it is not a JSON object. Bytes that are
+    not UTF-8 in them are replaced with U+FFFD: the message still says something."""
+    try:
+        return _status.decode(body)
+    except UnicodeDecodeError:
+        pass
+    except UNREADABLE:
+        return None
+    try:
+        return _status.decode(body.decode(errors="replace").encode())
+    except UNREADABLE:
+        return None
 
 
 REVIEWS = CursorEndpoint(

@@ -1,0 +1,221 @@
+"""A hostile server: what it sends is a page or one target's failure, and never shows the key."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from crawler import load_job, logs
+from crawler.client import ApiClient
+from crawler.redact import NOTHING, Redactor
+from crawler.sandbox import Sandbox, SandboxOptions
+from tests.conftest import (
+    ENV,
+    KEY,
+    PRODUCTS,
+    run_crawler,
+    target_rows,
+    write_job,
+)
+
+# an answer for one product: a response, or None to let the sandbox's own page through
+Answer = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
+
+
+class HostileApi:
+    """The sandbox's answers, except where a product has an answer of its own."""
+
+    def __init__(self, answers: Mapping[str, Answer]) -> None:
+        self.box = Sandbox(SandboxOptions())
+        self.answers = answers
+        self.hostile: Counter[str] = Counter()  # hostile answers sent, per product
+
+    async def reviews(self, request: web.Request) -> web.StreamResponse:
+        product_id = request.query.get("product_id", "")
+        answer = self.answers.get(product_id)
+        if answer is not None:
+            region, offset = request.query.get("region", ""), int(request.query.get("offset", 1))
+            response = await answer(request, self.box.page_body(product_id, region, offset))
+            if response is not None:
+                self.hostile[product_id] += 1
+                return response
+        return await self.box.reviews(request)
+
+
+@asynccontextmanager
+async def serve_hostile(answers: Mapping[str, Answer]) -> AsyncIterator[tuple[str, HostileApi]]:
+    api = HostileApi(answers)
+    app = web.Application()
+    app.router.add_get("/v1/tiktok/product/reviews", api.reviews)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server: Any = site._server  # aiohttp exposes the bound sockets only here
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", api
+    finally:
+        await runner.cleanup()
+
+
+def offset(request: web.Request) -> int:
+    return int(request.query.get("offset", 1))
+
+
+def json_answer(body: bytes, status: int = 200, **headers: str) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+# -- 1. the key never leaks through what the server says
+
+PERCENT = "".join(f"%{byte:02X}" for byte in KEY.encode())  # the key wholly URL-encoded
+PARTLY = KEY.replace("_", "%5f")  # partly, in lower case
+FORMS = [KEY, PERCENT, PERCENT.lower(), PARTLY, KEY.replace("_", "%5F")]
+
+
+def _says_the_key(status: int, code: int) -> Answer:
+    async def answer(request: web.Request, _: bytes) -> web.Response:
+        echoed = request.headers.get("Authorization", "")  # "Bearer <key>"
+        message = (
+            f"refused {echoed}; key={KEY}; as sent: {PERCENT} {PARTLY}; "
+            f"split: {KEY[:4]}\x00{KEY[4:]} {KEY[:6]}\u200b{KEY[6:]}\r\n\x1b[31m{KEY}"
+        )
+        body = {"code": code, "message": message, "data": None}
+        return json_answer(orjson.dumps(body), status)
+
+    return answer
+
+
+async def _redirects_with_the_key(_: web.Request, __: bytes) -> web.Response:
+    where = f"https://login.example/{KEY}/{PERCENT}/{PARTLY}?key={KEY}"
+    return web.Response(status=302, headers={"Location": where})
+
+
+async def test_the_key_is_in_no_output_whatever_the_server_says(tmp_path: Path):
+    """Error answers carry the key (echoed as the Bearer header, plain, URL-encoded, split by
+    control characters): not one byte of any output, log, state or status shows it."""
+    answers = {
+        PRODUCTS[1]: _says_the_key(500, 50000),
+        PRODUCTS[2]: _says_the_key(200, 40001),
+        PRODUCTS[3]: _says_the_key(400, 40000),
+        PRODUCTS[4]: _redirects_with_the_key,
+        PRODUCTS[5]: _says_the_key(401, 40100),
+    }
+    normal = {"product_id": PRODUCTS[0], "region": "DE"}
+    first = [normal, *({"product_id": p, "region": "US"} for p in PRODUCTS[1:4])]
+    api = {"retry": {"max_attempts": 2, "base_seconds": 0}}
+    outputs: list[bytes] = []
+    log_file = tmp_path / "crawler.log"
+    async with serve_hostile(answers) as (url, server):
+        job = write_job(tmp_path, url, first, api=api)
+        # the 500, the 200 with code != 0, the 400: each fails its target, the run goes on
+        status, stdout, stderr = await run_crawler(
+            "--log-file", str(log_file), "run", "--no-progress", str(job)
+        )
+        assert status == 1, stderr.decode()
+        outputs += [stdout, stderr]
+        # a redirect stops the run; console logs on stderr this time
+        write_job(tmp_path, url, [*first, {"product_id": PRODUCTS[4], "region": "US"}], api=api)
+        status, stdout, stderr = await run_crawler(
+            "--log-format", "console", "run", "--no-progress", str(job)
+        )
+        assert status == 5, stderr.decode()
+        outputs += [stdout, stderr]
+        # a refused key stops it too; JSON logs on stderr
+        write_job(tmp_path, url, [*first, {"product_id": PRODUCTS[5], "region": "US"}], api=api)
+        status, stdout, stderr = await run_crawler("run", "--no-progress", str(job))
+        assert status == 4, stderr.decode()
+        outputs += [stdout, stderr]
+        assert all(server.hostile[p] > 0 for p in answers)
+    shown = []
+    for command in (["status"], ["status", "--all"], ["status", "--csv"], ["status", "--json"]):
+        status, stdout, stderr = await run_crawler(*command, str(job))
+        assert status == 0, stderr.decode()
+        shown.append(stdout.decode())
+        outputs += [stdout, stderr]
+    outputs.append(log_file.read_bytes())
+    out = tmp_path / "out"
+    files = sorted(path for path in out.rglob("*") if path.is_file())
+    assert out / "state" / "state.db" in files and out / "run-report.json" in files
+    outputs += [path.read_bytes() for path in files]
+    for text in outputs:
+        for form in FORMS:
+            assert form.encode() not in text
+    # what the server said is still told, with the key blotted out
+    reasons = {row["product_id"]: row["reason"] for row in target_rows(out)}
+    assert reasons[PRODUCTS[1]].startswith("500 server error: refused Bearer ***; key=***;")
+    assert reasons[PRODUCTS[2]].startswith("API code 40001: refused Bearer ***; key=***;")
+    assert reasons[PRODUCTS[3]].startswith("400 invalid parameters: refused Bearer ***;")
+    for reason in reasons.values():
+        assert reason is None or ("\x00" not in reason and "\x1b" not in reason)
+    assert b"redirecting to https://login.example/***/***/***" in outputs[3]
+    assert b"401 missing or invalid API key: refused Bearer ***" in outputs[5]
+
+
+# -- the key in no repr, no traceback, and the redactor itself
+
+
+async def test_no_repr_shows_the_key(tmp_path: Path):
+    @dataclass
+    class Holder:  # as the runner's options hold it
+        api_key: str
+
+    job = load_job(
+        write_job(tmp_path, "http://127.0.0.1:1", [{"product_id": "12345678", "region": "US"}])
+    )
+    key = job.api_key(ENV)
+    assert key == KEY and f"Bearer {key}" == f"Bearer {KEY}"  # the value where it is used
+    assert repr(key) == "'***'" and repr(Holder(key)).endswith("Holder(api_key='***')")
+    assert KEY not in repr(job)
+    async with ApiClient("http://127.0.0.1:1", key, concurrency=1, timeout_seconds=1) as client:
+        assert KEY not in repr(client) and KEY not in repr(vars(client).get("_redact"))
+
+
+def test_console_tracebacks_show_no_locals(capsys):
+    """structlog's console renderer used rich's tracebacks, which print every frame's locals."""
+    logs.configure(log_format="console")
+    try:
+        secret = KEY
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("test").exception("failed", holding=len(secret))
+    finally:
+        structlog.reset_defaults()
+    shown = capsys.readouterr().err
+    assert "ValueError: boom" in shown and KEY not in shown
+
+
+def test_the_redactor_blots_out_every_form_of_a_secret():
+    redact = Redactor(["sk_live_Ab/9+z"])
+    for said in (
+        "sk_live_Ab/9+z",
+        "SK_LIVE_AB/9+Z",  # a server that shouts it
+        "sk_live_Ab%2F9%2Bz",  # URL-encoded, in part
+        "%73%6b%5f%6c%69%76%65%5f%41%62%2f%39%2b%7a",  # wholly, in lower case
+        "sk_live_Ab%252F9%252Bz",  # twice
+        "sk_live\x00_Ab/9+z",  # cut by a control character
+        "sk_live_\u200bAb/9\u2028+z",  # by invisible ones
+        "sk_live_Ab/9 +z",  # by a space
+        "sk_live_Ab/9%0A+z",  # by an encoded line feed
+    ):
+        assert redact(f"key {said} refused") == "key *** refused", said
+    assert redact("Authorization: Bearer eyJhbGciOi.J9-x_y~z+/=") == "Authorization: Bearer ***"
+    assert redact("line\r\nbreak\x1b[2J\u202eevil\ud800") == "line break [2J evil"
+    assert redact("x" * 500) == "x" * 200 and redact("word " * 10, limit=12) == "word word wo"
+    assert redact(None) == "None" and redact({"message": "sk_live_Ab/9+z"}) == "{'message': '***'}"
+    # a secret past what is searched, or cut where the search stops, is not shown either
+    long = "sk_live_Ab/9+z " * 10_000
+    assert set(redact(long).split()) == {"***"}
+    assert redact("\u200b" * (2**16 - 5) + "sk_live_Ab/9+z") == ""  # not "sk_li"
+    assert redact.finds("a sk_live_Ab%2F9+z b") and not redact.finds("sk_live_Ab")
+    assert repr(redact) == "Redactor(1 secrets)"
+    assert NOTHING("sk_live_Ab/9+z\x00") == "sk_live_Ab/9+z"
