@@ -1,7 +1,8 @@
 """One HTTP session per run: a page request in, a parsed page or a classified error out.
 
-What the server says (a ``message``, a ``Location``) reaches an error's words only through the
-run's ``Redactor``, so the API key it may echo is never shown.
+Whatever the server sends is one of the two: every way of failing to decode is a
+``ServerError``, and what the server says (a ``message``, a ``Location``) reaches an error's words
+only through the run's ``Redactor``, so the API key it may echo is never shown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Self
 
 import aiohttp
 
-from crawler.endpoint import Cursor, CursorEndpoint, Page, server_message
+from crawler.endpoint import UNREADABLE, Cursor, CursorEndpoint, Page, server_message, unreadable
 from crawler.errors import (
     ApiError,
     AuthError,
@@ -96,7 +97,10 @@ class ApiClient:
         )
 
     def _page(self, endpoint: CursorEndpoint, body: bytes) -> Page:
-        page = endpoint.decode(body, self._redact)
+        try:
+            page = endpoint.decode(body, self._redact)
+        except UNREADABLE as exc:  # a decoder's own slip is still one bad answer, not a crash
+            raise ServerError(unreadable(exc), status=200) from None
         cursor = page.next_cursor
         if isinstance(cursor, str) and self._redact.finds(cursor):
             # it would be saved with the page and told when the walk gets stuck

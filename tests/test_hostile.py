@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -15,12 +16,15 @@ from aiohttp import web
 
 from crawler import load_job, logs
 from crawler.client import ApiClient
+from crawler.layout import Layout
 from crawler.redact import NOTHING, Redactor
 from crawler.sandbox import Sandbox, SandboxOptions
+from crawler.shards import read_lines
 from tests.conftest import (
     ENV,
     KEY,
     PRODUCTS,
+    output_ids,
     run_crawler,
     target_rows,
     write_job,
@@ -219,3 +223,146 @@ def test_the_redactor_blots_out_every_form_of_a_secret():
     assert redact.finds("a sk_live_Ab%2F9+z b") and not redact.finds("sk_live_Ab")
     assert repr(redact) == "Redactor(1 secrets)"
     assert NOTHING("sk_live_Ab/9+z\x00") == "sk_live_Ab/9+z"
+
+
+# -- 2. one hostile page is one target's failure, never the run's end
+
+MORE = str(int(PRODUCTS[-1]) + 1)  # one more sandbox product, with pages in the US
+
+
+def first_id(page: bytes, replacement: bytes) -> bytes:
+    """The page with its first review id's JSON value replaced."""
+    return re.sub(rb'"review_id":"\d+"', b'"review_id":' + replacement, page, count=1)
+
+
+def _from_page_2(change: Callable[[bytes], bytes], status: int = 200) -> Answer:
+    async def answer(request: web.Request, page: bytes) -> web.Response | None:
+        return json_answer(change(page), status) if offset(request) >= 2 else None
+
+    return answer
+
+
+def _nested(page: bytes) -> bytes:
+    deep = b"[" * 1200 + b"]" * 1200
+    return page.replace(b'"sku_id":', b'"deep":' + deep + b',"sku_id":', 1)
+
+
+def _bad_cursor(page: bytes) -> bytes:
+    return re.sub(rb'"next_cursor":\d+', b'"next_cursor":"3\xff\xfe"', page, count=1)
+
+
+def _huge_cursor(page: bytes) -> bytes:
+    return re.sub(rb'"next_cursor":\d+', b'"next_cursor":%d' % 2**70, page, count=1)
+
+
+HOSTILE_PAGES = {
+    PRODUCTS[1]: (_from_page_2(_nested), "JSON nested too deep"),
+    PRODUCTS[2]: (
+        _from_page_2(lambda page: first_id(page, b'"17\xff29"')),
+        "a review id is not valid UTF-8",
+    ),
+    PRODUCTS[3]: (_from_page_2(_bad_cursor), "next_cursor is not valid UTF-8"),
+    PRODUCTS[4]: (
+        _from_page_2(lambda _: b'{"code":50000,"message":"\xc3\x28 d\xe9faillance"}', 500),
+        "500 server error: \ufffd( d\ufffdfaillance",
+    ),
+    PRODUCTS[7]: (_from_page_2(_huge_cursor), "next_cursor is a number too large to keep"),
+    MORE: (
+        _from_page_2(lambda _: b'{"code":50001,"message":"\xc3\x28 d\xe9faillance"}'),
+        "API code 50001: \ufffd( d\ufffdfaillance",
+    ),
+}
+
+
+async def test_a_hostile_page_fails_its_target_and_the_run_goes_on(tmp_path: Path):
+    """JSON nested 1,200 deep, a review id and a cursor that are not UTF-8, a message that is
+    not UTF-8 (with a 500, and with a 200 whose code is not 0), a cursor too large to save: each
+    target fails with its reason after its tries, the others end exact."""
+    normal = [(PRODUCTS[0], "DE"), (PRODUCTS[5], "GB"), (PRODUCTS[6], "GB")]
+    hostile = [(p, "US") for p in HOSTILE_PAGES]
+    targets = [{"product_id": p, "region": r} for p, r in normal + hostile]
+    api = {"retry": {"max_attempts": 3, "base_seconds": 0}}
+    answers = {p: answer for p, (answer, _) in HOSTILE_PAGES.items()}
+    async with serve_hostile(answers) as (url, server):
+        job = write_job(tmp_path, url, targets, api=api)
+        status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+        box = server.box
+        assert status == 1, stderr.decode()
+        assert b"Traceback" not in stderr
+        assert all(server.hostile[p] == 3 for p in HOSTILE_PAGES)  # each page tried 3 times
+        rows = {(row["product_id"], row["region"]): row for row in target_rows(tmp_path / "out")}
+        for pair in normal:
+            assert rows[pair]["status"] == "done"
+        for product_id, (_, says) in HOSTILE_PAGES.items():
+            row = rows[product_id, "US"]
+            assert row["status"] == "failed" and row["pages"] == 1, row
+            assert says in row["reason"] and "gave up after 3 attempts" in row["reason"], row
+        # exact: every review of the normal targets, and page 1 of the hostile ones, once each
+        expected = {i for pair in normal for i in box.catalogue.ids(*pair)}
+        expected |= {i for pair in hostile for i in box.catalogue.page(*pair, 1).ids}
+        ids = output_ids(tmp_path / "out")
+        assert len(ids) == len(set(ids)) and set(ids) == expected
+        # and the next run walks the failed targets again, without crashing either
+        status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+        assert status == 1 and b"Traceback" not in stderr, stderr.decode()
+        assert all(server.hostile[p] == 6 for p in HOSTILE_PAGES)
+
+
+def _item(review_id: bytes, text: bytes = b'"fine"') -> bytes:
+    return b'{"review":{"review_id":%b,"rating":5,"display_text":%b},"sku_id":"1"}' % (
+        review_id,
+        text,
+    )
+
+
+def _page(items: list[bytes], *, more: bool = False, cursor: int = 2, count: bytes = b"0") -> bytes:
+    return b'{"code":0,"message":"success","data":{"review_items":[%b],"has_more":%b,' % (
+        b",".join(items),
+        b"true" if more else b"false",
+    ) + b'"next_cursor":%d,"review_count":%b},"requestId":"x"}' % (cursor, count)
+
+
+def _one_page(body: bytes) -> Answer:
+    async def answer(_: web.Request, __: bytes) -> web.Response:
+        return json_answer(body)
+
+    return answer
+
+
+def _kept(n: int) -> list[bytes]:
+    """A page of reviews 9n00...1 to 9n00...4 and items that are not reviews."""
+    return [
+        _item(b'"9%d00000000000000001"' % n, b'"caf\xe9 \xff\xfe ok"'),  # not UTF-8: kept
+        _item(b"9%d00000000000000002" % n),  # an id sent as a number: kept, as its digits
+        _item(b"1.5"),  # ids that are not ids: skipped
+        _item(b"null"),
+        _item(b'["9%d00000000000000003"]' % n),
+        _item(b"-4"),
+        b'{"sku_id":"no review here"}',
+        _item(b'"9%d00000000000000004"' % n, b'{"deep":' + b"[" * 100 + b"]" * 100 + b"}"),
+    ]
+
+
+async def test_what_can_be_kept_of_a_strange_page_is_kept_as_valid_utf8(tmp_path: Path):
+    """Bytes that are not UTF-8 inside a review's text are replaced with U+FFFD (the review is
+    kept, its line valid UTF-8 JSON), also when the page is spread over lines; ids that are no
+    id are skipped; a review_count no count could be is taken as unknown."""
+    compact = _page(_kept(1), count=b"1" + b"0" * 30)
+    spread = _page(_kept(2), count=b"-1").replace(b",", b",\n  ")  # as if pretty-printed
+    answers = {"91000000001": _one_page(compact), "91000000002": _one_page(spread)}
+    async with serve_hostile(answers) as (url, _):
+        targets = [{"product_id": p, "region": "US"} for p in answers]
+        job = write_job(tmp_path, url, targets)
+        status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+        assert status == 0 and b"Traceback" not in stderr, stderr.decode()
+    out = tmp_path / "out"
+    lines = [line for path in Layout(out).shard_files() for line in read_lines(path)]
+    records = [orjson.loads(line.decode("utf-8")) for line in lines]  # strict UTF-8 and JSON
+    assert sorted((r["product_id"], r["review_id"]) for r in records) == [
+        (f"9100000000{p}", f"9{p}0000000000000000{n}") for p in (1, 2) for n in (1, 2, 4)
+    ]
+    texts = {r["item"]["review"]["display_text"] for r in records if r["review_id"][-1] == "1"}
+    assert texts == {"caf\ufffd \ufffd\ufffd ok"}
+    assert all(row["status"] == "done" and row["review_count"] is None for row in target_rows(out))
+    status, stdout, _ = await run_crawler("verify", str(job))
+    assert status == 0, stdout.decode()
