@@ -366,3 +366,54 @@ async def test_what_can_be_kept_of_a_strange_page_is_kept_as_valid_utf8(tmp_path
     assert all(row["status"] == "done" and row["review_count"] is None for row in target_rows(out))
     status, stdout, _ = await run_crawler("verify", str(job))
     assert status == 0, stdout.decode()
+
+
+# ids as JSON: line breaks of every kind (\r, U+0085, U+2028 and U+2029, \v, \f, \x1c: Python's
+# splitlines cuts at each), a line feed, a leading quote, leading zeros, a number past 64 bits
+ODD_IDS = [
+    r'"7\r8"',
+    r'"p\u0085q"',
+    r'"x\u2028y"',
+    r'"a\u2029b"',
+    r'"c\u000bd\u000ce\u001cf"',
+    r'"line\nfeed"',
+    r'"\"quoted\""',
+    r'"\"not json"',
+    '"0077"',
+    '"123456789012345678901234567890"',
+    '"\u00e9t\u00e9"',
+    '"plain"',
+]
+
+
+def _odd_feed(request: web.Request) -> web.Response:
+    """Two pages: the odd ids on page 1, the same ids again and a few more on page 2."""
+    items = [_item(i.encode()) for i in ODD_IDS]
+    if offset(request) == 1:
+        return json_answer(_page(items, more=True, cursor=2, count=b"15"))
+    more = [_item(b'"odd-%d"' % n) for n in range(3)]
+    return json_answer(_page(items[::-1] + more, count=b"15"))
+
+
+async def test_odd_review_ids_are_written_once_across_runs(tmp_path: Path):
+    """Review ids that are not numbers go to seen-other.txt; read back on the next run, each must
+    be the id it was (splitlines cut ids at \\r, U+2028 or U+0085 into two that were never seen,
+    and the refresh wrote them again)."""
+    sent: Counter[int] = Counter()
+
+    async def answer(request: web.Request, _: bytes) -> web.Response:
+        sent[offset(request)] += 1
+        return _odd_feed(request)
+
+    async with serve_hostile({"91000000003": answer}) as (url, _):
+        job = write_job(tmp_path, url, [{"product_id": "91000000003", "region": "US"}])
+        for command in (["run"], ["run", "--refresh"], ["run", "--refresh"]):
+            status, _, stderr = await run_crawler(*command, "--no-progress", str(job))
+            assert status == 0 and b"Traceback" not in stderr, stderr.decode()
+    ids = output_ids(tmp_path / "out")
+    expected = [orjson.loads(i) for i in ODD_IDS] + [f"odd-{n}" for n in range(3)]
+    assert sorted(ids) == sorted(expected)  # each once
+    # the refreshes found nothing new on page 1 of an unchanged count: one request each
+    assert sent == {1: 3, 2: 1}
+    status, stdout, _ = await run_crawler("verify", str(job))
+    assert status == 0, stdout.decode()
