@@ -1,6 +1,7 @@
 """One HTTP session per run: a page request in, a parsed page or a classified error out.
 
-Whatever the server sends is one of the two: every way of failing to decode is a
+Whatever the server sends is one of the two: bodies are read up to ``api.max_body_bytes``
+(counted after decompression) and no further, every way of failing to decode is a
 ``ServerError``, and what the server says (a ``message``, a ``Location``) reaches an error's words
 only through the run's ``Redactor``, so the API key it may echo is never shown.
 """
@@ -15,6 +16,7 @@ from typing import Self
 
 import aiohttp
 
+from crawler.config import MAX_BODY_BYTES
 from crawler.endpoint import UNREADABLE, Cursor, CursorEndpoint, Page, server_message, unreadable
 from crawler.errors import (
     ApiError,
@@ -42,12 +44,14 @@ class ApiClient:
         *,
         concurrency: int,
         timeout_seconds: float,
+        max_body_bytes: int = MAX_BODY_BYTES,
         redactor: Redactor | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         # the key is always among the secrets blotted out of what the server says
         self._redact = redactor if redactor is not None else Redactor([api_key])
+        self._max_body = max_body_bytes
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
@@ -82,19 +86,43 @@ class ApiClient:
             async with self._session.get(
                 url, params=params, headers=self._headers, allow_redirects=False
             ) as response:
-                body = await response.read()
                 status = response.status
                 headers = response.headers
+                body = await self._read(response)
         except TimeoutError:
             raise ServerError("timed out") from None
         except aiohttp.ClientError as exc:
             # the exception's repr may carry request headers; keep only its class name
             raise ServerError(f"network fault ({type(exc).__name__})") from None
         if status == 200:
+            if body is None:
+                raise ServerError(
+                    f"body over api.max_body_bytes ({self._max_body:,} bytes): not read further",
+                    status=200,
+                )
             return self._page(endpoint, body)
+        # an error's status says what to do; a body too large to read only loses its message
         raise _error(
-            status, body, headers.get("Retry-After"), headers.get("Location"), url, self._redact
+            status,
+            body or b"",
+            headers.get("Retry-After"),
+            headers.get("Location"),
+            url,
+            self._redact,
         )
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The body, decompressed; None once it passes the cap (the connection is dropped
+        rather than drained: a body that large is not worth its bytes)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > self._max_body:
+                response.close()
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _page(self, endpoint: CursorEndpoint, body: bytes) -> Page:
         try:

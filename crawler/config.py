@@ -18,6 +18,7 @@ from crawler.targets import REGION_INDEX, REGIONS, Collector, TargetList, read_t
 
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
+MAX_BODY_BYTES = 32 * 1024 * 1024  # api.max_body_bytes's default: a page is tens of kilobytes
 
 
 class ApiKey(str):
@@ -48,6 +49,8 @@ class ApiSettings(_Model):
     requests_per_second: float = Field(5.0, gt=0)
     concurrency: int = Field(8, gt=0, le=1024)
     timeout_seconds: float = Field(30.0, gt=0)
+    # an answer's body, decompressed, read at most
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=64 * 1024, le=1024 * 1024 * 1024)
     retry: RetrySettings = RetrySettings()
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 

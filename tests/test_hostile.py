@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -26,6 +29,7 @@ from tests.conftest import (
     PRODUCTS,
     output_ids,
     run_crawler,
+    subprocess_env,
     target_rows,
     write_job,
 )
@@ -417,3 +421,94 @@ async def test_odd_review_ids_are_written_once_across_runs(tmp_path: Path):
     assert sent == {1: 3, 2: 1}
     status, stdout, _ = await run_crawler("verify", str(job))
     assert status == 0, stdout.decode()
+
+
+# -- 3. bodies are capped: read up to api.max_body_bytes, decompressed, and no further
+
+CAP = 256 * 1024
+HUGE = 256 * 1024 * 1024  # what each hostile answer would make of the body, read to its end
+_MEASURED = (
+    "import resource, sys\n"
+    "from crawler.cli import main\n"
+    "status = main(sys.argv[1:])\n"
+    "print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(status)\n"
+)
+
+
+async def _endless_page(request: web.Request, __: bytes) -> web.StreamResponse:
+    """A page that starts well and goes on: HUGE bytes of white space inside its JSON."""
+    head, blank = b'{"code":0,"message":"success","data":', b" " * (1 << 20)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(head) + HUGE + 1
+    await response.prepare(request)
+    await response.write(head)
+    try:
+        for _ in range(HUGE // len(blank)):
+            await response.write(blank)
+    except (ConnectionError, RuntimeError):  # the client stopped reading: as it should
+        return response
+    await response.write(b"}")
+    return response
+
+
+def _bomb() -> bytes:
+    """A gzip body of about 250 KB that inflates to HUGE bytes."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header
+    blank = b" " * (1 << 20)
+    parts = [packer.compress(b'{"code":0,"data":')]
+    parts += [packer.compress(blank) for _ in range(HUGE // len(blank))]
+    return b"".join([*parts, packer.compress(b"}"), packer.flush()])
+
+
+async def test_a_body_past_the_cap_is_not_read(tmp_path: Path):
+    """A page of 256 MB, and a gzip body of 250 KB that inflates to 256 MB, against a cap of
+    256 KiB: each read stops at the cap, the target fails after its tries, the others end, and
+    the process never holds the body (its peak memory stays far below one). A 400 whose body
+    passes the cap still fails its target at once, by its status."""
+    bomb = _bomb()
+    assert len(bomb) < HUGE // 500
+
+    async def gzip_bomb(_: web.Request, __: bytes) -> web.Response:
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=bomb, headers=headers)
+
+    async def long_refusal(_: web.Request, __: bytes) -> web.Response:
+        message = b"no " * CAP  # over the cap: the status still says what to do
+        return json_answer(b'{"code":40000,"message":"%b"}' % message, 400)
+
+    answers = {PRODUCTS[1]: _endless_page, PRODUCTS[2]: gzip_bomb, PRODUCTS[3]: long_refusal}
+    normal = (PRODUCTS[0], "DE")
+    targets = [{"product_id": p, "region": r} for p, r in [normal, *((p, "US") for p in answers)]]
+    api = {"max_body_bytes": CAP, "retry": {"max_attempts": 2, "base_seconds": 0}}
+    async with serve_hostile(answers) as (url, server):
+        job = write_job(tmp_path, url, targets, api=api)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MEASURED, "run", "--no-progress", str(job),
+            env=subprocess_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            _, stderr = await process.communicate()
+        assert process.returncode == 1, stderr.decode()
+        assert server.hostile == {PRODUCTS[1]: 2, PRODUCTS[2]: 2, PRODUCTS[3]: 1}
+        box = server.box
+    rows = {row["product_id"]: row for row in target_rows(tmp_path / "out")}
+    assert rows[normal[0]]["status"] == "done"
+    assert rows[PRODUCTS[3]]["reason"] == "400 invalid parameters"  # the message is not read
+    for product_id in (PRODUCTS[1], PRODUCTS[2]):
+        assert rows[product_id]["status"] == "failed"
+        assert rows[product_id]["reason"] == (
+            f"body over api.max_body_bytes ({CAP:,} bytes): not read further "
+            "(gave up after 2 attempts)"
+        )
+    assert set(output_ids(tmp_path / "out")) == set(box.catalogue.ids(*normal))
+    peak_kib = int(re.findall(rb"peak_rss_kib=(\d+)", stderr)[-1])
+    assert peak_kib * 1024 < HUGE // 2, peak_kib  # 65 MB here; 600 MB when read uncapped
+
+
+async def test_the_body_cap_is_checked_at_load(tmp_path: Path):
+    for wrong in (1000, 2 * 1024**3):
+        job = write_job(tmp_path, "http://127.0.0.1:1", [], api={"max_body_bytes": wrong})
+        status, _, stderr = await run_crawler("plan", str(job))
+        assert status == 2
+        assert b"api.max_body_bytes: Input should be" in stderr, stderr.decode()
