@@ -1,4 +1,10 @@
-"""One HTTP session per run: a page request in, a parsed page or a classified error out."""
+"""One HTTP session per run: a page request in, a parsed page or a classified error out.
+
+Whatever the server sends is one of the two: bodies are read up to ``api.max_body_bytes``
+(counted after decompression) and no further, every way of failing to decode is a
+``ServerError``, and what the server says (a ``message``, a ``Location``) reaches an error's words
+only through the run's ``Redactor``, so the API key it may echo is never shown.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,9 @@ from types import TracebackType
 from typing import Self
 
 import aiohttp
-import orjson
 
-from crawler.endpoint import Cursor, CursorEndpoint, Page
+from crawler.config import MAX_BODY_BYTES
+from crawler.endpoint import UNREADABLE, Cursor, CursorEndpoint, Page, server_message, unreadable
 from crawler.errors import (
     ApiError,
     AuthError,
@@ -21,6 +27,7 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
+from crawler.redact import Redactor
 from crawler.targets import Target
 
 
@@ -37,9 +44,14 @@ class ApiClient:
         *,
         concurrency: int,
         timeout_seconds: float,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        redactor: Redactor | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        # the key is always among the secrets blotted out of what the server says
+        self._redact = redactor if redactor is not None else Redactor([api_key])
+        self._max_body = max_body_bytes
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
@@ -74,24 +86,68 @@ class ApiClient:
             async with self._session.get(
                 url, params=params, headers=self._headers, allow_redirects=False
             ) as response:
-                body = await response.read()
                 status = response.status
                 headers = response.headers
+                body = await self._read(response)
         except TimeoutError:
             raise ServerError("timed out") from None
         except aiohttp.ClientError as exc:
             # the exception's repr may carry request headers; keep only its class name
             raise ServerError(f"network fault ({type(exc).__name__})") from None
         if status == 200:
-            return endpoint.decode(body)
-        raise _error(status, body, headers.get("Retry-After"), headers.get("Location"), url)
+            if body is None:
+                raise ServerError(
+                    f"body over api.max_body_bytes ({self._max_body:,} bytes): not read further",
+                    status=200,
+                )
+            return self._page(endpoint, body)
+        # an error's status says what to do; a body too large to read only loses its message
+        raise _error(
+            status,
+            body or b"",
+            headers.get("Retry-After"),
+            headers.get("Location"),
+            url,
+            self._redact,
+        )
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The body, decompressed; None once it passes the cap (the connection is dropped
+        rather than drained: a body that large is not worth its bytes)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > self._max_body:
+                response.close()
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _page(self, endpoint: CursorEndpoint, body: bytes) -> Page:
+        try:
+            page = endpoint.decode(body, self._redact)
+        except UNREADABLE as exc:  # a decoder's own slip is still one bad answer, not a crash
+            raise ServerError(unreadable(exc), status=200) from None
+        cursor = page.next_cursor
+        if isinstance(cursor, str) and self._redact.finds(cursor):
+            # it would be saved with the page and told when the walk gets stuck
+            raise ServerError("next_cursor holds the API key: refused", status=200)
+        return page
 
 
-def _error(
-    status: int, body: bytes, retry_after: str | None, location: str | None, url: str
+def _error(  # noqa: PLR0917 -- the parts of one answer, each passed in once
+    status: int,
+    body: bytes,
+    retry_after: str | None,
+    location: str | None,
+    url: str,
+    redact: Redactor,
 ) -> ApiError:
     """The error for a non-200 answer, by what the caller does next."""
-    message = _message_of(body)
+    said = server_message(body)
+    shown = redact(said) if said else ""
+    message = f": {shown}" if shown else ""
     if status == 429:
         return RateLimited(f"429 rate limited{message}", retry_after=parse_retry_after(retry_after))
     if status in (401, 403):
@@ -107,7 +163,7 @@ def _error(
     # no secret in it: the key rides in a header, and the query is left out anyway)
     # where a redirect points, without its query: the path is what tells a wrong base_url
     moved = (
-        f", redirecting to {location.partition('?')[0][:200]}"
+        f", redirecting to {redact(location.partition('?')[0])}"
         if location and 300 <= status < 400
         else ""
     )
@@ -123,18 +179,6 @@ def _reason(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "unknown status"
-
-
-def _message(doc: dict[str, object]) -> str:
-    return str(doc.get("message", ""))[:200]
-
-
-def _message_of(body: bytes) -> str:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ""
-    return f": {_message(doc)}" if isinstance(doc, dict) and doc.get("message") else ""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

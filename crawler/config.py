@@ -18,6 +18,17 @@ from crawler.targets import REGION_INDEX, REGIONS, Collector, TargetList, read_t
 
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
+MAX_BODY_BYTES = 32 * 1024 * 1024  # api.max_body_bytes's default: a page is tens of kilobytes
+
+
+class ApiKey(str):
+    """The API key: its value where it is used (a header, a fingerprint), ``'***'`` in every
+    repr, so no dataclass, traceback or debug print that holds it ever shows it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
 
 
 class _Model(BaseModel):
@@ -38,6 +49,8 @@ class ApiSettings(_Model):
     requests_per_second: float = Field(5.0, gt=0)
     concurrency: int = Field(8, gt=0, le=1024)
     timeout_seconds: float = Field(30.0, gt=0)
+    # an answer's body, decompressed, read at most
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=64 * 1024, le=1024 * 1024 * 1024)
     retry: RetrySettings = RetrySettings()
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
@@ -177,10 +190,10 @@ class Job:
             )
         return url
 
-    def api_key(self, environ: Mapping[str, str] | None = None) -> str:
+    def api_key(self, environ: Mapping[str, str] | None = None) -> ApiKey:
         """The key from the environment (never from the file); ConfigError names the variable."""
         if self.api.is_sandbox:
-            return SANDBOX_KEY
+            return ApiKey(SANDBOX_KEY)
         env = os.environ if environ is None else environ
         key = env.get(self.api.key_env, "").strip()
         if not key:
@@ -188,7 +201,7 @@ class Job:
                 f"{self.path}: api.key_env: environment variable {self.api.key_env} is not set; "
                 "export it with your API key"
             )
-        return key
+        return ApiKey(key)
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import orjson
+
 from crawler.errors import OutputError, StateError
 
 _EMPTY = 0  # id 0 is kept in the fallback set, so 0 can mark an empty slot
@@ -149,7 +151,8 @@ class SeenSet(Protocol):
 
 
 class SeenLog:
-    """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line).
+    """The persisted set: ``seen.u64`` (8 bytes an id) and ``seen-other.txt`` (one id a line,
+    as it is, or as a JSON string when it holds a line feed or starts with a double quote).
 
     Opened at the committed lengths (``recover`` cut a crash's leftovers). Opening reads the
     files; ``load`` builds the in-memory set (a second per few million ids), so a run can start
@@ -165,7 +168,7 @@ class SeenLog:
         self.other_bytes = other_bytes
         self._saved = array("Q")
         self._saved.frombytes(os.pread(self._ids_fd, count * 8, 0))
-        self._saved_other = os.pread(self._other_fd, other_bytes, 0).decode().splitlines()
+        self._saved_other = _read_other(os.pread(self._other_fd, other_bytes, 0))
         self.loaded = not (self._saved or self._saved_other)
         self._pending_ids = array("Q")
         self._pending_other: list[str] = []
@@ -192,7 +195,7 @@ class SeenLog:
             return True
         if not self.seen.add(review_id):
             return False
-        self._pending_other.append(review_id + "\n")
+        self._pending_other.append(_other_line(review_id))
         return True
 
     def take(self) -> tuple[bytes, bytes]:
@@ -213,6 +216,34 @@ class SeenLog:
     def close(self) -> None:
         os.close(self._ids_fd)
         os.close(self._other_fd)
+
+
+def _other_line(review_id: str) -> str:
+    """An id's line in ``seen-other.txt``: the id itself, as every id was written before ids
+    could hold a line feed; JSON when it does (or starts with the quote that marks JSON)."""
+    if "\n" in review_id or review_id.startswith('"'):
+        return orjson.dumps(review_id).decode() + "\n"
+    return review_id + "\n"
+
+
+def _read_other(data: bytes) -> list[str]:
+    """The ids of ``seen-other.txt``. Lines end at a line feed only: an id may hold any other
+    line break (``\r``, U+0085, U+2028), which ``str.splitlines`` would have cut it at."""
+    lines = data.split(b"\n")
+    if not lines[-1]:  # the committed length ends the file on a line feed: nothing after it
+        lines.pop()
+    ids = []
+    for line in lines:
+        if line.startswith(b'"'):
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                value = None
+            if isinstance(value, str):
+                ids.append(value)
+                continue
+        ids.append(line.decode())
+    return ids
 
 
 def _open_at(path: Path, length: int) -> int:

@@ -4,20 +4,34 @@ Of a page, the crawler needs three values (has_more, the next cursor, each item'
 item's bytes. Only those are decoded into Python objects; items stay the bytes the API sent
 (``msgspec.Raw``), so they are written as they came, never parsed and encoded again. Another
 cursor endpoint of the same API is one more ``CursorEndpoint``, not a copy of the walker.
+
+Whatever bytes come, ``decode`` returns a page or raises ``ServerError``: JSON nested too deep,
+bytes that are not UTF-8 where the crawler reads a value (an id, the cursor), numbers too large
+to keep, each is a bad answer like a truncated one. Bytes that are not UTF-8 inside the rest of an
+item are replaced with U+FFFD, so every record line is valid UTF-8 JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
+import orjson
 
 from crawler.errors import ServerError
+from crawler.redact import NOTHING, Redactor
 from crawler.targets import Target
 
 Cursor = int | str
+
+# every way decoding bytes can fail: msgspec's errors, RecursionError (nesting deeper than the
+# stack), ValueError (UnicodeDecodeError and orjson's errors among them), TypeError, OverflowError
+UNREADABLE = (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError)
+
+# what the state can keep of a number: SQLite's integers are signed 64-bit
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+MAX_CURSOR = 4096  # characters; a cursor is sent back in a URL and saved with every page
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +45,20 @@ class Page:
     total: int | None
 
 
+class Decode(Protocol):
+    """An answer's bytes -> Page; ServerError for anything else, its words passed through
+    ``redact`` where they quote the server."""
+
+    def __call__(self, body: bytes, redact: Redactor = ...) -> Page: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CursorEndpoint:
     name: str
     path: str
     cursor_param: str
     first_cursor: Cursor
-    decode: Callable[[bytes], Page]  # raises ServerError for an answer that does not fit
+    decode: Decode
 
     def params(self, target: Target, cursor: Cursor) -> dict[str, str]:
         return {
@@ -82,24 +103,79 @@ _any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
 
 
-def decode_reviews(body: bytes) -> Page:
+def decode_reviews(body: bytes, redact: Redactor = NOTHING) -> Page:
     """A reviews answer -> Page; anything that does not fit the contract is a server fault."""
     try:
+        return _decode(body, redact)
+    except ServerError:
+        raise
+    except UNREADABLE as exc:
+        raise ServerError(unreadable(exc), status=200) from None
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why bytes did not decode, in words that quote none of them."""
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deep"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not valid UTF-8"
+    if isinstance(exc, msgspec.DecodeError | orjson.JSONDecodeError):
+        return "truncated or non-JSON body"
+    return f"answer could not be decoded ({type(exc).__name__})"
+
+
+def _decode(body: bytes, redact: Redactor) -> Page:
+    try:
         doc = _envelope.decode(body)
+    except UnicodeDecodeError:  # the one string of the envelope decoded: the rest is skipped
+        raise ServerError("next_cursor is not valid UTF-8", status=200) from None
     except msgspec.DecodeError:
-        raise ServerError(_unfit(body), status=200) from None
+        raise ServerError(_unfit(body, redact), status=200) from None
     data = doc.data
     if doc.code != 0 or data is None:
-        raise ServerError(_unfit(body), status=200)
-    if data.has_more and data.next_cursor is None:
+        raise ServerError(_unfit(body, redact), status=200)
+    cursor = data.next_cursor
+    if data.has_more and cursor is None:
         raise ServerError("answer says has_more but gives no next cursor", status=200)
+    if isinstance(cursor, int) and not _INT_MIN <= cursor <= _INT_MAX:
+        raise ServerError("next_cursor is a number too large to keep", status=200)
+    if isinstance(cursor, str) and len(cursor) > MAX_CURSOR:
+        raise ServerError(f"next_cursor is over {MAX_CURSOR:,} characters long", status=200)
+    count = data.review_count
+    if count is not None and not 0 <= count <= _INT_MAX:
+        count = None  # not a count: unknown, as if not sent
     raws = data.review_items
+    ids = [_id_of(raw) for raw in raws]  # before any repair: an id is read as sent, or refused
     # a line break inside an item would split its record line: re-encode such items compactly
     # (only an API that pretty-prints sends any; one look at the whole body rules it out)
     spread = b"\n" in body or b"\r" in body
-    items: list[bytes | msgspec.Raw] = [_one_line(raw) for raw in raws] if spread else [*raws]
-    ids = [_id_of(raw) for raw in raws]
-    return Page(items, ids, data.next_cursor, data.has_more, data.review_count)
+    items: list[bytes | msgspec.Raw] = [*raws]
+    if not _is_utf8(body):  # never on a well-formed answer: JSON is UTF-8 (RFC 8259)
+        items = [_repaired(item) for item in items]
+    if spread:
+        items = [_one_line(item) for item in items]
+    return Page(items, ids, cursor, data.has_more, count)
+
+
+def _is_utf8(body: bytes) -> bool:
+    if body.isascii():  # most answers, at a fraction of the cost of decoding
+        return True
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _repaired(item: bytes | msgspec.Raw) -> bytes | msgspec.Raw:
+    """The item with bytes that are not UTF-8 replaced with U+FFFD. They can only be inside
+    strings (outside, the page would not have decoded), so the item stays the same JSON."""
+    data = bytes(item)
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return data.decode(errors="replace").encode()
+    return item
 
 
 # how the API writes an item: the review first, its id first. Read there, the id costs a look at
@@ -119,14 +195,16 @@ def _id_of(raw: msgspec.Raw) -> str | None:
             return found.decode()
     try:
         value = _item_id.decode(raw).review.review_id
-    except msgspec.DecodeError:
+    except msgspec.DecodeError:  # no id, or not a string or a number: the writer skips it
         return None
+    except UnicodeDecodeError:  # an id changed by a repair could be another review's
+        raise ServerError("a review id is not valid UTF-8", status=200) from None
     if isinstance(value, int):
         return str(value) if value >= 0 else None
     return value or None
 
 
-def _one_line(raw: msgspec.Raw) -> bytes:
+def _one_line(raw: bytes | msgspec.Raw) -> bytes:
     data = bytes(raw)
     if b"\n" not in data and b"\r" not in data:
         return data
@@ -134,15 +212,35 @@ def _one_line(raw: msgspec.Raw) -> bytes:
     return _encode.encode(_any.decode(data))
 
 
-def _unfit(body: bytes) -> str:
+def _unfit(body: bytes, redact: Redactor) -> str:
     """Why an answer with status 200 is not a page, for the retry log."""
-    try:
-        status = _status.decode(body)
-    except msgspec.DecodeError:
+    status = _envelope_status(body)
+    if status is None:
         return "truncated or non-JSON body"
     if status.code != 0:
-        return f"API code {status.code!r}: {str(status.message or '')[:200]}"
+        return f"API code {redact(repr(status.code), 40)}: {redact(status.message or '')}"
     return "answer does not fit the contract (data, review_items, has_more)"
+
+
+def server_message(body: bytes) -> object:
+    """The ``message`` of any answer's envelope, None when it has none."""
+    status = _envelope_status(body)
+    return None if status is None else status.message
+
+
+def _envelope_status(body: bytes) -> _Status | None:
+    """The code and message of any answer, None when it is not a JSON object. Bytes that are
+    not UTF-8 in them are replaced with U+FFFD: the message still says something."""
+    try:
+        return _status.decode(body)
+    except UnicodeDecodeError:
+        pass
+    except UNREADABLE:
+        return None
+    try:
+        return _status.decode(body.decode(errors="replace").encode())
+    except UNREADABLE:
+        return None
 
 
 REVIEWS = CursorEndpoint(

@@ -23,7 +23,8 @@
 Budget exhaustion on our side is not an error of the API: it is ``BudgetExhausted``,
 raised before a request is sent, never after.
 
-Messages never carry request headers: the API key rides in them.
+Messages never carry request headers: the API key rides in them. What the server says (it holds
+the key, and may say it back) enters a message only through ``crawler.redact.Redactor``.
 """
 
 from __future__ import annotations

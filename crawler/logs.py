@@ -56,7 +56,11 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=is_terminal)
+        # a plain traceback: rich's (the default) prints every frame's locals, and a frame
+        # may hold the API key or what a server said
+        else structlog.dev.ConsoleRenderer(
+            colors=is_terminal, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[

@@ -141,6 +141,7 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
             options.api_key,
             concurrency=job.api.concurrency,
             timeout_seconds=job.api.timeout_seconds,
+            max_body_bytes=job.api.max_body_bytes,
         ) as client,
     ):
         seen = parts.seen()

@@ -145,8 +145,8 @@ class Walker:
                 return Status.DONE
             stuck = page.next_cursor == walk.cursor
             if stuck or empty_in_a_row >= MAX_EMPTY_PAGES:
-                reason = (
-                    f"the API gave the same cursor {walk.cursor!r} again"
+                reason = (  # a cursor may be 4,096 characters long: a reason stays one line
+                    f"the API gave the same cursor {walk.cursor!r:.100} again"
                     if stuck
                     else f"the API said has_more but sent {empty_in_a_row} empty pages in a row"
                 )

@@ -123,7 +123,7 @@ class Writer:
         seen_add = self._seen.adder(target.product_id)
         dumps, append, join = orjson.dumps, lines.append, b"".join
         for review_id, item in zip(page.ids, page.items, strict=True):
-            if review_id is None:
+            if not isinstance(review_id, str):  # None, or not an id (another endpoint's page)
                 missing += 1
                 continue
             if not seen_add(review_id):
