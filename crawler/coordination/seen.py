@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import orjson
+
 
 class ProductSeen:
     """The ids of the products this worker holds: committed ones from Redis, new ones queued
@@ -43,9 +45,10 @@ class ProductSeen:
         return add
 
     def take(self) -> tuple[bytes, bytes]:
-        """The ids added since the last take, one per line (the store sends them to Redis)."""
+        """The ids added since the last take, as a JSON list (the store sends them to Redis;
+        an id may hold any character, a line feed too)."""
         taken, self._pending = self._pending, []
-        return b"", "\n".join(taken).encode()
+        return b"", orjson.dumps(taken) if taken else b""
 
     def load(self) -> None:
         """Nothing to build: a product's ids come with its lease."""

@@ -750,7 +750,7 @@ def _info(doc: dict[str, Any]) -> ShardInfo:
 def _ids(packed: bytes, other: bytes) -> list[str]:
     numbers = array("Q")
     numbers.frombytes(packed)
-    return [str(n) for n in numbers] + [i for i in other.decode().split("\n") if i]
+    return [str(n) for n in numbers] + (orjson.loads(other) if other else [])
 
 
 def ledger_from(fields: dict[str, str]) -> Ledger:
