@@ -12,7 +12,7 @@ import time
 import orjson
 from aiohttp import web
 
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
 
 BASE_PRODUCT = 9_000_000_000_000_000_000
 

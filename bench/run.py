@@ -33,8 +33,8 @@ from coordination import (
 from targets import targets_at_scale  # bench/targets.py, likewise
 
 from crawler import load_job, logs, run_job
-from crawler.dedup import SeenLog
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
+from crawler.output.dedup import SeenLog
 from crawler.sandbox import Catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -446,7 +446,7 @@ def seen_memory(rows: list[str]) -> None:
     base = None
     for n in (100_000, 1_000_000, 5_000_000):
         code = (
-            "import random;from crawler.dedup import SeenIds;"
+            "import random;from crawler.output.dedup import SeenIds;"
             "s=SeenIds();r=random.Random(1)\n"
             f"for _ in range({n}): s.add(str(r.randrange(10**18,10**19)))\n"
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"

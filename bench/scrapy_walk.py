@@ -18,7 +18,7 @@ import scrapy
 from scrapy import signals
 from scrapy.crawler import CrawlerProcess
 
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
 
 
 class ReviewsSpider(scrapy.Spider):  # type: ignore[misc]  # Any where scrapy is not installed (make test)

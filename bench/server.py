@@ -7,7 +7,7 @@ import sys
 
 from aiohttp import web
 
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
 from crawler.sandbox import Sandbox, SandboxOptions
 
 

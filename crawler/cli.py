@@ -294,7 +294,7 @@ def _view(job: Job) -> StateView | None:
         from crawler.coordination.view import RedisView  # noqa: PLC0415
 
         return RedisView(job.redis_url, job.name, job.budget)
-    from crawler.layout import Layout  # noqa: PLC0415
+    from crawler.output.layout import Layout  # noqa: PLC0415
     from crawler.state.sqlite import SqliteView  # noqa: PLC0415
 
     return SqliteView.open(Layout(job.output.dir))
@@ -327,8 +327,8 @@ def _print_csv(view: StateView) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from crawler.layout import Layout  # noqa: PLC0415
-    from crawler.verify import verify  # noqa: PLC0415
+    from crawler.output.layout import Layout  # noqa: PLC0415
+    from crawler.output.verify import verify  # noqa: PLC0415
 
     job = _load(args)
     verdict = verify(Layout(job.output.dir))

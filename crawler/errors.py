@@ -24,7 +24,7 @@ Budget exhaustion on our side is not an error of the API: it is ``BudgetExhauste
 raised before a request is sent, never after.
 
 Messages never carry request headers: the API key rides in them. What the server says (it holds
-the key, and may say it back) enters a message only through ``crawler.redact.Redactor``.
+the key, and may say it back) enters a message only through ``crawler.api.redact.Redactor``.
 """
 
 from __future__ import annotations

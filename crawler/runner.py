@@ -14,11 +14,9 @@ import orjson
 import structlog
 
 from crawler import report
-from crawler.budget import Budget
-from crawler.client import ApiClient
+from crawler.api.client import ApiClient
+from crawler.api.endpoint import REVIEWS
 from crawler.config import Job
-from crawler.dedup import SeenLog, SeenSet
-from crawler.endpoint import REVIEWS
 from crawler.errors import (
     AuthError,
     ComeBackLater,
@@ -26,17 +24,19 @@ from crawler.errors import (
     RunStopped,
     WrongEndpoint,
 )
-from crawler.layout import Layout, write_atomically
-from crawler.limits import Gate, RateGate
+from crawler.output.dedup import SeenLog, SeenSet
+from crawler.output.layout import Layout, write_atomically
+from crawler.output.recovery import recover
+from crawler.output.writer import Writer
+from crawler.pacing.budget import Budget
+from crawler.pacing.limits import Gate, RateGate
+from crawler.pacing.retry import RetryPolicy
 from crawler.planner import pages_left
 from crawler.progress import Figures, Progress
-from crawler.recovery import recover
-from crawler.retry import RetryPolicy
 from crawler.state import StateStore, StateView
 from crawler.state.events import WALKABLE, Status
 from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.walker import Door, RunCounters, Walker
-from crawler.writer import Writer
 
 log = structlog.get_logger("crawler.runner")
 

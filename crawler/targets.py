@@ -18,7 +18,7 @@ from typing import Literal, TextIO
 
 import orjson
 
-from crawler.dedup import SeenIds
+from crawler.output.dedup import SeenIds
 
 REGIONS = (
     "US",

@@ -12,15 +12,15 @@ from typing import Any
 
 import structlog
 
-from crawler.budget import Budget
-from crawler.client import ApiClient
-from crawler.endpoint import Cursor, CursorEndpoint, Page
+from crawler.api.client import ApiClient
+from crawler.api.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
-from crawler.limits import Gate
-from crawler.retry import RetryPolicy
+from crawler.output.writer import Writer
+from crawler.pacing.budget import Budget
+from crawler.pacing.limits import Gate
+from crawler.pacing.retry import RetryPolicy
 from crawler.state import Claimed, TargetState
 from crawler.state.events import Finish, PageCommitted, Status, TargetFailed
-from crawler.writer import Writer
 
 # pages of no reviews that still say has_more, in a row, before the walk is given up: a feed that
 # never ends would otherwise spend the whole budget on nothing

@@ -19,10 +19,10 @@ import orjson
 import pytest
 import yaml
 
-from crawler.layout import Layout
+from crawler.output.layout import Layout
+from crawler.output.shards import read_lines
 from crawler.report import CSV_COLUMNS
 from crawler.sandbox import Sandbox, SandboxOptions, serve
-from crawler.shards import read_lines
 from crawler.state.sqlite import SqliteView
 
 KEY = "sk_test_alpha"

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from crawler import load_job, run_job
-from crawler.limits import RateGate, SendWindow
+from crawler.pacing.limits import RateGate, SendWindow
 from crawler.sandbox import Sandbox, key_fingerprint
 from tests.conftest import (
     ENV,

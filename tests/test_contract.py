@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from crawler import load_job
-from crawler.client import parse_retry_after
-from crawler.endpoint import REVIEWS
+from crawler.api.client import parse_retry_after
+from crawler.api.endpoint import REVIEWS
 from crawler.errors import ServerError
 from crawler.runner import run_job
 from tests.conftest import ENV, KEY, PRODUCTS, target_rows, write_job

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from crawler import load_job
-from crawler.layout import Layout
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from crawler.sandbox import SandboxOptions, SandboxProcess, key_fingerprint, serve_in_process
-from crawler.verify import verify
 from tests.conftest import (
     KEY,
     RedisServer,

@@ -16,7 +16,7 @@ import redis
 from crawler.coordination import orphans
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
-from crawler.layout import Layout
+from crawler.output.layout import Layout
 from tests.conftest import RedisServer
 
 P = "crawler:job:"
@@ -180,7 +180,7 @@ def shared_and_local_slowdown(client: Any, steps: Sequence[tuple[str, float]]) -
     before, and checks that they agree at every step; answers the ``Slowdown``. Redis's clock
     cannot be moved, so the times stored in the gate's hash are moved back instead."""
     from crawler.coordination.scripts import RATE, RATE_LIMITED  # noqa: PLC0415 -- these tests'
-    from crawler.slowdown import Slowdown  # noqa: PLC0415 -- as above
+    from crawler.pacing.slowdown import Slowdown  # noqa: PLC0415 -- as above
 
     key = "crawler:rate:abc"
     rate, limited = client.register_script(RATE), client.register_script(RATE_LIMITED)

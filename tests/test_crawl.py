@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 
 from crawler import load_job, run_job
-from crawler.layout import Layout
-from crawler.verify import verify
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from tests.conftest import (
     ENV,
     PRODUCTS,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from crawler.dedup import SeenIds, SeenLog
 from crawler.errors import StateError
-from crawler.layout import Layout
-from crawler.recovery import recover
+from crawler.output.dedup import SeenIds, SeenLog
+from crawler.output.layout import Layout
+from crawler.output.recovery import recover
 from crawler.state.events import (
     Commit,
     PageCommitted,

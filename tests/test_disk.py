@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from crawler import load_job
-from crawler.layout import Layout
-from crawler.verify import verify
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from tests.conftest import (
     PRODUCTS,
     crawler_command,

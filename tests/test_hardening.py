@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from crawler import load_job, run_job
-from crawler.budget import Budget
 from crawler.config import BudgetSettings
 from crawler.errors import BudgetExhausted, ComeBackLater
-from crawler.layout import Layout
-from crawler.limits import RateGate
-from crawler.retry import RetryPolicy
+from crawler.output.layout import Layout
+from crawler.pacing.budget import Budget
+from crawler.pacing.limits import RateGate
+from crawler.pacing.retry import RetryPolicy
+from crawler.pacing.slowdown import FLOOR, Slowdown
 from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
-from crawler.slowdown import FLOOR, Slowdown
 from crawler.state.sqlite import SqliteStore
 from tests.conftest import (
     ENV,

@@ -18,11 +18,11 @@ import structlog
 from aiohttp import web
 
 from crawler import load_job, logs
-from crawler.client import ApiClient
-from crawler.layout import Layout
-from crawler.redact import NOTHING, Redactor
+from crawler.api.client import ApiClient
+from crawler.api.redact import NOTHING, Redactor
+from crawler.output.layout import Layout
+from crawler.output.shards import read_lines
 from crawler.sandbox import Sandbox, SandboxOptions
-from crawler.shards import read_lines
 from tests.conftest import (
     ENV,
     KEY,

@@ -13,7 +13,7 @@ import orjson
 import yaml
 
 from crawler import load_job
-from crawler.layout import Layout
+from crawler.output.layout import Layout
 from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
 from tests.conftest import KEY, RedisServer, free_port, output_ids, run_crawler
 from tests.test_coordination import (

@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 
 from crawler import load_job, run_job
-from crawler.layout import Layout
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from crawler.sandbox import Sandbox, key_fingerprint
-from crawler.verify import verify
 from tests.conftest import (
     ENV,
     KEY,

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from crawler import StateError, load_job, run_job
-from crawler.layout import Layout
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from crawler.sandbox import key_fingerprint
-from crawler.verify import verify
 from tests.conftest import (
     ENV,
     KEY,

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
 from crawler.sandbox import Catalogue, SandboxOptions, key_fingerprint, serve_in_process
 from crawler.sandbox.process import cli_flags
 from crawler.targets import REGIONS

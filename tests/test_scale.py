@@ -7,9 +7,9 @@ import signal
 from pathlib import Path
 
 from crawler import load_job
-from crawler.layout import Layout
+from crawler.output.layout import Layout
+from crawler.output.verify import verify
 from crawler.sandbox import Catalogue, SandboxOptions, serve_in_process
-from crawler.verify import verify
 from tests.conftest import (
     crawler_command,
     output_ids,

@@ -16,7 +16,7 @@ from crawler.coordination.link import Link
 from crawler.coordination.store import RedisStore
 from crawler.coordination.view import RedisView
 from crawler.errors import LeaseLost, StateError
-from crawler.layout import Layout
+from crawler.output.layout import Layout
 from crawler.state import StateStore
 from crawler.state.events import Commit, Finish, PageCommitted, Status, TargetFailed
 from crawler.state.model import Claimed

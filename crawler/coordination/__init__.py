@@ -20,7 +20,7 @@ from crawler.coordination.link import Link
 from crawler.coordination.orphans import repair_sealed
 from crawler.coordination.store import Origin, RedisStore, default_worker, prefix_of
 from crawler.errors import ConfigError, OutputError, StateError
-from crawler.layout import Layout, hold
+from crawler.output.layout import Layout, hold
 
 __all__ = ["RedisStore", "SharedRateGate", "default_worker", "key_fingerprint", "open_worker"]
 

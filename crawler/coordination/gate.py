@@ -17,7 +17,7 @@ import structlog
 
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import RATE, RATE_LIMITED, RATE_SAID
-from crawler.limits import WINDOW_MARGIN, slack_requests
+from crawler.pacing.limits import WINDOW_MARGIN, slack_requests
 
 log = structlog.get_logger("crawler.limits")
 _DEFAULT_PAUSE = 1.0

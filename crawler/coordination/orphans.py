@@ -22,8 +22,8 @@ import structlog
 
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
-from crawler.layout import Layout, fsync_dir
-from crawler.shards import sha256_of
+from crawler.output.layout import Layout, fsync_dir
+from crawler.output.shards import sha256_of
 
 log = structlog.get_logger("crawler.coordination")
 

@@ -27,7 +27,7 @@ The rate gate's state is per API key, shared by every job: ``crawler:rate:<key f
 
 from __future__ import annotations
 
-from crawler import slowdown
+from crawler.pacing import slowdown
 
 _NOW = """
 local clock = redis.call('TIME')

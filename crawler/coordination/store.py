@@ -31,7 +31,7 @@ from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, LeaseLost, OutputError, StateError
-from crawler.layout import Layout, fsync_dir, shard_sequence, write_atomically
+from crawler.output.layout import Layout, fsync_dir, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals

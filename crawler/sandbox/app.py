@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from crawler.endpoint import REVIEWS
+from crawler.api.endpoint import REVIEWS
 from crawler.sandbox.catalogue import Catalogue
 from crawler.targets import REGIONS
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import orjson
 
 from crawler.errors import OutputError, StateError
-from crawler.layout import Layout, hold
+from crawler.output.layout import Layout, hold
 from crawler.state import rules
 from crawler.state.events import WALKABLE, Commit, Finish, ShardOpened, Status, WriterPosition
 from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crawler.errors import OutputError, StateError
-from crawler.layout import SHARD_PATTERN, Layout, shard_owner
+from crawler.output.layout import SHARD_PATTERN, Layout, shard_owner
 from crawler.state import ShardInfo
 from crawler.state.events import WriterPosition
 

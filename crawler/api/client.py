@@ -16,8 +16,16 @@ from typing import Self
 
 import aiohttp
 
+from crawler.api.endpoint import (
+    UNREADABLE,
+    Cursor,
+    CursorEndpoint,
+    Page,
+    server_message,
+    unreadable,
+)
+from crawler.api.redact import Redactor
 from crawler.config import MAX_BODY_BYTES
-from crawler.endpoint import UNREADABLE, Cursor, CursorEndpoint, Page, server_message, unreadable
 from crawler.errors import (
     ApiError,
     AuthError,
@@ -27,7 +35,6 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
-from crawler.redact import Redactor
 from crawler.targets import Target
 
 

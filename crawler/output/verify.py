@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from crawler.dedup import SeenIds
-from crawler.layout import Layout
-from crawler.shards import read_lines, sha256_of
+from crawler.output.dedup import SeenIds
+from crawler.output.layout import Layout
+from crawler.output.shards import read_lines, sha256_of
 
 
 @dataclass

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import orjson
 import structlog
 
-from crawler.dedup import SeenSet
-from crawler.endpoint import CursorEndpoint, Page
-from crawler.layout import Layout, shard_name
-from crawler.shards import OpenShard, compressor, write_manifest
+from crawler.api.endpoint import CursorEndpoint, Page
+from crawler.output.dedup import SeenSet
+from crawler.output.layout import Layout, shard_name
+from crawler.output.shards import OpenShard, compressor, write_manifest
 from crawler.state import ShardInfo, StateStore, TargetState
 from crawler.state.events import (
     Commit,

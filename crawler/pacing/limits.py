@@ -11,7 +11,7 @@ from typing import Protocol
 import structlog
 from aiolimiter import AsyncLimiter
 
-from crawler.slowdown import Slowdown
+from crawler.pacing.slowdown import Slowdown
 
 # aiolimiter admits a request when the bucket's level is at most max_rate - 1. With max_rate 1 the
 # bucket must be empty, so every late timer wake-up (asyncio rounds waits up to the millisecond)

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import msgspec
 import orjson
 
+from crawler.api.redact import NOTHING, Redactor
 from crawler.errors import ServerError
-from crawler.redact import NOTHING, Redactor
 from crawler.targets import Target
 
 Cursor = int | str

@@ -19,7 +19,7 @@ import orjson
 import zstandard
 
 from crawler.errors import OutputError, StateError
-from crawler.layout import Layout, write_atomically
+from crawler.output.layout import Layout, write_atomically
 from crawler.state import ShardInfo
 from crawler.state.events import ShardSealed
 

@@ -1,0 +1,1 @@
+"""Output: the writer, shards and their manifest, the seen-set, recovery, verify, the layout."""
