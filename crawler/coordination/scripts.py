@@ -1,24 +1,31 @@
 """The coordinated mode's atomic steps, as Lua scripts Redis runs whole: one script, one step.
 
-Time is Redis's (``TIME``), never a worker's clock: machines drift. Every script that a worker may
+No script decides a rule of the job: ``crawler.state.rules`` does, and ``APPLY`` persists what it
+decided. The others are the coordination's own primitives: registering a worker, leasing and
+renewing products, sealing a dead worker's shard, the shared rate gate. Time is Redis's (``TIME``), never a worker's clock: machines drift. Every script that a worker may
 send again after a lost reply is idempotent: it carries the worker's sequence number and answers
 a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
 
-    meta           hash   output settings, targets digest, targets count
+    meta           hash   output settings, id, origin:<host>, targets digest, count and list,
+                          refresh (the one under way), refresh_queued
     init           string the lock held while one worker writes the targets into Redis
-    p:<product>    hash   e: lease epoch (fencing token), o: holder#incarnation, r:<REGION>: target
+    p:<product>    hash   e: lease epoch (fencing token), o: holder#incarnation, v: targets'
+                          version, r:<REGION>: a target (``writes.doc_of``)
     todo           list   products to walk, not leased
     leases         zset   product -> lease deadline (ms): an expired one may be taken over
     seen:<product> set    review ids of the product committed to some shard
-    ledger         hash   leased, credits: the job's credit ledger
+    ledger         hash   leased, credits, forfeited: the job's credit ledger
     totals         hash   <status>|<figure> -> sum over targets: status without reading them all
     attention      set    <product>:<REGION> of targets failed or at their credit cap
     retry          set    products with such targets: queued again when a worker starts
     shards         hash   file -> {worker, seq, records, bytes, sha256 (null while open)}
     shardorder     zset   file -> the order shards were opened in
     workers        zset   worker -> last heartbeat (ms)
-    w:<worker>     hash   inc (incarnation), commit_seq, lease_seq, next_shard, open_shard, info
+    w:<worker>     hash   inc (incarnation), commit_seq, lease_seq, outstanding (credits leased,
+                          not used), next_shard, open_shard, info
     runs           list   one summary per worker run, newest first
+    refreshes      hash   refresh -> {started_at, mode}
+    refresh:<N>    hash   refresh N's figures (``rules.REFRESH_FIGURES``)
 
 The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``
 (hash), ``crawler:rate:<key fingerprint>:sent`` (list: the last slots handed out) and
