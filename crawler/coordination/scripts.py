@@ -2,9 +2,10 @@
 
 No script decides a rule of the job: ``crawler.state.rules`` does, and ``APPLY`` persists what it
 decided. The others are the coordination's own primitives: registering a worker, leasing and
-renewing products, sealing a dead worker's shard, the shared rate gate. Time is Redis's (``TIME``), never a worker's clock: machines drift. Every script that a worker may
-send again after a lost reply is idempotent: it carries the worker's sequence number and answers
-a repeat with what it answered the first time. Keys (prefix ``crawler:<job>:``):
+renewing products, sealing a dead worker's shard, the shared rate gate. Time is Redis's
+(``TIME``), never a worker's clock: machines drift. Every script that a worker may send again
+after a lost reply is idempotent: it carries the worker's sequence number and answers a repeat
+with what it answered the first time. Keys (prefix ``crawler:<job>:``):
 
     meta           hash   output settings, id, origin:<host>, targets digest, count and list,
                           refresh (the one under way), refresh_queued
