@@ -308,8 +308,7 @@ async def test_a_worker_paused_past_its_lease_is_fenced_out(
         sleeper.send_signal(signal.SIGSTOP)
         doc = orjson.loads(await _status(job, "--json"))
         (row,) = doc["workers"]  # read from its leases, not from its last heartbeat
-        assert row["worker"] == "sleeper" and row["products_held"] >= 1
-        assert row["seconds_since_heartbeat"] >= 0 and not row["stopped"]
+        assert row["worker"] == "sleeper" and row["products_held"] >= 1 and not row["stopped"]
         held = _held_by(redis_server, "sleeper")
         other = await start(job, "other")
         async with asyncio.timeout(60):  # until "other" walks one of the sleeper's products

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
+import redis
 import yaml
 
 from crawler import load_job
@@ -254,3 +257,40 @@ async def test_fresh_waits_for_no_worker_and_then_starts_over(
     assert_exact(job, ids_expected)
     workers = {p.name.split("-")[1] for p in Layout(load_job(job).output.dir).shard_files()}
     assert workers == {"w2"}  # w1's shards went with the rest of the old state
+
+
+@pytest.mark.parametrize("refusal", ["noperm", "readonly", "oom"])
+async def test_a_redis_that_refuses_the_worker_ends_it_at_once(tmp_path: Path, refusal: str):
+    servers = []
+    try:
+        primary = RedisServer(free_port(), tmp_path / "primary")
+        primary.folder.mkdir()
+        primary.start()
+        servers.append(primary)
+        url = primary.url
+        client: Any = redis.Redis(port=primary.port)
+        if refusal == "noperm":  # a user that may read and nothing more
+            client.execute_command(
+                "ACL", "SETUSER", "reader", "on", ">secret-pw", "~*", "+@read", "+config|get",
+                "+info", "+time",
+            )  # fmt: skip
+            url = f"redis://reader:secret-pw@127.0.0.1:{primary.port}/0"
+        elif refusal == "oom":
+            client.config_set("maxmemory", 1)
+            client.config_set("maxmemory-policy", "noeviction")
+        else:
+            replica = RedisServer(free_port(), tmp_path / "replica")
+            replica.folder.mkdir()
+            replica.start("--replicaof", "127.0.0.1", str(primary.port))
+            servers.append(replica)
+            url = replica.url
+        client.close()
+        job = write_job(tmp_path, "http://127.0.0.1:9", url, PAIRS[:2])
+        worker = await start(job, "w1")
+        stderr = await _ended(worker, 30)
+    finally:
+        for server in servers:
+            server.stop()
+    assert worker.returncode == 8, stderr.decode()
+    said = {"noperm": b"may not run", "readonly": b"read-only replica", "oom": b"out of memory"}
+    assert said[refusal] in stderr and b"Traceback" not in stderr and b"secret-pw" not in stderr

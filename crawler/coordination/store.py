@@ -30,7 +30,7 @@ from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
-from crawler.errors import ConfigError, LeaseLost, OutputError, StateError
+from crawler.errors import ConfigError, CoordinationError, LeaseLost, OutputError, StateError
 from crawler.output.layout import Layout, fsync_dir, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
@@ -157,8 +157,11 @@ class RedisStore:
         """Refuse a Redis that could forget an acknowledged commit or lease (see README)."""
         try:
             settings = await self.link.call(lambda: self.link.redis.config_get("append*"))
-        except Exception as exc:
-            log.warning("cannot read Redis's persistence settings", error=type(exc).__name__)
+        except CoordinationError as exc:
+            # managed services often deny CONFIG to their users: the rest may still be allowed
+            if "CONFIG" not in str(exc).upper() and "NOPERM" not in str(exc):
+                raise
+            log.warning("cannot read Redis's persistence settings", error=str(exc)[:200])
             return
         if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
             raise ConfigError(
