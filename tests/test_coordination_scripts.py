@@ -302,3 +302,39 @@ def test_the_rates_jobs_said_are_answered_again_the_same(client):
     assert said(keys=[key], args=[200, "second"]) == ["first", "300"]
     assert said(keys=[key], args=[200, "second"]) == ["first", "300"]
     assert said(keys=[key], args=[200, "first"]) == ["second", "200"]  # its own rate, changed
+
+
+def test_in_the_quiet_after_an_outage_a_queued_product_stays_with_its_holder(client):
+    inc_a, inc_b = register(client, "a"), register(client, "b")
+    one_product(client)
+    keep_alive(client, "b", inc_b, 1.2)  # Redis up for longer than the lease
+    assert claim(client, "a", inc_a, "r1", 1000)[0] == "111"
+    client.rpush(k("todo"), "111")  # queued again (a retry at some worker's start)
+    time.sleep(1.5)  # an outage: a's lease looks run out, only because nobody reached Redis
+    assert claim(client, "b", inc_b, "r2", 1000)[0] == "wait"
+    assert client.hget(k("p:111"), "o") == f"a#{inc_a}" and client.sismember(k("retry"), "111")
+
+
+async def test_an_idle_worker_waits_between_claims(redis_server: RedisServer, tmp_path: Path):
+    """Nothing to take but a product that may yet come free: it asks a few times a second."""
+    from crawler.coordination.store import RedisStore  # noqa: PLC0415 -- this test's alone
+
+    sync = redis.Redis(port=redis_server.port, decode_responses=True)
+    inc_a = register(sync, "a")
+    one_product(sync)
+    assert claim(sync, "a", inc_a, "r1", 1000)[0] == "111"
+    sync.hset(k("clock"), "quiet", int(time.time() * 1000) + 60_000)  # just after an outage
+    store = await RedisStore.open(
+        Link(redis_server.url, unavailable_seconds=5), job="job", worker="b",
+        layout=Layout(tmp_path), output={}, lease_seconds=1,
+    )  # fmt: skip
+    sync.config_resetstat()
+    try:
+        await asyncio.wait_for(store.claim(), 1.0)
+    except TimeoutError:
+        pass
+    finally:
+        await store.close()
+    calls = int(sync.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    sync.close()
+    assert calls <= 15, calls
