@@ -372,6 +372,9 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
         "--stuck", default="", help="comma-separated product ids whose page 2 repeats its cursor"
     )
     sandbox.add_argument(
+        "--cycling", default="", help="comma-separated product ids whose page 3 points to page 2"
+    )
+    sandbox.add_argument(
         "--generation", type=int, default=0, help="start the catalogue at this generation"
     )
     sandbox.add_argument(
@@ -418,6 +421,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         seed=args.seed,
         endless=frozenset(p for p in args.endless.split(",") if p),
         stuck=frozenset(p for p in args.stuck.split(",") if p),
+        cycling=frozenset(p for p in args.cycling.split(",") if p),
         generation=args.generation,
         shrink=args.shrink,
         throttle_after=args.throttle_after,

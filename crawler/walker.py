@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -113,6 +114,9 @@ class Walker:
             saved.credits,
         )
         empty_in_a_row = 0
+        # every cursor this walk asked for: a feed whose cursors cycle (1 -> 2 -> 1) with items
+        # on every page would otherwise spend the whole budget on the same reviews
+        visited = {_mark(walk.cursor)}
         while self.max_pages is None or walk.pages < self.max_pages:
             if not self.door.open or (claimed.lease is not None and claimed.lease.lost):
                 return Status.PENDING
@@ -143,19 +147,21 @@ class Walker:
             change = await self._page_done(claimed, walk, page, cost, seconds)
             if change.status is Status.DONE:
                 return Status.DONE
-            stuck = page.next_cursor == walk.cursor
-            if stuck or empty_in_a_row >= MAX_EMPTY_PAGES:
+            assert page.next_cursor is not None  # noqa: S101 -- endpoint.parse guarantees it
+            again = _mark(page.next_cursor) in visited
+            if again or empty_in_a_row >= MAX_EMPTY_PAGES:
                 reason = (  # a cursor may be 4,096 characters long: a reason stays one line
-                    f"the API gave the same cursor {walk.cursor!r:.100} again"
-                    if stuck
+                    f"the API gave cursor {page.next_cursor!r:.100}, already walked in this "
+                    f"walk ({'the same page' if page.next_cursor == walk.cursor else 'a cycle'})"
+                    if again
                     else f"the API said has_more but sent {empty_in_a_row} empty pages in a row"
                 )
                 failed = TargetFailed(saved.id, claimed.fence, reason, 0, 0, 0)
                 await self.writer.put(failed, target, None)
                 log.warning("target failed", reason=reason)
                 return Status.FAILED
-            assert page.next_cursor is not None  # noqa: S101 -- endpoint.parse guarantees it
             walk.cursor = page.next_cursor
+            visited.add(_mark(walk.cursor))
         return Status.PENDING
 
     async def _page_done(
@@ -264,6 +270,13 @@ class Walker:
             except TargetError as exc:
                 raise _GiveUp(str(exc), cost) from None
             return page, cost, self.clock() - started
+
+
+def _mark(cursor: Cursor) -> int | bytes:
+    """A cursor as the walk remembers it: a long text cursor as a short digest."""
+    if isinstance(cursor, int):
+        return cursor
+    return hashlib.blake2b(cursor.encode(errors="surrogatepass"), digest_size=16).digest()
 
 
 def _raise_if_cancelling() -> None:

@@ -109,8 +109,19 @@ async def test_a_cursor_given_again_fails_the_target_at_once(tmp_path: Path, san
         result = await run_job(job, environ=ENV)
     assert result.exit_status == 1
     (row,) = target_rows(job.output.dir)
-    assert row["reason"] == "the API gave the same cursor 2 again"
+    assert row["reason"] == "the API gave cursor 2, already walked in this walk (the same page)"
     assert box.ledgers[key_fingerprint(KEY)].requests == 2
+
+
+async def test_cursors_that_cycle_fail_the_target_at_once(tmp_path: Path, sandbox):
+    cycling = PRODUCTS[7]  # a product of many pages
+    async with sandbox(cycling=frozenset({cycling})) as (url, box):
+        job = load_job(write_job(tmp_path, url, [{"product_id": cycling, "region": "US"}]))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 1
+    (row,) = target_rows(job.output.dir)
+    assert row["reason"] == "the API gave cursor 2, already walked in this walk (a cycle)"
+    assert box.ledgers[key_fingerprint(KEY)].requests == 3  # pages 1, 2, 3: no page again
 
 
 async def test_no_429_at_or_below_the_allowed_rate(tmp_path: Path):

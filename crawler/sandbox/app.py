@@ -48,6 +48,7 @@ class SandboxOptions:
     seed: int = 0
     endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
     stuck: frozenset[str] = frozenset()  # product ids whose page 2 gives its own cursor again
+    cycling: frozenset[str] = frozenset()  # product ids whose page 3 points back to page 2
     generation: int = 0  # the catalogue's generation at start; POST /_sandbox/grow adds to it
     shrink: bool = False  # each generation also removes a review or two from a few targets
     throttle_after: int | None = None  # past a key's Nth request, 429s for throttle_seconds
@@ -225,6 +226,8 @@ class Sandbox:
         data["next_cursor"] = page.next_cursor
         if product_id in self.options.stuck and offset >= 2:
             data["has_more"], data["next_cursor"] = True, offset
+        if product_id in self.options.cycling and offset >= 3:  # 1 -> 2 -> 3 -> 2 -> 3 ...
+            data["has_more"], data["next_cursor"] = True, 2
         count = self.catalogue.review_count(product_id, region)
         data["review_count"] = count
         data["review_count_str_v2"] = f"{count:,}"

@@ -58,6 +58,7 @@ _FLAGS: dict[str, Callable[[Any], list[str]]] = {
     "seed": _optional("--seed"),
     "endless": lambda v: [f"--endless={_joined(v, 'endless')}"] if v else [],
     "stuck": lambda v: [f"--stuck={_joined(v, 'stuck')}"] if v else [],
+    "cycling": lambda v: [f"--cycling={_joined(v, 'cycling')}"] if v else [],
     "generation": _optional("--generation"),
     "shrink": _switch("--shrink"),
     "throttle_after": _optional("--throttle-after"),
