@@ -24,15 +24,19 @@ _LISTED = 20  # targets named at the end of a run; status --all lists them all
 _EPISODES_HINT = 3  # 429 episodes in one run that say the configured rate is too high
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 -- one per way out
     parser = _parser()
     args = parser.parse_args(argv)
     from crawler import logs  # noqa: PLC0415 -- after --help, which needs none of it
-    from crawler.errors import CoordinationError, JobError, OutputError  # noqa: PLC0415
+    from crawler.errors import ConfigError, CoordinationError, JobError, OutputError  # noqa: PLC0415
 
-    opened = logs.configure(
-        log_format=args.log_format, level=args.log_level, log_file=args.log_file
-    )
+    try:
+        opened = logs.configure(
+            log_format=args.log_format, level=args.log_level, log_file=args.log_file
+        )
+    except OSError as exc:
+        _say(ConfigError(f"--log-file {args.log_file}: cannot open: {exc.strerror or exc}"))
+        return EXIT_USAGE
     try:
         status: int = args.handler(args)
         sys.stdout.flush()  # here, where a reader gone away (a pipe to head) is handled
@@ -55,6 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             opened.close()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("crawler")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def _say(exc: Exception) -> None:
     for line in str(exc).splitlines():
         print(f"crawler: {line}", file=sys.stderr)
@@ -62,6 +75,7 @@ def _say(exc: Exception) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crawler", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"crawler {_version()}")
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -228,7 +242,15 @@ def _plan(args: argparse.Namespace) -> int:
         if result.exit_status not in (0, 1):
             _print_outcome(result.report, result.exit_status)
             return result.exit_status
-    return _show(job, args, title="plan")
+    shown = _show(job, args, title="plan")
+    from crawler.errors import ConfigError  # noqa: PLC0415
+
+    try:  # the plan checks the job: one that cannot run is not a job that passed
+        job.api_key()
+    except ConfigError as exc:
+        _say(exc)
+        return EXIT_USAGE
+    return shown
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -439,8 +461,16 @@ def _sandbox(args: argparse.Namespace) -> int:
             print(f"sandbox listening on {base_url}", flush=True)
             await asyncio.Event().wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever())
+    except OSError as exc:  # the port taken, or not ours to bind: not an output problem
+        print(
+            f"crawler sandbox: cannot listen on {args.host}:{args.port}: "
+            f"{exc.strerror or exc}; choose another --port (0: any free one)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return 0
 
 

@@ -42,7 +42,6 @@ log = structlog.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -62,6 +61,7 @@ class _Run:
     door: Door
     hurry: asyncio.Event
     fatal: RunStopped | None = None
+    signal: int = signal.SIGINT  # the one that stopped the run, when one did
 
 
 async def run_job(
@@ -315,6 +315,7 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
 
     def on_signal(name: str) -> None:
         if run.door.open:
+            run.signal = signal.Signals[name]
             log.warning(
                 "stopping: finishing requests in flight",
                 signal=name,
@@ -403,8 +404,8 @@ def _write_reports(
 
 
 def _exit_status(run: _Run) -> int:
-    if run.door.reason == "interrupted":
-        return EXIT_INTERRUPTED
+    if run.door.reason == "interrupted":  # as a shell reports a process ended by it: 130, 143
+        return 128 + int(run.signal)
     if run.fatal is not None:
         return _STOPS.get(type(run.fatal), ("refused", EXIT_REFUSED))[1]
     totals = run.store.totals

@@ -89,14 +89,15 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, 
     assert verdict.ok, verdict.problems
 
 
-async def test_sigint_stops_cleanly_and_resumes(tmp_path, sandbox):
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_signal_stops_cleanly_and_resumes(tmp_path, sandbox, stop, status):
     async with sandbox(latency=(0.01, 0.02)) as (url, box):
         job = write_job(tmp_path, url, TARGETS, api={"requests_per_second": 100})
         process = await _start(job)
         await until(lambda: requests_to(box) >= 50)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, stderr = await process.communicate()
-        assert process.returncode == 130, stderr.decode()
+        assert process.returncode == status, stderr.decode()
         out = load_job(job).output.dir
         report = orjson.loads((out / "run-report.json").read_bytes())
         assert report["targets_by_status"].get("pending", 0) > 0
