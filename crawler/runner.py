@@ -132,7 +132,9 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
     except OSError as exc:
         raise OutputError.from_os(exc, layout.shards_dir) from None
     await store.sync_targets(job.targets)
-    refreshing = await store.begin_run(refresh=options.refresh, mode=job.refresh)
+    refreshing = await store.begin_run(
+        refresh=options.refresh, mode=job.refresh, probe=options.max_pages is not None
+    )
     started = time.time()
     async with (
         _api_base(job) as base_url,

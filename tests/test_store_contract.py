@@ -257,3 +257,26 @@ async def test_each_refresh_keeps_its_own_figures(open_store):
     finally:
         view.close()
     assert figures == [(1, 2, 2, 2), (2, 2, 4, 2)]  # the second left the first's as they were
+
+
+async def test_the_refresh_a_plan_probed_is_the_one_the_next_run_carries_on(open_store):
+    store = await open_store()
+    first = await start(store, targets((A, "US", None)))
+    await commit(store, page(first[0], last=True, ids=10))
+    await end(store)
+    await store.close()
+    store = await open_store()  # plan --refresh: the refresh's page 1, which finds nothing new
+    await store.sync_targets(targets((A, "US", None)))
+    assert await store.begin_run(refresh=True, mode="early_stop", probe=True) == 1
+    (probed,) = await claim_all(store)
+    await commit(store, page(probed, last=True))
+    await end(store)
+    for expected_refresh, walks in ((1, 0), (2, 1)):  # run --refresh: carried on; then anew
+        await store.close()
+        store = await open_store()
+        await store.sync_targets(targets((A, "US", None)))
+        assert await store.begin_run(refresh=True, mode="early_stop") == expected_refresh
+        claimed = await claim_all(store)
+        assert len(claimed) == walks  # page 1 of refresh 1 is not bought again
+        await commit(store, *(page(c, last=True) for c in claimed))
+        await end(store)

@@ -328,41 +328,59 @@ class RedisStore:
     async def sync_targets(self, targets: TargetList) -> bool:
         return await sync_targets(self, targets)
 
-    async def begin_run(self, *, refresh: bool, mode: str) -> int:
+    async def begin_run(self, *, refresh: bool, mode: str, probe: bool = False) -> int:
         """A worker's run: products with failed or capped targets are queued again; with
         ``refresh``, a refresh starts unless one is under way (then this worker joins it). A
         refresh is the job's: every worker applies it to the products it takes."""
         await self._queue_retries()
-        meta = self.key("meta")
-        current = int(await self.link.call(lambda: self.link.redis.hget(meta, "refresh")) or 0)
+        redis, meta = self.link.redis, self.key("meta")
+        current = int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
+        by_plan = await self.link.call(lambda: redis.hget(meta, "refresh_by_plan")) == str(current)
         if refresh:
-            current = await self._start_refresh(current, mode)
+            current = await self._start_refresh(current, mode, probe=probe, by_plan=by_plan)
+        elif by_plan and not probe:
+            await self._walked_by_a_run()
         self.refresh = current
         await self.refresh_view()
         return current
 
-    async def _start_refresh(self, current: int, mode: str) -> int:
-        """Refresh ``current + 1``, its products all queued (once, even through a kill), unless
-        refresh ``current`` is still under way."""
+    async def _start_refresh(self, current: int, mode: str, *, probe: bool, by_plan: bool) -> int:
+        """``rules.refresh_to_walk``: refresh ``current + 1``, its products all queued (once,
+        even through a kill), or the refresh there is."""
         redis, meta = self.link.redis, self.key("meta")
         queued = int(await self.link.call(lambda: redis.hget(meta, "refresh_queued")) or 0)
-        if current and queued == current:
-            todo, held = await self.link.call(
-                lambda: asyncio.gather(
-                    redis.llen(self.key("todo")), redis.zcard(self.key("leases"))
-                )
-            )
-            if todo or held:
-                return current  # under way: joined
-        if queued == current:  # not a refresh left half-queued by a kill: a new one
-            writes = Writes()
-            writes.check(meta, "refresh", current or None)
-            writes.op("HSET", meta, "refresh", current + 1)
-            started = orjson.dumps({"started_at": time.time(), "mode": mode}).decode()
-            writes.op("HSET", self.key("refreshes"), current + 1, started)
-            if (await self.apply(writes))[0] != "ok":  # another worker started it: joined
-                return int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
-            current += 1
+        if queued != current:  # a refresh a kill left half-queued: queued whole now
+            await self._queue_every_product(current)
+            return current
+        todo, held = await self.link.call(
+            lambda: asyncio.gather(redis.llen(self.key("todo")), redis.zcard(self.key("leases")))
+        )
+        under_way = bool(current) and bool(todo or held)
+        walked = rules.refresh_to_walk(current, asked=True, under_way=under_way, by_plan=by_plan)
+        if walked == current:
+            if by_plan and not probe:
+                await self._walked_by_a_run()
+            return current
+        writes = Writes()
+        writes.check(meta, "refresh", current or None)
+        writes.op("HSET", meta, "refresh", walked)
+        if probe:
+            writes.op("HSET", meta, "refresh_by_plan", walked)
+        started = orjson.dumps({"started_at": time.time(), "mode": mode}).decode()
+        writes.op("HSET", self.key("refreshes"), walked, started)
+        if (await self.apply(writes))[0] != "ok":  # another worker started it: joined
+            return int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
+        await self._queue_every_product(walked)
+        return walked
+
+    async def _walked_by_a_run(self) -> None:
+        """The refresh a plan started is a run's now: the next --refresh is a new one."""
+        writes = Writes()
+        writes.op("HDEL", self.key("meta"), "refresh_by_plan")
+        await self.apply(writes)
+
+    async def _queue_every_product(self, refresh: int) -> None:
+        redis, meta = self.link.redis, self.key("meta")
         saved = await self.link.call(lambda: redis.hget(meta, "targets_list"))
         products = list(dict.fromkeys(p for p, _ in decoded(saved).pairs())) if saved else []
         for start in range(0, len(products), 10_000):
@@ -370,9 +388,8 @@ class RedisStore:
             writes.members("RPUSH", self.key("todo"), products[start : start + 10_000])
             await self.apply(writes)
         writes = Writes()
-        writes.op("HSET", meta, "refresh_queued", current)
+        writes.op("HSET", meta, "refresh_queued", refresh)
         await self.apply(writes)
-        return current
 
     async def _queue_retries(self) -> None:
         retry = self.key("retry")

@@ -200,6 +200,16 @@ def refresh_started(refresh: int) -> Rule:
     return Rule((Status.DONE, *WALKABLE), join)
 
 
+def refresh_to_walk(current: int, *, asked: bool, under_way: bool, by_plan: bool) -> int:
+    """The refresh a run works on: a new one when asked and the last is over; else the one
+    there is. A refresh a plan's probe started (``plan --refresh``) and no run has walked since
+    is the one the next ``run --refresh`` carries on, even if the probe finished every target:
+    its pages 1 are that refresh's, never bought twice."""
+    if asked and not under_way and not by_plan:
+        return current + 1
+    return current
+
+
 def walkable(state: TargetState) -> bool:
     """Whether a run walks this target (from its committed cursor)."""
     return state.status in WALKABLE

@@ -112,7 +112,8 @@ CREATE TABLE refreshes (
     new_reviews INTEGER NOT NULL DEFAULT 0,
     credits INTEGER NOT NULL DEFAULT 0,
     pages INTEGER NOT NULL DEFAULT 0,
-    done INTEGER NOT NULL DEFAULT 0
+    done INTEGER NOT NULL DEFAULT 0,
+    by_plan INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -292,30 +293,38 @@ class SqliteStore:
             f"active AND status IN ({marks})", lambda state, _cap: rule(state), *rule.statuses
         )
 
-    async def begin_run(self, *, refresh: bool, mode: str) -> int:
+    async def begin_run(self, *, refresh: bool, mode: str, probe: bool = False) -> int:
         """Count a new run; with ``refresh``, start a refresh unless one is still under way.
         Returns the refresh the run works on (0: none)."""
         started = time.time()
-        self.refresh = await self._run(self._begin, started, refresh, mode)
+        self.refresh = await self._run(self._begin, started, refresh, mode, probe)
         if self.totals.count(Status.BUDGET) or refresh:
             self.totals = await self._run(totals_of, self._db)
         self.runs += 1
         return self.refresh
 
-    def _begin(self, started: float, refresh: bool, mode: str) -> int:
+    def _begin(self, started: float, refresh: bool, mode: str, probe: bool) -> int:
         db = self._db
         current = self.refresh
         with self._transaction():
             self._apply(rules.BUDGET_REOPENED)
             under_way = self._refresh_open(current)
-            if refresh and not under_way:
-                current += 1
+            row = db.execute("SELECT by_plan FROM refreshes WHERE id = ?", (current,)).fetchone()
+            by_plan = bool(row and row[0])
+            walked = rules.refresh_to_walk(
+                current, asked=refresh, under_way=under_way, by_plan=by_plan
+            )
+            if walked != current:
+                current = walked
                 db.execute(
-                    "INSERT INTO refreshes (id, started_at, mode) VALUES (?, ?, ?)",
-                    (current, started, mode),
+                    "INSERT INTO refreshes (id, started_at, mode, by_plan) VALUES (?, ?, ?, ?)",
+                    (current, started, mode, int(probe)),
                 )
                 self._apply(rules.refresh_started(current))
                 under_way = True
+            elif by_plan and not probe:  # a run walks it now: the next --refresh is a new one
+                db.execute("UPDATE refreshes SET by_plan = 0 WHERE id = ?", (current,))
+                under_way = under_way or refresh
             db.execute("UPDATE job SET runs = runs + 1, refresh = ?", (current,))
             cursor = db.execute(
                 "INSERT INTO runs (started_at, refresh) VALUES (?, ?)",
@@ -534,7 +543,9 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
 def _migrate(db: sqlite3.Connection) -> None:
     """Version 2 -> 3: the lease a crash forfeits, and each refresh's figures kept for good
     (worked out once from the targets, as version 2 showed them)."""
-    figures = ", ".join(f"{n} INTEGER NOT NULL DEFAULT 0" for n in rules.REFRESH_FIGURES)
+    figures = ", ".join(
+        f"{n} INTEGER NOT NULL DEFAULT 0" for n in (*rules.REFRESH_FIGURES, "by_plan")
+    )
     adds = "; ".join(f"ALTER TABLE refreshes ADD COLUMN {column}" for column in figures.split(", "))
     db.executescript(
         "BEGIN; ALTER TABLE job ADD COLUMN outstanding INTEGER NOT NULL DEFAULT 0; "

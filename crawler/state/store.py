@@ -50,7 +50,7 @@ class StateStore(Protocol):
     async def sync_targets(self, targets: TargetList) -> bool:
         """Make the job's targets the saved ones; False when nothing changed."""
 
-    async def begin_run(self, *, refresh: bool, mode: str) -> int:
+    async def begin_run(self, *, refresh: bool, mode: str, probe: bool = False) -> int:
         """Count a run (start a refresh when asked); the refresh it works on."""
 
     async def end_run(self, info: dict[str, Any], *, budget_stopped: bool) -> None:
