@@ -214,13 +214,15 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
             file=sys.stderr,
         )
     if run.get("rate_limit_episodes", 0) >= _EPISODES_HINT:
+        from crawler.pacing.slowdown import HOLD_SECONDS  # noqa: PLC0415 -- only for this hint
+
         print(
             f"  the API answered 429 (rate limited) {run['rate_limited']:,} times, in "
             f"{run['rate_limit_episodes']:,} episodes: it allows less than "
             "api.requests_per_second; a lower setting would waste fewer requests and go faster"
             + (
-                f" (the last 429 came at about {run['rate_last_limited']:g} requests/s)"
-                if run.get("rate_last_limited") is not None
+                f" (about {run['rate_held']:g} requests/s held for {HOLD_SECONDS:g} s without one)"
+                if run.get("rate_held") is not None
                 else ""
             ),
             file=sys.stderr,

@@ -384,6 +384,8 @@ async def _finish(
     if (limited_at := run.walker.gate.limited_at) is not None:
         # the report's, not kept in state; three figures, so that 0.125/s is not 0.1
         run_info["rate_last_limited"] = float(f"{limited_at:.3g}")
+        if (held := run.walker.gate.held()) is not None:
+            run_info["rate_held"] = float(f"{held:.3g}")
     if parts.owner is not None:
         run_info["worker"] = parts.owner
     doc = await asyncio.to_thread(_write_reports, run.job, layout, run_info, parts.view)

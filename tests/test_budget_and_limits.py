@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import re
 
 import pytest
 
@@ -164,4 +163,6 @@ async def test_a_rate_set_above_what_the_api_allows_is_named(tmp_path, sandbox):
         )
     assert status == 0, stderr.decode()
     assert b"it allows less than api.requests_per_second" in stderr
-    assert re.search(rb"the last 429 came at about \d+(\.\d)? requests/s", stderr), stderr
+    # a run of seconds held no rate for 30 s without a 429: it names none rather than a rate that
+    # drew one (the hint once pointed users at half their allowance)
+    assert b"requests/s" not in stderr.split(b"it allows less than")[1].split(b"\n")[0]

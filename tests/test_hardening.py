@@ -16,7 +16,7 @@ from crawler.output.layout import Layout
 from crawler.pacing.budget import Budget
 from crawler.pacing.limits import RateGate
 from crawler.pacing.retry import RetryPolicy
-from crawler.pacing.slowdown import FLOOR, Slowdown
+from crawler.pacing.slowdown import FLOOR, HeldRate, Slowdown
 from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
 from crawler.state.sqlite import SqliteStore
 from tests.conftest import (
@@ -255,6 +255,24 @@ async def test_a_late_429_begins_no_episode():
     time.now += 1.5
     await gate.on_rate_limited(1.0, sent_ago=0.5)  # sent since: a new episode
     assert gate.episodes == 2 and gate.current == 25
+
+
+def test_the_rate_named_after_429s_is_one_that_held():
+    """The 429 hint's rate: the highest share that went 30 s without a 429, not the one that drew
+    the last 429 (a key allowing 10/s was told 5.42/s: half its allowance)."""
+    held = HeldRate()
+    held.reached(0.0, 1.0)
+    held.limited(5.0)  # 1.0 drew a 429 within 5 s: it did not hold
+    held.reached(5.0, 0.5)
+    for second in range(6, 10):
+        held.reached(float(second), 0.5 + 0.1 * (second - 5))  # the climb back, to 0.9
+    assert held.settle(30.0) == 0.0  # nothing has held 30 s yet
+    held.limited(45.0)  # 0.9, reached at 9 s, held 36 s; no 429 for anything below it either
+    assert held.settle(45.0) == pytest.approx(0.9)
+    held.reached(45.0, 0.45)
+    held.reached(50.0, 0.95)
+    held.limited(60.0)  # 0.95 held 10 s: not enough
+    assert held.settle(100.0) == pytest.approx(0.9)
 
 
 def test_the_slowdown_holds_from_the_end_of_a_long_pause():

@@ -57,6 +57,9 @@ class SharedRateGate:
     def paused(self) -> bool:
         return self._paused_until > self._clock()
 
+    def held(self) -> float | None:
+        return None  # the key's rate moves in Redis, with every worker's 429s: not known here
+
     async def acquire(self) -> None:
         self._waiting += 1
         try:

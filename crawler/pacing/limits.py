@@ -11,7 +11,7 @@ from typing import Protocol
 import structlog
 from aiolimiter import AsyncLimiter
 
-from crawler.pacing.slowdown import Slowdown
+from crawler.pacing.slowdown import HeldRate, Slowdown
 
 # aiolimiter admits a request when the bucket's level is at most max_rate - 1. With max_rate 1 the
 # bucket must be empty, so every late timer wake-up (asyncio rounds waits up to the millisecond)
@@ -76,6 +76,9 @@ class Gate(Protocol):
     episodes: int
     limited_at: float | None  # requests/s when the last 429 episode began (None: none yet)
 
+    def held(self) -> float | None:
+        """The highest rate that held for a while without a 429, if this gate knows one."""
+
     @property
     def paused(self) -> bool: ...
 
@@ -108,6 +111,8 @@ class RateGate:
         self._resume_at = 0.0
         self._began = -math.inf  # when the last episode began
         self._slowdown = Slowdown()
+        self._held = HeldRate()
+        self._held.reached(self._clock(), 1.0)
 
     @staticmethod
     def _make_limiter(rate: float) -> AsyncLimiter:
@@ -153,6 +158,7 @@ class RateGate:
             self.episodes += 1
             self._began = now
             self.limited_at = self.current
+            self._held.limited(now)
             self._slowdown.limited(now)
             self._set_rate()
             log.warning(
@@ -168,8 +174,13 @@ class RateGate:
             if self.current == self.configured:
                 log.info("rate recovered", rate=self.current)
 
+    def held(self) -> float | None:
+        best = self._held.settle(self._clock())
+        return self.configured * best if best else None
+
     def _set_rate(self) -> None:
         self.current = self.configured * self._slowdown.share
+        self._held.reached(self._clock(), self._slowdown.share)
         old, self._limiter = self._limiter, self._make_limiter(self.current)
         # a fresh bucket is empty, and would let a send go at once however recent the last one
         # (a strict server's bucket answered that with 429s): it starts as full as the old one

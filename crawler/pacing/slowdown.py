@@ -23,7 +23,8 @@ same rules in Redis for every worker on a key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 HALVE = 0.5  # share factor on a 429 episode not met while probing
 FLOOR = 0.05  # never below this share of the configured rate
@@ -85,3 +86,29 @@ class Slowdown:
             return False
         self.share = probed
         return True
+
+
+@dataclass
+class HeldRate:
+    """The highest share that held ``HOLD_SECONDS`` without a 429: what the run's end tells a
+    user the key is likely to allow (the share that drew the last 429 is half an episode too
+    high, and the halved one after it far too low). Between 429s the share only rises, so a
+    share held if the next 429 came ``HOLD_SECONDS`` or more after it was reached."""
+
+    best: float = 0.0
+    _steps: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def reached(self, now: float, share: float) -> None:
+        self.settle(now)
+        self._steps.append((now, share))
+
+    def limited(self, now: float) -> None:
+        """A 429 episode: what had held until now counts; the rest did not hold."""
+        self.settle(now)
+        self._steps.clear()
+
+    def settle(self, now: float) -> float:
+        """The best share held as of ``now``."""
+        while self._steps and self._steps[0][0] <= now - HOLD_SECONDS:
+            self.best = max(self.best, self._steps.popleft()[1])
+        return self.best
