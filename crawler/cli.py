@@ -412,6 +412,12 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
     )
     sandbox.add_argument("--throttle-seconds", type=float, default=2.0)
     sandbox.add_argument(
+        "--maintenance-seconds",
+        type=float,
+        default=0.0,
+        help="answer 503 with a Retry-After for this long from the start",
+    )
+    sandbox.add_argument(
         "--retry-after", default=None, help="every 429 carries exactly this Retry-After value"
     )
     sandbox.add_argument(
@@ -452,6 +458,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         throttle_seconds=args.throttle_seconds,
         retry_after=args.retry_after,
         answer_status=args.answer_status,
+        maintenance_seconds=args.maintenance_seconds,
     )
     problem = options.problem()
     if problem:

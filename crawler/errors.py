@@ -116,6 +116,12 @@ class RateLimited(RetryableError):
 class ServerError(RetryableError):
     """5xx, a 200 with a non-zero code, a bad body, or a network fault."""
 
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after  # a 503 in maintenance says when to come back
+
 
 class TargetError(ApiError):
     """This target cannot be fetched (400); the others go on."""

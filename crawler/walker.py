@@ -258,7 +258,9 @@ class Walker:
                 continue
             except RetryableError as exc:
                 _raise_if_cancelling()
-                delay = tries.next_delay(self.clock())
+                asked = getattr(exc, "retry_after", None)  # a 503's Retry-After is honoured
+                self.policy.check_retry_after(asked)
+                delay = tries.next_delay(self.clock(), asked=asked)
                 if delay is None:
                     raise _GiveUp(
                         f"{exc} (gave up after {tries.attempts} attempts)", cost

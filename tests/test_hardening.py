@@ -113,6 +113,17 @@ async def test_a_cursor_given_again_fails_the_target_at_once(tmp_path: Path, san
     assert box.ledgers[key_fingerprint(KEY)].requests == 2
 
 
+async def test_a_maintenance_window_is_waited_out_as_the_503s_say(tmp_path: Path, sandbox):
+    """503 with Retry-After for 2 s: tries spaced as asked, not burnt on the job's own backoff
+    (8 tries within half a second here: every target failed)."""
+    async with sandbox(maintenance_seconds=2.0) as (url, box):
+        job = load_job(write_job(tmp_path, url, [{"product_id": PRODUCTS[0], "region": "US"}]))
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0
+    statuses = box.ledgers[key_fingerprint(KEY)].statuses
+    assert 1 <= statuses["503"] <= 3 and statuses["200"] >= 1
+
+
 async def test_cursors_that_cycle_fail_the_target_at_once(tmp_path: Path, sandbox):
     cycling = PRODUCTS[7]  # a product of many pages
     async with sandbox(cycling=frozenset({cycling})) as (url, box):

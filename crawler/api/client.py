@@ -165,7 +165,11 @@ def _error(  # noqa: PLR0917 -- the parts of one answer, each passed in once
     if status == 400:
         return TargetError(f"400 invalid parameters{message}", status=status)
     if status == 408 or status >= 500:
-        return ServerError(f"{status} server error{message}", status=status)
+        return ServerError(
+            f"{status} server error{message}",
+            status=status,
+            retry_after=parse_retry_after(retry_after),
+        )
     # a status this API never gives: every target would get it, so the run stops (the URL has
     # no secret in it: the key rides in a header, and the query is left out anyway)
     # where a redirect points, without its query: the path is what tells a wrong base_url

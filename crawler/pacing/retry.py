@@ -23,12 +23,15 @@ class RetryState:
     attempts: int = 0
     rate_limited_in_a_row: int = 0
 
-    def next_delay(self, now: float) -> float | None:
-        """Seconds to wait before the next try of a retryable fault, or None to give up."""
+    def next_delay(self, now: float, *, asked: float | None = None) -> float | None:
+        """Seconds to wait before the next try of a retryable fault (at least what the server
+        ``asked`` in a Retry-After), or None to give up."""
         self.attempts += 1
         if self.attempts >= self.policy.max_attempts:
             return None
         delay = self.policy.backoff(self.attempts)
+        if asked is not None:
+            delay = max(delay, asked)
         if now + delay - self.started > self.policy.max_seconds:
             return None
         return delay

@@ -55,6 +55,7 @@ class SandboxOptions:
     throttle_seconds: float = 2.0
     retry_after: str | None = None  # every 429 carries exactly this Retry-After value
     answer_status: int | None = None  # the reviews endpoint answers only this, without JSON
+    maintenance_seconds: float = 0.0  # from start, 503 with a Retry-After till this is over
 
     def problem(self) -> str | None:
         """What makes these options unusable, in words for a command line; None when fine."""
@@ -102,6 +103,7 @@ class Sandbox:
         self.options = options
         self.catalogue = Catalogue(options.page_size, options.generation, options.shrink)
         self.ledgers: dict[str, KeyLedger] = {}
+        self._started = time.monotonic()
         self._rng = random.Random(options.seed)
         burst = options.burst
         self._burst = burst if burst is not None else max(2.0, (options.rate or 0) / 10)
@@ -137,6 +139,10 @@ class Sandbox:
         if key is None or (opts.keys is not None and key not in opts.keys):
             return _error(401, 40100, "missing or invalid API key")
         book = self._book(key)
+        left = self._started + opts.maintenance_seconds - time.monotonic()
+        if left > 0:  # down for maintenance: come back when it is over
+            retry = {"Retry-After": str(math.ceil(left))}
+            return self._count(book, _error(503, 50300, "down for maintenance", retry))
         query = request.query
         book.targets[f"{query.get('product_id')}:{query.get('region')}"] += 1
         return self._count(book, await self._answer(request, key, book))

@@ -65,6 +65,7 @@ _FLAGS: dict[str, Callable[[Any], list[str]]] = {
     "throttle_seconds": _optional("--throttle-seconds"),
     "retry_after": _optional("--retry-after"),
     "answer_status": _optional("--answer-status"),
+    "maintenance_seconds": _optional("--maintenance-seconds"),
 }
 
 
