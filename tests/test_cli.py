@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import sqlite3
 from pathlib import Path
 
 from tests.conftest import crawler_command, run_crawler, write_job
@@ -46,3 +48,25 @@ async def test_plan_without_the_api_key_does_not_pass(tmp_path: Path):
     stdout, stderr = await process.communicate()
     assert process.returncode == 2, stderr.decode()
     assert (b"KEYAPI_API_KEY" in stderr and b"1 targets" in stdout + stderr) or stdout
+
+
+async def test_shards_without_state_are_not_called_a_coordinated_job(tmp_path: Path):
+    job = write_job(tmp_path, "sandbox", [{"product_id": "1729679758111249333", "region": "US"}])
+    status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+    assert status == 0, stderr.decode()
+    shutil.rmtree(tmp_path / "out" / "state")
+    status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+    assert status == 2 and b"holds shards but no job state" in stderr
+    assert b"coordinated" not in stderr
+
+
+def test_a_read_only_state_file_is_named_as_such(tmp_path: Path):
+    """(As root SQLite writes such a file anyway: the message is checked where it is made.)"""
+    from crawler.state.sqlite import _error  # noqa: PLC0415 -- the one place that words it
+
+    state = tmp_path / "state.db"
+    state.write_bytes(b"")
+    state.chmod(0o444)
+    message = str(_error(sqlite3.OperationalError("attempt to write a readonly database"), state))
+    assert "the file is read-only" in message and "chmod u+w" in message
+    assert "file system is read-only" not in message

@@ -67,9 +67,11 @@ def _cut(path: Path, length: int) -> int:
     except FileNotFoundError:
         size = 0
     if size < length:
+        # never advise --fresh here: it deletes every committed shard, to mend one file
         raise StateError(
-            f"{path}: {size} bytes, the state committed {length}; the files do not belong to "
-            "this state (start over with --fresh)"
+            f"{path}: {size:,} bytes, the state committed {length:,}: the file was cut or "
+            "replaced since; put the original back (a backup, another copy), or point "
+            "output.dir at the folder it belongs to"
         )
     if size == length and path.exists():
         return 0

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import orjson
 
 from crawler.errors import OutputError, StateError
-from crawler.output.layout import Layout, hold
+from crawler.output.layout import Layout, hold, shard_owner
 from crawler.state import rules
 from crawler.state.events import WALKABLE, Commit, Finish, ShardOpened, Status, WriterPosition
 from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
@@ -604,8 +604,21 @@ def _error(exc: sqlite3.Error, path: Path) -> Exception:
     text = str(exc)
     for words, code in _OUTPUT_ERRORS:
         if isinstance(exc, sqlite3.OperationalError) and words in text:
+            if code == errno.EROFS and _read_only_file(path):  # not its file system
+                return OutputError(
+                    f"{path}: cannot write: the file is read-only; make it writable (chmod u+w "
+                    f"{path}), then run the same command again: the state is saved",
+                    path=str(path),
+                )
             return OutputError.from_os(OSError(code, os.strerror(code)), path)
     return StateError(f"{path}: unreadable state ({text}); start over with --fresh")
+
+
+def _read_only_file(path: Path) -> bool:
+    try:
+        return not path.stat().st_mode & 0o200
+    except OSError:
+        return False
 
 
 # sqlite3 reports errno only as words in its message
@@ -707,8 +720,6 @@ class SqliteView:
 
 
 def _coordinated(layout: Layout) -> bool:
-    """Whether the folder's manifest is a coordinated job's (it lists shards of named workers)."""
-    try:
-        return bool(orjson.loads(layout.manifest.read_bytes()).get("version") == 2)
-    except (OSError, orjson.JSONDecodeError, AttributeError):
-        return False
+    """Whether the folder's shards are a coordinated job's: named for their workers (every
+    manifest has the same version now, so it cannot tell)."""
+    return any(shard_owner(path.name) for path in layout.shard_files())
