@@ -193,6 +193,7 @@ class Walker:
             page.total,
             walk.goal if first_page else None,
             _expected(page, walk.goal, target.max_pages) if first_page else None,
+            last=self.max_pages is not None and walk.pages >= self.max_pages,
         )
         await self.writer.put(change, target, rendered)
         return change

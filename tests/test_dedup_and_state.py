@@ -53,7 +53,9 @@ def test_recovery_keeps_committed_ids_only(tmp_path: Path):
     assert reopened.add("1234567890123456790")  # uncommitted: cut off, so new again
     reopened.close()
     assert layout.seen_ids.stat().st_size == committed.seen * 8
-    with pytest.raises(StateError, match="cut or replaced since"):  # files shorter than the state says
+    with pytest.raises(
+        StateError, match="cut or replaced since"
+    ):  # files shorter than the state says
         recover(layout, WriterPosition(seen=committed.seen + 5), [], None, 1)
 
 
@@ -114,3 +116,23 @@ async def test_a_second_crawler_on_the_same_job_is_refused(tmp_path: Path):
         await SqliteStore.open(layout, OUTPUT)
     await store.close()
     await (await SqliteStore.open(layout, OUTPUT)).close()  # free again once closed
+
+
+async def test_a_probed_target_is_not_held_in_memory_for_the_run(tmp_path: Path):
+    """plan --probe walks page 1 of every target and leaves them pending: a million of them must
+    not stay in the store's memory (~280 B each) until the run ends."""
+    store = await SqliteStore.open(Layout(tmp_path), OUTPUT)
+    targets = TargetList()
+    for n in range(50):
+        targets.append(str(1234567890 + n), 0, None)
+    await store.sync_targets(targets)
+    await store.begin_run(refresh=False, mode="early_stop")
+    while (claimed := await store.claim()) is not None:
+        probed = PageCommitted(
+            claimed.saved.id, 0, 2, Status.PENDING, None, 10, 10, 0, 2, 0, 0, 0.1, 40, None, 4,
+            last=True,
+        )  # fmt: skip
+        await store.commit(Commit([probed], [], WriterPosition()))
+    assert not store._live  # all committed, none held
+    assert store.totals.count(Status.PENDING) == 50
+    await store.close()

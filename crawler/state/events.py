@@ -56,6 +56,7 @@ class PageCommitted:
     # that keeps the seen-set itself
     ids: bytes = b""
     other_ids: bytes = b""
+    last: bool = False  # the walker walks this target no further in this run (plan --probe)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,15 @@ import orjson
 from crawler.errors import OutputError, StateError
 from crawler.output.layout import Layout, hold, shard_owner
 from crawler.state import rules
-from crawler.state.events import WALKABLE, Commit, Finish, ShardOpened, Status, WriterPosition
+from crawler.state.events import (
+    WALKABLE,
+    Commit,
+    Finish,
+    PageCommitted,
+    ShardOpened,
+    Status,
+    WriterPosition,
+)
 from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
 from crawler.targets import Target, TargetList
 
@@ -427,6 +435,9 @@ class SqliteStore:
         finished = [t for t in changed.values() if t.status in rules.FINAL]
         for target in finished:
             del self._live[target.id]
+        for change in batch.changes:  # a probe's targets stay pending: not held for the run
+            if isinstance(change, PageCommitted) and change.last:
+                self._live.pop(change.target_id, None)
         return finished
 
     def _write(self, targets: list[TargetState], batch: Commit, delta: rules.Delta) -> None:
