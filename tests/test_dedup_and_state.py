@@ -53,9 +53,7 @@ def test_recovery_keeps_committed_ids_only(tmp_path: Path):
     assert reopened.add("1234567890123456790")  # uncommitted: cut off, so new again
     reopened.close()
     assert layout.seen_ids.stat().st_size == committed.seen * 8
-    with pytest.raises(
-        StateError, match="cut or replaced since"
-    ):  # files shorter than the state says
+    with pytest.raises(StateError, match="cut or replaced since"):  # shorter than committed
         recover(layout, WriterPosition(seen=committed.seen + 5), [], None, 1)
 
 
