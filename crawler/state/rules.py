@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 
 from crawler.state.events import WALKABLE, Finish, PageCommitted, Status, TargetFailed
 from crawler.state.model import Ledger, TargetState, Totals
@@ -98,25 +99,40 @@ class Delta:
                 self.refreshes.setdefault(after.walk, Counter()).update(figures)
 
 
+    def change(self, state: TargetState, rule: Callable[[TargetState], bool]) -> bool:
+        """``rule`` applied to ``state`` in place, its effect counted here; whether it changed
+        (no copy of the state: this is on the per-page path)."""
+        self.totals.add(state, -1)
+        walk = state.walk
+        before = refresh_figures(state) if walk else None
+        changed = rule(state)
+        self.totals.add(state)
+        if changed and state.walk:
+            figures = refresh_figures(state)
+            if before is not None and walk == state.walk:
+                figures.subtract(before)
+            if any(figures.values()):
+                self.refreshes.setdefault(state.walk, Counter()).update(figures)
+        return changed
+
+
 def changed(state: TargetState, rule: Callable[[TargetState], bool], delta: Delta) -> bool:
     """``rule`` applied to ``state``, its effect counted in ``delta``; whether it changed."""
-    before = replace(state)
-    if not rule(state):
-        return False
-    delta.moved(before, state)
-    return True
+    return delta.change(state, rule)
 
 
 def committed(states: dict[int, TargetState], changes: list[PageCommitted | TargetFailed]) -> Delta:
     """A batch's changes applied to the targets' states, and what they change in the sums."""
     delta = Delta()
     for change in changes:
-        state = states[change.target_id]
-        before = replace(state)
-        applied(state, change)
-        delta.moved(before, state)
+        delta.change(states[change.target_id], partial(_applying, change))
         delta.credits += change.credits
     return delta
+
+
+def _applying(change: PageCommitted | TargetFailed, state: TargetState) -> bool:
+    applied(state, change)
+    return True
 
 
 REFRESH_FIGURES = ("targets", "probed", "changed", "new_reviews", "credits", "pages", "done")
