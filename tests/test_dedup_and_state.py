@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from crawler.errors import StateError
@@ -20,7 +22,8 @@ from crawler.state.events import (
     TargetFailed,
     WriterPosition,
 )
-from crawler.state.sqlite import SqliteStore
+from crawler.state.model import Ledger
+from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.targets import TargetList
 
 
@@ -134,3 +137,108 @@ async def test_a_probed_target_is_not_held_in_memory_for_the_run(tmp_path: Path)
     assert not store._live  # all committed, none held
     assert store.totals.count(Status.PENDING) == 50
     await store.close()
+
+
+# the state schema of version 2 (crawler before the rules were written once), as it was
+V2_SCHEMA = """
+CREATE TABLE job (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    leased INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    next_shard INTEGER NOT NULL DEFAULT 1,
+    open_shard TEXT,
+    shard_bytes INTEGER NOT NULL DEFAULT 0,
+    shard_records INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL DEFAULT 0,
+    seen_other INTEGER NOT NULL DEFAULT 0,
+    targets_digest TEXT,
+    refresh INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE targets (
+    id INTEGER PRIMARY KEY,
+    product_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    max_pages INTEGER,
+    active INTEGER NOT NULL DEFAULT 1,
+    status TEXT NOT NULL DEFAULT 'pending',
+    finish TEXT,
+    cursor,
+    walk INTEGER NOT NULL DEFAULT 0,
+    walk_pages INTEGER NOT NULL DEFAULT 0,
+    walk_new INTEGER NOT NULL DEFAULT 0,
+    walk_goal INTEGER,
+    walk_credits INTEGER NOT NULL DEFAULT 0,
+    walk_expected INTEGER,
+    walk_count INTEGER,
+    base_count INTEGER,
+    pages INTEGER NOT NULL DEFAULT 0,
+    items INTEGER NOT NULL DEFAULT 0,
+    records INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    review_count INTEGER,
+    reason TEXT,
+    UNIQUE (product_id, region)
+);
+CREATE TABLE shards (
+    seq INTEGER PRIMARY KEY,
+    file TEXT NOT NULL UNIQUE,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    refresh INTEGER,
+    exit_status INTEGER,
+    stop_reason TEXT,
+    stop_message TEXT,
+    requests INTEGER,
+    retries INTEGER,
+    rate_limited INTEGER,
+    rate_limit_episodes INTEGER
+);
+CREATE TABLE refreshes (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    mode TEXT NOT NULL
+);
+"""
+
+
+async def test_a_version_2_state_is_migrated_whole(tmp_path: Path):
+    layout = Layout(tmp_path)
+    layout.state_dir.mkdir()
+    db = sqlite3.connect(layout.state_db, isolation_level=None)
+    db.executescript(f"BEGIN; {V2_SCHEMA}; COMMIT;")
+    db.execute(
+        "INSERT INTO job (id, version, output, leased, credits) VALUES (1, 2, ?, 40, 36)",
+        (orjson.dumps(OUTPUT).decode(),),
+    )
+    db.execute("INSERT INTO refreshes (id, started_at, mode) VALUES (1, 0, 'early_stop')")
+    for n, (status, finish, pages, new) in enumerate(
+        [("done", "same", 1, 0), ("done", "goal", 3, 5), ("pending", None, 0, 0)]
+    ):
+        db.execute(
+            "INSERT INTO targets (product_id, region, status, finish, walk, walk_pages, "
+            "walk_new, walk_credits) VALUES (?, 'US', ?, ?, 1, ?, ?, ?)",
+            (str(100 + n), status, finish, pages, new, 2 * pages),
+        )
+    db.close()
+    store = await SqliteStore.open(layout, OUTPUT)
+    assert store.ledger == Ledger(40, 36, 0)
+    await store.close()
+    view = SqliteView.open(layout)
+    assert view is not None
+    (refresh,) = view.refreshes()
+    view.close()
+    assert (refresh["targets"], refresh["probed"], refresh["changed"]) == (3, 2, 1)
+    assert (refresh["new_reviews"], refresh["pages"], refresh["done"]) == (5, 4, 2)

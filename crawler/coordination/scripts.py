@@ -86,7 +86,8 @@ return {inc, redis.call('HGET', KEYS[1], 'commit_seq') or '0',
 """
 )
 
-# the next product to walk: one whose lease expired first (its holder died), else the queue's
+# the next product to walk: one whose lease expired first (its holder died), else the queue's;
+# answered with the refresh under way as it is taken (a refresh another worker started meanwhile)
 CLAIM = (
     _NOW
     + _UPTIME
@@ -105,7 +106,8 @@ if redis.call('HGET', KEYS[3], 'claim_req') == ARGV[3] then
   local key = ARGV[1] .. 'p:' .. pid
   local epoch = redis.call('HGET', KEYS[3], 'claim_epoch')
   if redis.call('HGET', key, 'e') ~= epoch or redis.call('HGET', key, 'o') ~= me then return {} end
-  return {pid, epoch, redis.call('HGETALL', key)}
+  return {pid, epoch, redis.call('HGETALL', key),
+          redis.call('HGET', ARGV[1] .. 'meta', 'refresh') or '0'}
 end
 -- given back by a worker's earlier incarnation first, then expired (not just after an outage)
 local pid = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', 0, 'LIMIT', 0, 1)[1]
@@ -148,7 +150,8 @@ local epoch = tostring(redis.call('HINCRBY', key, 'e', 1))
 redis.call('HSET', key, 'o', me)
 redis.call('ZADD', KEYS[2], now + lease, pid)
 redis.call('HSET', KEYS[3], 'claim_req', ARGV[3], 'claim_pid', pid, 'claim_epoch', epoch)
-return {pid, epoch, redis.call('HGETALL', key)}
+return {pid, epoch, redis.call('HGETALL', key),
+        redis.call('HGET', ARGV[1] .. 'meta', 'refresh') or '0'}
 """
 )
 
@@ -185,8 +188,9 @@ APPLY = (
     _NOW
     + """
 -- KEYS: w:<worker>
--- ARGV: payload (JSON): inc, chan (the worker's sequence field, '' for none), seq,
---       checks [[key, field, value ('' for absent)], ...], ops [[command, key, arg, ...], ...]
+-- ARGV: payload (JSON): inc, chan (the worker's sequence field, '' for none), seq, rid (a request
+--       id: a repeat is answered ok, changing nothing; kept an hour), checks [[key, field, value
+--       ('' for absent)], ...], ops [[command, key, arg, ...], ...]
 --       ('$now' in an op stands for Redis's time in ms; an op ['UNLESS', key, field, value, ...]
 --       runs the command after the value only when the field no longer holds it)
 local p = cjson.decode(ARGV[1])
@@ -195,6 +199,8 @@ if p.inc ~= cjson.null and tonumber(redis.call('HGET', w, 'inc')) ~= p.inc then
   return {'retired'}
 end
 if p.chan ~= '' and p.seq <= tonumber(redis.call('HGET', w, p.chan) or '0') then return {'ok'} end
+local applied, rid = w .. ':applied', p.rid or ''
+if rid ~= '' and redis.call('ZSCORE', applied, rid) then return {'ok'} end
 local stale = {'stale'}
 for _, c in ipairs(p.checks) do
   if (redis.call('HGET', c[1], c[2]) or '') ~= c[3] then table.insert(stale, c[1]) end
@@ -212,9 +218,22 @@ for _, op in ipairs(p.ops) do
   end
 end
 if p.chan ~= '' then redis.call('HSET', w, p.chan, p.seq) end
+if rid ~= '' then
+  redis.call('ZADD', applied, now, rid)
+  redis.call('ZREMRANGEBYSCORE', applied, '-inf', now - 3600000)
+end
 return {'ok'}
 """
 )
+
+# a lock one worker holds while it writes the targets: kept (ms > 0) or let go (ms = 0) only by
+# its holder, whose token it is: a worker that wakes after its lock ran out takes no other's
+LOCK = """
+-- KEYS: the lock;  ARGV: token, ms
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
 
 # the workers silent for longer than a lease that left a shard open
 SILENT = (

@@ -48,6 +48,7 @@ class Lease:
     product_id: str
     epoch: str
     version: str  # the product's targets' version at the claim: a sync since may add some
+    refresh: int  # the refresh under way at the claim: one started since walks it again
     targets: set[int] = field(default_factory=set)  # local ids of its targets not final yet
     lost: bool = False
 
@@ -120,9 +121,15 @@ class RedisStore:
                 if value:
                     writes.op("HINCRBY", self.key(f"refresh:{refresh}"), name, value)
 
-    async def apply(self, writes: Writes, *, chan: str = "", seq: int = 0) -> list[str]:
-        """Persist one decided change: ['ok'], ['retired'], or ['stale', key, ...]."""
-        payload = {"inc": self._inc or None, "chan": chan, "seq": seq,
+    async def apply(
+        self, writes: Writes, *, chan: str = "", seq: int = 0, fenced: bool = True
+    ) -> list[str]:
+        """Persist one decided change: ['ok'], ['retired'], or ['stale', key, ...]. Sent again
+        after a lost answer (``Link.call``), it is applied once: by its sequence number on a
+        channel one task sends in order (commits, leases), else by a request id of its own.
+        ``fenced``: refused once this incarnation is retired."""
+        payload = {"inc": self._inc if fenced else None, "chan": chan, "seq": seq,
+                   "rid": "" if chan else uuid.uuid4().hex,
                    "checks": writes.checks, "ops": writes.ops}  # fmt: skip
         answer: list[str] = await self._apply(keys=[self._w], args=[orjson.dumps(payload)])
         if answer[0] == "retired":
@@ -246,8 +253,7 @@ class RedisStore:
         writes.check(worker_key, "outstanding", raw)  # once, whoever does it
         writes.op("HINCRBY", self.key("ledger"), "forfeited", ledger.forfeited)
         writes.op("HSET", worker_key, "outstanding", 0)
-        payload = {"inc": None, "chan": "", "seq": 0, "checks": writes.checks, "ops": writes.ops}
-        await self._apply(keys=[self._w], args=[orjson.dumps(payload)])
+        await self.apply(writes, fenced=False)
 
     async def _seal_my_open_shard(self) -> None:
         """A new incarnation never appends to the file an earlier one had open: that one may be
@@ -335,6 +341,9 @@ class RedisStore:
         await self._queue_retries()
         redis, meta = self.link.redis, self.key("meta")
         current = int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
+        queued = int(await self.link.call(lambda: redis.hget(meta, "refresh_queued")) or 0)
+        if queued != current:  # a refresh a kill left half-queued: queued whole, flag or not
+            await self._queue_every_product(current)
         by_plan = await self.link.call(lambda: redis.hget(meta, "refresh_by_plan")) == str(current)
         if refresh:
             current = await self._start_refresh(current, mode, probe=probe, by_plan=by_plan)
@@ -348,10 +357,6 @@ class RedisStore:
         """``rules.refresh_to_walk``: refresh ``current + 1``, its products all queued (once,
         even through a kill), or the refresh there is."""
         redis, meta = self.link.redis, self.key("meta")
-        queued = int(await self.link.call(lambda: redis.hget(meta, "refresh_queued")) or 0)
-        if queued != current:  # a refresh a kill left half-queued: queued whole now
-            await self._queue_every_product(current)
-            return current
         todo, held = await self.link.call(
             lambda: asyncio.gather(redis.llen(self.key("todo")), redis.zcard(self.key("leases")))
         )
@@ -472,8 +477,10 @@ class RedisStore:
             await asyncio.sleep(max(low, min(int(answer[1]), high)) / 1000)
             return
         product_id, epoch, flat_fields = answer[0], answer[1], answer[2]
+        # a refresh another worker started since this one began: joined, product by product
+        self.refresh = max(self.refresh, int(answer[3]))
         fields = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
-        lease = Lease(product_id, epoch, fields.get("v", ""))
+        lease = Lease(product_id, epoch, fields.get("v", ""), self.refresh)
         self._leases[product_id] = lease
         targets = []
         for name, raw in sorted(fields.items()):
@@ -688,7 +695,7 @@ class RedisStore:
     def _released_by(self, finished: list[TargetState]) -> list[Lease]:
         done: list[Lease] = []
         for state in finished:
-            lease = self._live[state.id][2]
+            lease = self._live.pop(state.id)[2]  # walked to its end: not held in memory
             lease.targets.discard(state.id)
             if not lease.targets and lease not in done:
                 done.append(lease)
@@ -736,6 +743,9 @@ def _release(writes: Writes, store: RedisStore, lease: Lease, *, requeue: bool) 
         writes.op("RPUSH", store.key("todo"), lease.product_id)
     else:
         writes.unless(key, "v", lease.version, "RPUSH", store.key("todo"), lease.product_id)
+        meta = store.key("meta")
+        refresh = lease.refresh or ""  # '' as the field reads before any refresh
+        writes.unless(meta, "refresh", refresh, "RPUSH", store.key("todo"), lease.product_id)
 
 
 def _refused(worker: str, answer: list[str], prefix: int) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import zstandard
 
+from crawler.coordination.scripts import LOCK
 from crawler.coordination.writes import Writes, doc_of, parse_doc
 from crawler.state import rules
 from crawler.state.model import TargetState
@@ -40,6 +41,7 @@ async def sync_targets(store: RedisStore, targets: TargetList) -> bool:
     digest = targets.digest()
     redis, link, meta = store.link.redis, store.link, store.key("meta")
     lock, token = store.key("init"), uuid.uuid4().hex
+    holding = link.script(LOCK)
     while await link.call(lambda: redis.hget(meta, "digest")) != digest:
         if not await link.call(lambda: redis.set(lock, token, nx=True, px=_LOCK_MS)):
             await asyncio.sleep(0.2)  # another worker is writing them
@@ -52,14 +54,13 @@ async def sync_targets(store: RedisStore, targets: TargetList) -> bool:
             before = decoded(saved) if saved else TargetList()
             for chunk in _chunks(_changes(before, targets)):
                 await _write(store, chunk, fresh=fresh)
-                await link.call(lambda: redis.set(lock, token, xx=True, px=_LOCK_MS))
+                await holding(keys=[lock], args=[token, _LOCK_MS])
             listed = _encoded(targets)
             done = {"digest": digest, "targets": len(targets), "targets_list": listed}
             await link.call(partial(redis.hset, meta, mapping=done))
             return True
         finally:
-            if await link.call(lambda: redis.get(lock)) == token:
-                await link.call(lambda: redis.delete(lock))
+            await holding(keys=[lock], args=[token, 0])
     return False
 
 
@@ -92,6 +93,7 @@ def _chunks(changed: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict[str, 
 async def _write(store: RedisStore, chunk: dict[str, dict[str, Any]], *, fresh: bool) -> None:
     """One chunk of products, read then written in one script; read again and decided again
     when a worker changed one of them in between."""
+    pause = 0.02
     while True:
         held = {} if fresh else await _read(store, list(chunk))
         writes, delta, queue = Writes(), rules.Delta(), []
@@ -103,6 +105,10 @@ async def _write(store: RedisStore, chunk: dict[str, dict[str, Any]], *, fresh: 
         store.count(writes, delta)
         if (await store.apply(writes))[0] == "ok":
             return
+        # a worker moved one of them (or an earlier, killed sync wrote some): read, decide again
+        fresh = False
+        await asyncio.sleep(pause)
+        pause = min(1.0, pause * 2)
 
 
 def _product(  # noqa: PLR0917 -- one chunk's accumulators, passed along the products
@@ -122,6 +128,9 @@ def _product(  # noqa: PLR0917 -- one chunk's accumulators, passed along the pro
         raw = found.get(f"r:{region}")
         if raw is None and cap is _OFF:
             continue
+        # a commit between the read and this write (a walk under way) changes only the target:
+        # the target as read must still be there, or the sync decides again
+        writes.check(key, f"r:{region}", raw)
         state, was_on = TargetState(0), False
         if raw is not None:
             state, _, off = parse_doc(raw, 0)

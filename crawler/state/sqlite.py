@@ -528,8 +528,11 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise _error(exc, path) from None
     if job["version"] == 2:
-        _migrate(db)
-        job = _job_row(db)
+        try:
+            _migrate(db)
+            job = _job_row(db)
+        except sqlite3.Error as exc:
+            raise _error(exc, path) from None
     if job["version"] != VERSION:
         db.close()
         raise StateError(
@@ -553,28 +556,39 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Version 2 -> 3: the lease a crash forfeits, and each refresh's figures kept for good
-    (worked out once from the targets, as version 2 showed them)."""
+    (worked out once from the targets, by ``rules.refresh_figures``)."""
     figures = ", ".join(
         f"{n} INTEGER NOT NULL DEFAULT 0" for n in (*rules.REFRESH_FIGURES, "by_plan")
     )
-    adds = "; ".join(f"ALTER TABLE refreshes ADD COLUMN {column}" for column in figures.split(", "))
-    db.executescript(
-        "BEGIN; ALTER TABLE job ADD COLUMN outstanding INTEGER NOT NULL DEFAULT 0; "
-        f"ALTER TABLE job ADD COLUMN forfeited INTEGER NOT NULL DEFAULT 0; {adds}; COMMIT;"
-    )
+    # one transaction (SQLite's ALTER TABLE is transactional): a kill leaves version 2 whole
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for column in (
+            "outstanding INTEGER NOT NULL DEFAULT 0",
+            "forfeited INTEGER NOT NULL DEFAULT 0",
+        ):
+            db.execute(f"ALTER TABLE job ADD COLUMN {column}")
+        for column in figures.split(", "):
+            db.execute(f"ALTER TABLE refreshes ADD COLUMN {column}")
+        _count_old_refreshes(db)
+        db.execute("UPDATE job SET version = 3")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _count_old_refreshes(db: sqlite3.Connection) -> None:
     rows = db.execute(f"SELECT walk, {_STATE_COLUMNS} FROM targets WHERE active AND walk > 0")  # noqa: S608 -- ours
     sums: dict[int, Counter[str]] = {}
     for row in rows:
         sums.setdefault(row[0], Counter()).update(rules.refresh_figures(state_of(row[1:])))
-    db.execute("BEGIN IMMEDIATE")
     for refresh, counted in sums.items():
         db.execute(
             f"UPDATE refreshes SET {', '.join(f'{n} = ?' for n in rules.REFRESH_FIGURES)} "  # noqa: S608 -- ours
             "WHERE id = ?",
             [*(counted[n] for n in rules.REFRESH_FIGURES), refresh],
         )
-    db.execute("UPDATE job SET version = 3")
-    db.execute("COMMIT")
 
 
 def _forfeit(db: sqlite3.Connection, path: Path) -> None:
