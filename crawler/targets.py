@@ -83,6 +83,16 @@ class TargetList:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def index_of(self, number: int, region: int) -> int:
+        """Where a product (its id as a number) is first listed in a region; it must be listed.
+
+        A scan of the columns, at C speed: only for the few duplicates a load reports."""
+        ids, regions = self._ids, self._regions
+        at = ids.index(number)
+        while regions[at] != region:
+            at = ids.index(number, at + 1)
+        return at
+
     def __getitem__(self, index: int) -> Target:
         number = self._ids[index]
         product_id = str(number) if number else self._odd[index]
@@ -158,8 +168,10 @@ class Collector:
         self.targets = TargetList()
         self.errors: list[str] = []
         self.bad = 0  # bad rows in all, listed or not
-        self._keys = SeenIds(capacity=1 << 16)  # ~11 bytes a target while loading
-        self._odd_keys: set[tuple[str, int]] = set()
+        # one exact set of ids per region (~11 bytes a target while loading): a hit is a
+        # duplicate, with no need to look through the targets to make sure
+        self._keys = [SeenIds(capacity=1 << 12) for _ in REGIONS]
+        self._odd_keys: dict[tuple[str, int], int] = {}  # -> where it was first listed
         self._sources: list[tuple[str, str]] = []
         self._source_of = array("B")
         self._position_of = array("I")
@@ -179,12 +191,21 @@ class Collector:
     ) -> None:
         """Add a checked target (``region`` as its index), unless it is listed already."""
         number = _as_number(product_id)
-        if number is not None:  # 64 bits of the pair; a match is checked exactly below
-            new = self._keys.add_u64(((number << 4 | region) & _U64) or 1)
+        if number is not None:
+            new = self._keys[region].add_u64(number)
         else:
             new = (product_id, region) not in self._odd_keys
-            self._odd_keys.add((product_id, region))
-        if not new and (first := self._first(product_id, REGIONS[region])) is not None:
+            if new:
+                self._odd_keys[(product_id, region)] = len(self.targets)
+        if not new:
+            if len(self.errors) >= MAX_ERRORS:
+                self.bad += 1  # counted only: where it was first listed is never shown
+                return
+            first = (
+                self._odd_keys[(product_id, region)]
+                if number is None
+                else self.targets.index_of(number, region)
+            )
             self.problem(
                 f"{self._sources[source][0].format(position)}: product {product_id} in "
                 f"{REGIONS[region]} is already listed at {self._where(first, seen_from=source)}"
@@ -193,18 +214,6 @@ class Collector:
         self.targets.append_number(number, product_id, region, max_pages)
         self._source_of.append(source)
         self._position_of.append(position)
-
-    def _first(self, product_id: str, region: str) -> int | None:
-        # only when 64 bits of the pair match: a duplicate (at most MAX_ERRORS are looked up
-        # before the load fails) or, about once in 10**7 jobs of a million, two pairs alike
-        return next(
-            (
-                i
-                for i, t in enumerate(self.targets)
-                if t.product_id == product_id and t.region == region
-            ),
-            None,
-        )
 
     def problem(self, message: str) -> None:
         self.bad += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,65 @@ async def test_a_job_from_a_targets_file_crawls_exactly(tmp_path: Path, served):
     ids = output_ids(job.output.dir)
     pairs = [(p, r) for p in PRODUCTS[:4] for r in ("US", "DE")]
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, pairs)
+
+
+def _load_seconds(path: Path) -> tuple[float, str]:
+    """Seconds ``load_job`` took, and what it refused (the empty string: nothing)."""
+    started = time.perf_counter()
+    try:
+        load_job(path)
+    except ConfigError as exc:
+        return time.perf_counter() - started, str(exc)
+    return time.perf_counter() - started, ""
+
+
+@pytest.mark.timeout(120)  # the quadratic check took hours on this file
+def test_duplicates_cost_no_more_than_distinct_rows(tmp_path: Path):
+    """200,000 rows, 20,000 of them listed earlier, load in about the time 200,000 distinct ones
+    do; the first duplicates are still named with the line of their first listing."""
+    rows, dups = 200_000, 20_000
+    first = 1729679758111249333
+    distinct = "".join(f"{first + i},US\n" for i in range(rows))
+    repeated = "".join(f"{first + i},US\n" for i in range(rows - dups))
+    repeated += "".join(f"{first + i},US\n" for i in range(rows - 2 * dups, rows - dups))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    clean = _job(tmp_path / "a", "targets_file: targets.csv\n", "product_id,region\n" + distinct)
+    dirty = _job(tmp_path / "b", "targets_file: targets.csv\n", "product_id,region\n" + repeated)
+    # the best of two, on a machine shared with other work
+    clean_seconds = min(_load_seconds(clean)[0] for _ in range(2))
+    dirty_seconds, refused = min(_load_seconds(dirty) for _ in range(2))
+    assert dirty_seconds < 2.5 * clean_seconds, (dirty_seconds, clean_seconds)
+    lines = refused.splitlines()
+    csv = tmp_path / "b" / "targets.csv"
+    # the header is line 1: row i is on line i + 2
+    assert lines[0] == (
+        f"{csv}:{rows - dups + 2}: product {first + rows - 2 * dups} in US is already listed "
+        f"at line {rows - 2 * dups + 2}"
+    )
+    assert lines[MAX_ERRORS - 1].endswith(f"at line {rows - 2 * dups + MAX_ERRORS + 1}")
+    assert lines[MAX_ERRORS:] == [
+        f"... and {dups - MAX_ERRORS:,} more bad targets ({dups:,} in all)"
+    ]
+
+
+def test_a_duplicate_of_an_id_kept_as_text_names_its_first_line(tmp_path: Path):
+    """Ids a number cannot hold (leading zeros, over 64 bits) are checked exactly too."""
+    long_id = "9" * 25
+    text = f"product_id,region\n007,US\n{long_id},US\n7,US\n{long_id},GB\n007,US\n{long_id},US\n"
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    csv = tmp_path / "targets.csv"
+    assert str(caught.value).splitlines() == [
+        f"{csv}:6: product 007 in US is already listed at line 2",
+        f"{csv}:7: product {long_id} in US is already listed at line 3",
+    ]
+
+
+def test_ids_alike_in_their_low_bits_are_different_targets(tmp_path: Path):
+    """Two ids 2**60 apart are two products (a key of the id's low 60 bits and the region
+    would take them for one)."""
+    low = 576758253504402357
+    text = f"product_id,region\n{low},US\n{low + 2**60},US\n"
+    job = load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert [t.product_id for t in job.targets] == [str(low), str(low + 2**60)]
