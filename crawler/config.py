@@ -213,12 +213,14 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
     try:
+        if "&" in text:  # without an anchor there is no alias to follow
+            _check_aliases(text)
         raw = yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a safe loader: plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        kind = "" if isinstance(exc, _DuplicateKey) else "YAML syntax error: "
+        kind = "" if isinstance(exc, _Refused) else "YAML syntax error: "
         raise ConfigError(f"{path}{where}: {kind}{problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a mapping with api, budget, output and targets")
@@ -235,8 +237,63 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     return Job(path, model.api, model.budget, output, targets, model.refresh, model.coordination)
 
 
-class _DuplicateKey(yaml.constructor.ConstructorError):
+class _Refused(yaml.constructor.ConstructorError):
+    """Valid YAML that a job file must not be; its message needs no "syntax error"."""
+
+
+class _DuplicateKey(_Refused):
     pass
+
+
+# values YAML aliases may copy in all: a few shared settings take tens; a "billion laughs" file
+# of a few hundred bytes copies 10**9 (each alias level multiplies the one below), hanging the
+# load and growing until the OOM killer ends it
+MAX_ALIASED_VALUES = 100_000
+
+
+def _check_aliases(text: str) -> None:
+    """Refuse aliases that copy more than ``MAX_ALIASED_VALUES`` values, or a node into itself.
+
+    Counted from the parser's events, before anything is built: an alias costs the values of
+    the node it names, aliases in that node included, so the count grows as the copies would.
+    """
+    sizes: dict[str, int] = {}  # anchor -> values its node holds, aliases expanded
+    open_nodes: list[list[Any]] = []  # [values so far, anchor] of each collection being read
+    copied = 0
+    for event in yaml.parse(text, Loader=_BASE_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            name = str(event.anchor)
+            mark: Any = event.start_mark  # libyaml's Mark or PyYAML's: the same fields
+            if any(anchor == name for _, anchor in open_nodes):
+                raise _Refused(
+                    problem=f"YAML alias *{name} is inside the node it names (a loop); "
+                    "write the values out",
+                    problem_mark=mark,
+                )
+            size = sizes.get(name, 1)  # an unknown anchor: the composer says so
+            copied += size
+            if copied > MAX_ALIASED_VALUES:
+                raise _Refused(
+                    problem=f"YAML alias *{name}: aliases copy more than "
+                    f"{MAX_ALIASED_VALUES:,} values in all; anchors and aliases are for a few "
+                    "shared settings: write the values out, or list targets in a targets_file",
+                    problem_mark=mark,
+                )
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = size
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([1, event.anchor])
+            continue
+        elif isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        else:
+            continue
+        if open_nodes:
+            open_nodes[-1][0] += size
 
 
 # libyaml's parser when PyYAML was built with it: several times faster on long target lists
