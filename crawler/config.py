@@ -209,9 +209,14 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     problem (bad targets: every one, up to a cap)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
+    try:
+        # newlines as read_text would give them: \r\n and \r are \n
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_not_utf8(path, data, exc)) from None
     try:
         if "&" in text:  # without an anchor there is no alias to follow
             _check_aliases(text)
@@ -324,6 +329,15 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]  # PyYAML's loaders are untyp
 
 
 _LOADER: Any = _Loader
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return (
+        f"{path}:{line}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+        f"({exc.reason}){utf16}; save the file as UTF-8"
+    )
 
 
 def _collect(path: Path, text: str, model: _JobModel) -> TargetList:

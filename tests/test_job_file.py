@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crawler import ConfigError, load_job
-from tests.conftest import crawler_command, subprocess_env
+from tests.conftest import crawler_command, run_crawler, subprocess_env
 from tests.test_config import GOOD
 
 # a few hundred bytes that a YAML loader expands to 9**9 (387 million) strings
@@ -103,3 +103,32 @@ def test_anchors_for_shared_settings_still_load(tmp_path: Path):
     job = load_job(_write(tmp_path, text))
     assert len(job.targets) == 2002
     assert {t.max_pages for t in job.targets} == {5}
+
+
+async def test_a_job_file_that_is_not_utf8_is_named(tmp_path: Path):
+    """Latin-1, as an old editor saves it: the file, its line and the byte, exit 2."""
+    path = _write(tmp_path, GOOD.replace("output:", "# café\noutput:").encode("latin-1"))
+    offset = GOOD.index("output:") + len("# caf")
+    status, _, stderr = await run_crawler("plan", str(path))
+    assert status == 2 and b"Traceback" not in stderr
+    assert stderr.decode().splitlines() == [
+        f"crawler: {path}:6: not UTF-8 text: byte 0xe9 at offset {offset} (invalid "
+        "continuation byte); save the file as UTF-8"
+    ]
+
+
+def test_a_utf16_job_file_is_named_as_such(tmp_path: Path):
+    path = _write(tmp_path, GOOD.encode("utf-16"))
+    assert _refused(path) == (
+        f"{path}:1: not UTF-8 text: byte 0xff at offset 0 (invalid start byte) (it looks like "
+        "UTF-16); save the file as UTF-8"
+    )
+
+
+def test_windows_line_ends_still_load(tmp_path: Path):
+    path = _write(tmp_path, GOOD.replace("\n", "\r\n").encode())
+    assert len(load_job(path).targets) == 3
+    wrong = _write(
+        tmp_path, GOOD.replace("max_credits: 100", "max_credits: -1").replace("\n", "\r\n").encode()
+    )
+    assert _refused(wrong).startswith(f"{wrong}:5: budget.max_credits: ")
