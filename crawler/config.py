@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from annotated_types import Le
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crawler.errors import ConfigError
-from crawler.targets import REGION_INDEX, REGIONS, Collector, TargetList, read_targets_file
+from crawler.targets import (
+    MAX_PAGES,
+    REGION_INDEX,
+    REGIONS,
+    Collector,
+    TargetList,
+    read_targets_file,
+)
 
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
@@ -31,28 +48,51 @@ class ApiKey(str):
         return "'***'"
 
 
+# Upper bounds of the numbers a job file gives (README lists them). Past any of them a value is
+# a slip (an extra digit, `.inf`), and some would break far from the file: an asyncio timeout
+# of 1e300 s overflows, a cap of 2**32 pages does not fit the targets' 32-bit column.
+HOUR, DAY = 3600, 86400
+MAX_RATE = 1_000_000  # requests per second; the benchmark says a million to mean "no limit"
+MAX_CREDITS = 10**12  # more than any account holds; Redis's Lua counts exactly up to 2**53
+MAX_CREDITS_PER_REQUEST = 10_000  # the API charges 2
+MAX_SHARD_RECORDS = 100_000_000  # a shard of tens of gigabytes
+MAX_COMMIT_EVERY = 10_000  # pages held for one commit; a commit comes every second anyway
+MAX_ATTEMPTS = 1000
+_NUMBERS = (int, float, int | None)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes, no, on, off, true and false as booleans, which pydantic would take
+        # for 1 and 0: `max_credits: yes` would be a budget of one credit
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
+            raise ValueError(f"Input should be a number, not a boolean (got {value})")
+        return value
+
 
 class RetrySettings(_Model):
-    max_attempts: int = Field(6, gt=0)
-    max_seconds: float = Field(120.0, gt=0)
-    base_seconds: float = Field(0.5, ge=0)
-    cap_seconds: float = Field(30.0, ge=0)
-    max_retry_after_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(6, gt=0, le=MAX_ATTEMPTS)
+    max_seconds: float = Field(120.0, gt=0, le=DAY)
+    base_seconds: float = Field(0.5, ge=0, le=HOUR)
+    cap_seconds: float = Field(30.0, ge=0, le=HOUR)
+    max_retry_after_seconds: float = Field(300.0, gt=0, le=DAY)
 
 
 class ApiSettings(_Model):
     base_url: str = "https://api.keyapi.ai"
     key_env: str = Field("KEYAPI_API_KEY", min_length=1)
-    requests_per_second: float = Field(5.0, gt=0)
+    requests_per_second: float = Field(5.0, gt=0, le=MAX_RATE)
     concurrency: int = Field(8, gt=0, le=1024)
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, le=HOUR)
     # an answer's body, decompressed, read at most
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=64 * 1024, le=1024 * 1024 * 1024)
     retry: RetrySettings = RetrySettings()
-    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=HOUR)
 
     @field_validator("base_url")
     @classmethod
@@ -74,16 +114,16 @@ class ApiSettings(_Model):
 
 
 class BudgetSettings(_Model):
-    max_credits: int = Field(gt=0)
-    credits_per_request: int = Field(2, gt=0)
-    max_credits_per_target: int | None = Field(None, gt=0)
+    max_credits: int = Field(gt=0, le=MAX_CREDITS)
+    credits_per_request: int = Field(2, gt=0, le=MAX_CREDITS_PER_REQUEST)
+    max_credits_per_target: int | None = Field(None, gt=0, le=MAX_CREDITS)
 
 
 class OutputSettings(_Model):
     dir: Path
-    shard_max_records: int = Field(100_000, gt=0)
+    shard_max_records: int = Field(100_000, gt=0, le=MAX_SHARD_RECORDS)
     compression: Literal["none", "gzip", "zstd"] = "none"
-    commit_every_pages: int = Field(1, gt=0)
+    commit_every_pages: int = Field(1, gt=0, le=MAX_COMMIT_EVERY)
 
 
 class CoordinationSettings(_Model):
@@ -92,15 +132,15 @@ class CoordinationSettings(_Model):
     # None: given on the command line (--redis URL)
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
     job: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the job file's name
-    lease_seconds: float = Field(30.0, gt=0)
-    unavailable_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0, le=HOUR)
+    unavailable_seconds: float = Field(300.0, gt=0, le=DAY)
 
 
 class TargetSpec(_Model):
     product_id: str
     region: str | None = None
     regions: tuple[str, ...] | None = None  # neither: the job's default_regions
-    max_pages: int | None = Field(None, gt=0)
+    max_pages: int | None = Field(None, gt=0, le=MAX_PAGES)
 
     @field_validator("product_id", mode="before")
     @classmethod
@@ -428,18 +468,69 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
     line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
     where = f"{path}:{line}" if line else str(path)
     message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    kind = err["type"]
+    if kind == "extra_forbidden":
         message = f"unknown key '{loc[-1]}'"
-    elif err["type"] == "missing":
+    elif kind == "missing":
         message = "required key is missing"
-    elif (
-        "input" in err
-        and err["type"] not in ("value_error",)
-        and not isinstance(err["input"], dict)
-    ):
-        shown = masked_url(err["input"]) if loc[-1:] == ("redis_url",) else err["input"]
+    elif "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
+        value = err["input"]
+        ceiling = _ceiling(loc)
+        if _is_nan(value):
+            message = "Input should be a number"
+        elif kind == "less_than_equal" or (
+            # too large to be parsed or stored as an integer at all
+            kind in ("int_parsing_size", "finite_number") and ceiling is not None
+        ):
+            message = f"Input should be at most {_number(err.get('ctx', {}).get('le', ceiling))}"
+        elif kind == "greater_than_equal":
+            message = f"Input should be at least {_number(err['ctx']['ge'])}"
+        shown = masked_url(value) if loc[-1:] == ("redis_url",) else value
         message = f"{message} (got {shown!r})"
     return f"{where}: {field or 'job'}: {message}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings class of the mapping at ``loc`` in the job file (None: not one)."""
+    model: type[BaseModel] | None = _JobModel
+    for part in loc:
+        if isinstance(part, int):  # an item of a list of targets
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The settings class in an annotation: ``X``, ``X | None``, ``tuple[X, ...]``."""
+    if not get_args(annotation) and isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    return next((m for a in get_args(annotation) if (m := _inner_model(a)) is not None), None)
+
+
+def _ceiling(loc: tuple[Any, ...]) -> float | None:
+    """The upper bound of the number at ``loc``, if it has one."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model is not None and loc else None
+    metadata = field.metadata if field is not None else []
+    bounds = [m.le for m in metadata if isinstance(m, Le) and isinstance(m.le, int | float)]
+    return float(bounds[0]) if bounds else None
+
+
+def _is_nan(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _number(bound: float) -> str:
+    """A bound as the job file would give it: 3600, not 3600.0."""
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
 def masked_url(url: object) -> object:

@@ -40,6 +40,7 @@ REGIONS = (
 )
 REGION_INDEX = {region: index for index, region in enumerate(REGIONS)}
 MAX_ERRORS = 20  # bad rows listed one by one; the rest are counted
+MAX_PAGES = 1_000_000  # a target's cap at most (ten million reviews); the column holds 2**32 - 1
 _U64 = (1 << 64) - 1
 _NO_CAP = 0  # max_pages column: 0 means no cap (a cap is always > 0)
 
@@ -318,10 +319,14 @@ def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None
     """The row's max_pages: None when empty, False (after reporting) when it is bad."""
     if not value:
         return None
-    if value.isascii() and value.isdigit() and int(value) > 0:
-        return int(value)
-    into.problem(f"{where}: max_pages: '{value}' is not a whole number above 0")
-    return False
+    digits = value.lstrip("0")
+    if not (value.isascii() and value.isdigit() and digits):
+        into.problem(f"{where}: max_pages: '{value}' is not a whole number above 0")
+        return False
+    if len(digits) > len(str(MAX_PAGES)) or int(digits) > MAX_PAGES:  # int() of 5,000 digits raises
+        into.problem(f"{where}: max_pages: '{value}' is more than {MAX_PAGES}, the most it may be")
+        return False
+    return int(digits)
 
 
 def _read_list(

@@ -4,6 +4,7 @@ traceback, and never with a secret in the message."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,79 @@ def test_windows_line_ends_still_load(tmp_path: Path):
         tmp_path, GOOD.replace("max_credits: 100", "max_credits: -1").replace("\n", "\r\n").encode()
     )
     assert _refused(wrong).startswith(f"{wrong}:5: budget.max_credits: ")
+
+
+def _with(setting: str, value: str) -> str:
+    """GOOD with one setting (``section.key``, or ``targets.max_pages`` for the first target)."""
+    section, key = setting.split(".")
+    if section == "targets":
+        return GOOD.replace("region: US}", f"region: US, {key}: {value}}}", 1)
+    if f"  {key}: " in GOOD:
+        return re.sub(rf"  {key}: .*", f"  {key}: {value}", GOOD)
+    if f"{section}:" not in GOOD:
+        return GOOD + f"{section}:\n  {key}: {value}\n"
+    return GOOD.replace(f"{section}:\n", f"{section}:\n  {key}: {value}\n", 1)
+
+
+NUMBERS = {
+    # setting, value written, what is said
+    "api.requests_per_second": (".inf", "Input should be at most 1000000 (got inf)"),
+    "api.timeout_seconds": (".nan", "Input should be a number (got nan)"),
+    "api.shutdown_grace_seconds": ("1.0e+300", "Input should be at most 3600 (got 1e+300)"),
+    "budget.max_credits": (
+        "99999999999999999999",
+        "Input should be at most 1000000000000 (got 99999999999999999999)",
+    ),
+    "budget.credits_per_request": ("yes", "Input should be a number, not a boolean (got True)"),
+    "budget.max_credits_per_target": (
+        "1.0e+300",  # an integer too large to parse
+        "Input should be at most 1000000000000 (got 1e+300)",
+    ),
+    "output.shard_max_records": (
+        "99999999999999999999",
+        "Input should be at most 100000000 (got 99999999999999999999)",
+    ),
+    "output.commit_every_pages": ("true", "Input should be a number, not a boolean (got True)"),
+    "targets.max_pages": ("4294967296", "Input should be at most 1000000 (got 4294967296)"),
+    "coordination.lease_seconds": ("-.inf", "Input should be greater than 0 (got -inf)"),
+    "coordination.unavailable_seconds": ("1e300", "Input should be at most 86400 (got '1e300')"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(NUMBERS))
+def test_every_number_is_checked_against_its_range(tmp_path: Path, setting: str):
+    value, said = NUMBERS[setting]
+    path = _write(tmp_path, _with(setting, value))
+    message = _refused(path)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if value in text)
+    shown = setting.replace("targets.", "targets[0].")
+    assert message == f"{path}:{line}: {shown}: {said}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("api.retry", "{max_attempts: 1001}"),
+        ("api.retry", "{max_seconds: 86401}"),
+        ("api.retry", "{base_seconds: 3601}"),
+        ("api.retry", "{cap_seconds: .inf}"),
+        ("api.retry", "{max_retry_after_seconds: 1.0e+10}"),
+        ("api.retry", "{max_attempts: on}"),
+    ],
+)
+def test_retry_numbers_too(tmp_path: Path, setting: str, value: str):
+    path = _write(
+        tmp_path, GOOD.replace("  base_url: sandbox\n", f"  base_url: sandbox\n  retry: {value}\n")
+    )
+    key = value.strip("{}").split(":")[0]
+    assert _refused(path).startswith(f"{path}:3: api.retry.{key}: Input should be ")
+
+
+def test_the_largest_values_load(tmp_path: Path):
+    text = GOOD.replace("requests_per_second: 5", "requests_per_second: 1000000").replace(
+        "max_credits: 100", "max_credits: 1000000000000"
+    )
+    text = text.replace("region: US}", "region: US, max_pages: 1000000}")
+    job = load_job(_write(tmp_path, text))
+    assert job.api.requests_per_second == 1_000_000 and job.budget.max_credits == 10**12
+    assert next(iter(job.targets)).max_pages == 1_000_000

@@ -229,3 +229,28 @@ def test_ids_alike_in_their_low_bits_are_different_targets(tmp_path: Path):
     text = f"product_id,region\n{low},US\n{low + 2**60},US\n"
     job = load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
     assert [t.product_id for t in job.targets] == [str(low), str(low + 2**60)]
+
+
+def test_a_cap_too_large_for_its_column_is_named(tmp_path: Path):
+    """2**32 pages overflowed the cap column (a traceback); 5,000 digits overflowed int()."""
+    huge = "9" * 5000
+    text = (
+        "product_id,region,max_pages\n"
+        f"1729679758111249333,US,4294967296\n1729679758111249333,GB,{huge}\n"
+        "1729679758111249333,DE,1000000\n1729679758111249333,FR,0007\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    csv = tmp_path / "targets.csv"
+    assert str(caught.value).splitlines() == [
+        f"{csv}:2: max_pages: '4294967296' is more than 1000000, the most it may be",
+        f"{csv}:3: max_pages: '{huge}' is more than 1000000, the most it may be",
+    ]
+    job = load_job(
+        _job(
+            tmp_path,
+            "targets_file: targets.csv\n",
+            text.replace("\n1729679758111249333,US,4294967296\n1729679758111249333,GB," + huge, ""),
+        )
+    )
+    assert [t.max_pages for t in job.targets] == [1_000_000, 7]
