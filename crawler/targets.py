@@ -233,13 +233,20 @@ def check_product_id(value: str) -> str | None:
         return None
     if value and value.replace(".", "", 1).replace("E+", "", 1).replace("e+", "", 1).isdigit():
         return f"'{value}' is not a product id (a string of digits): a spreadsheet made it a number"
-    return f"'{value}' is not a product id (a string of digits)"
+    return f"{quoted(value)} is not a product id (a string of digits)"
 
 
 def check_region(value: str) -> str | None:
     if value in REGION_INDEX:
         return None
-    return f"unknown region '{value}'; one of {', '.join(REGIONS)}"
+    return f"unknown region {quoted(value)}; one of {', '.join(REGIONS)}"
+
+
+def quoted(value: str, most: int = 60) -> str:
+    """``value`` in quotes for a message, cut short when long (a cell can be 100,000 characters)."""
+    if len(value) <= most:
+        return f"'{value}'"
+    return f"'{value[:most]}...' ({len(value):,} characters)"
 
 
 def read_targets_file(
@@ -270,49 +277,69 @@ def _read_csv(
     file: TextIO, shown: str, default_regions: Sequence[str] | None, into: Collector
 ) -> None:
     reader = csv.reader(file)
-    header: list[str] = []
+    line = 0  # where the last record read ends: the next one starts on the line after
+    try:
+        header = _header(reader)
+        line = reader.line_num
+        columns = {name: index for index, name in enumerate(header)}
+        names = ("product_id", "region", "max_pages")
+        at_id, at_region, at_cap = (columns.get(n, -1) for n in names)
+        if at_region < 0 and not default_regions:
+            into.problem(
+                f"{shown}:{line}: the header names no 'region' column; add one, or give "
+                "default_regions in the job file"
+            )
+            return
+        width = max(at_id, at_region) + 1  # an optional column left off the end is empty
+        source = into.source(f"{shown}:{{}}", "line {}")
+        fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
+        regions_index, add = REGION_INDEX, into.add
+        for row in reader:  # the per-row path: a million rows, so checks are inlined
+            line = reader.line_num
+            if len(row) < width:
+                if any(cell.strip() for cell in row):
+                    into.problem(f"{shown}:{line}: {len(row)} columns, too few for the header")
+                continue
+            product_id = row[at_id].strip()
+            if not (product_id.isdigit() and product_id.isascii()):
+                into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
+                continue
+            cap: int | Literal[False] | None = None
+            if 0 <= at_cap < len(row) and (cell := row[at_cap].strip()):
+                cap = _cap(cell, f"{shown}:{line}", into)
+                if cap is False:
+                    continue
+            if at_region < 0:
+                for fixed_region in fixed:
+                    add(product_id, fixed_region, cap, source, line)
+                continue
+            region = row[at_region].strip()
+            if (index := regions_index.get(region)) is None:
+                into.problem(f"{shown}:{line}: region: {check_region(region)}")
+                continue
+            add(product_id, index, cap, source, line)
+    except csv.Error as exc:
+        into.problem(_unreadable(shown, line + 1, reader.line_num, exc))
+
+
+def _header(reader: Iterator[list[str]]) -> list[str]:
+    """The first row that is not blank, its names as they are matched."""
     for row in reader:
         if any(cell.strip() for cell in row):
-            header = [name.strip().lower() for name in row]
-            break
-    columns = {name: index for index, name in enumerate(header)}
-    at_id, at_region, at_cap = (columns.get(n, -1) for n in ("product_id", "region", "max_pages"))
-    if at_region < 0 and not default_regions:
-        into.problem(
-            f"{shown}:{reader.line_num}: the header names no 'region' column; add one, or give "
-            "default_regions in the job file"
+            return [name.strip().lower() for name in row]
+    return []
+
+
+def _unreadable(shown: str, start: int, at: int, exc: csv.Error) -> str:
+    """What to say of a record the csv module refuses (from ``start`` to line ``at``)."""
+    if "field larger than field limit" in str(exc):
+        # the limit stays csv's default: a product id is 20 digits, a cell this long a mistake
+        spans = f" (up to line {at}: a quote left open?)" if at > start else ""
+        return (
+            f"{shown}:{start}: a field of more than {csv.field_size_limit():,} characters"
+            f"{spans}; the file is not read past it"
         )
-        return
-    width = max(at_id, at_region) + 1  # an optional column left off the end is empty
-    source = into.source(f"{shown}:{{}}", "line {}")
-    fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
-    regions_index, add = REGION_INDEX, into.add
-    for row in reader:  # the per-row path: a million rows, so checks are inlined
-        if len(row) < width:
-            if any(cell.strip() for cell in row):
-                into.problem(
-                    f"{shown}:{reader.line_num}: {len(row)} columns, too few for the header"
-                )
-            continue
-        line = reader.line_num
-        product_id = row[at_id].strip()
-        if not (product_id.isdigit() and product_id.isascii()):
-            into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
-            continue
-        cap: int | Literal[False] | None = None
-        if 0 <= at_cap < len(row) and (cell := row[at_cap].strip()):
-            cap = _cap(cell, f"{shown}:{line}", into)
-            if cap is False:
-                continue
-        if at_region < 0:
-            for fixed_region in fixed:
-                add(product_id, fixed_region, cap, source, line)
-            continue
-        region = row[at_region].strip()
-        if (index := regions_index.get(region)) is None:
-            into.problem(f"{shown}:{line}: region: {check_region(region)}")
-            continue
-        add(product_id, index, cap, source, line)
+    return f"{shown}:{start}: not readable as CSV ({exc}); the file is not read past it"
 
 
 def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None:
@@ -321,10 +348,12 @@ def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None
         return None
     digits = value.lstrip("0")
     if not (value.isascii() and value.isdigit() and digits):
-        into.problem(f"{where}: max_pages: '{value}' is not a whole number above 0")
+        into.problem(f"{where}: max_pages: {quoted(value)} is not a whole number above 0")
         return False
     if len(digits) > len(str(MAX_PAGES)) or int(digits) > MAX_PAGES:  # int() of 5,000 digits raises
-        into.problem(f"{where}: max_pages: '{value}' is more than {MAX_PAGES}, the most it may be")
+        into.problem(
+            f"{where}: max_pages: {quoted(value)} is more than {MAX_PAGES}, the most it may be"
+        )
         return False
     return int(digits)
 

@@ -244,7 +244,8 @@ def test_a_cap_too_large_for_its_column_is_named(tmp_path: Path):
     csv = tmp_path / "targets.csv"
     assert str(caught.value).splitlines() == [
         f"{csv}:2: max_pages: '4294967296' is more than 1000000, the most it may be",
-        f"{csv}:3: max_pages: '{huge}' is more than 1000000, the most it may be",
+        f"{csv}:3: max_pages: '{huge[:60]}...' (5,000 characters) is more than 1000000, the "
+        "most it may be",
     ]
     job = load_job(
         _job(
@@ -254,3 +255,39 @@ def test_a_cap_too_large_for_its_column_is_named(tmp_path: Path):
         )
     )
     assert [t.max_pages for t in job.targets] == [1_000_000, 7]
+
+
+def test_a_field_over_the_csv_limit_is_named(tmp_path: Path):
+    """A cell of 200,000 characters was a csv.Error traceback."""
+    text = (
+        "product_id,region,title\n1729679758111249333,US,tea\n"
+        f"1729679758111249334,US,{'x' * 200_000}\n1729679758111249335,US,tea\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert str(caught.value) == (
+        f"{tmp_path / 'targets.csv'}:3: a field of more than 131,072 characters; the file is not "
+        "read past it"
+    )
+
+
+def test_a_quote_left_open_names_where_it_opened(tmp_path: Path):
+    rows = "".join(f"{1729679758111249340 + i},US,tea\n" for i in range(10_000))
+    text = 'product_id,region,title\n1729679758111249333,US,"tea\n' + rows
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    message = str(caught.value)
+    assert message.startswith(
+        f"{tmp_path / 'targets.csv'}:2: a field of more than 131,072 characters (up to line "
+    )
+    assert message.endswith(": a quote left open?); the file is not read past it")
+
+
+def test_a_long_bad_value_is_cut_short(tmp_path: Path):
+    text = f"product_id,region\n{'x' * 100_000},US\n"
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert str(caught.value) == (
+        f"{tmp_path / 'targets.csv'}:2: product_id: '{'x' * 60}...' (100,000 characters) is not "
+        "a product id (a string of digits)"
+    )
