@@ -262,9 +262,9 @@ def read_targets_file(
         with path.open(encoding="utf-8-sig", newline="") as file:
             first = next((line for line in file if line.strip()), "")
             file.seek(0)
-            header = [name.strip().lower() for name in first.split(",")]
-            if "product_id" in header:
-                _read_csv(file, shown, default_regions, into)
+            delimiter = _delimiter(first)
+            if delimiter is not None:
+                _read_csv(file, shown, default_regions, into, delimiter)
             else:
                 _read_list(file, shown, default_regions, into)
     except OSError as exc:
@@ -273,10 +273,28 @@ def read_targets_file(
         into.problem(f"{shown}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block)")
 
 
+_DELIMITERS = (",", ";", "\t")  # a spreadsheet saves ; where the decimal mark is a comma
+
+
+def _delimiter(first: str) -> str | None:
+    """The delimiter of a CSV whose header (``first``) names product_id; None: a list of ids."""
+    naming = [
+        d
+        for d in _DELIMITERS
+        if "product_id" in (name.strip().strip('"').lower() for name in first.split(d))
+    ]
+    # a header of product_id alone is split alike by each: the one that splits it most
+    return max(naming, key=lambda d: len(first.split(d))) if naming else None
+
+
 def _read_csv(
-    file: TextIO, shown: str, default_regions: Sequence[str] | None, into: Collector
+    file: TextIO,
+    shown: str,
+    default_regions: Sequence[str] | None,
+    into: Collector,
+    delimiter: str = ",",
 ) -> None:
-    reader = csv.reader(file)
+    reader = csv.reader(file, delimiter=delimiter)
     line = 0  # where the last record read ends: the next one starts on the line after
     try:
         header = _header(reader)
@@ -373,7 +391,11 @@ def _read_list(
         if not product_id or product_id.startswith("#"):
             continue
         if (why := check_product_id(product_id)) is not None:
-            hint = "; a CSV needs a header row naming product_id" if "," in product_id else ""
+            hint = (
+                "; a CSV needs a header row naming product_id"
+                if any(d in product_id for d in _DELIMITERS)
+                else ""
+            )
             into.problem(f"{shown}:{number}: product_id: {why}{hint}")
             continue
         for region in default_regions:

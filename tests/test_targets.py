@@ -291,3 +291,32 @@ def test_a_long_bad_value_is_cut_short(tmp_path: Path):
         f"{tmp_path / 'targets.csv'}:2: product_id: '{'x' * 60}...' (100,000 characters) is not "
         "a product id (a string of digits)"
     )
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs(tmp_path: Path, delimiter: str):
+    """A spreadsheet in a locale whose decimal mark is a comma saves `;`; an export may use
+    tabs: the header says which. Both were read as a list of ids, every row refused."""
+    rows = [
+        ["product_id", "region", "title", "max_pages"],
+        ["1729679758111249333", "US", "tea, green", ""],
+        ["1729679758111249333", "GB", "tea", "3"],
+    ]
+    text = "".join(delimiter.join(row) + "\n" for row in rows)
+    job = load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert [(t.product_id, t.region, t.max_pages) for t in job.targets] == [
+        ("1729679758111249333", "US", None),
+        ("1729679758111249333", "GB", 3),
+    ]
+
+
+def test_a_quoted_header_separated_by_semicolons(tmp_path: Path):
+    text = '"product_id";"region"\n"1729679758111249333";"US"\n'
+    job = load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    assert [t.key for t in job.targets] == ["1729679758111249333:US"]
+
+
+def test_a_list_of_ids_with_a_semicolon_says_what_a_csv_needs(tmp_path: Path):
+    extra = "targets_file: ids.txt\ndefault_regions: [US]\n"
+    with pytest.raises(ConfigError, match="a CSV needs a header row naming product_id"):
+        load_job(_job(tmp_path, extra, "1729679758111249333;US\n", name="ids.txt"))
