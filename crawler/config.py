@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -27,9 +28,9 @@ from crawler.errors import ConfigError
 from crawler.targets import (
     MAX_PAGES,
     REGION_INDEX,
-    REGIONS,
     Collector,
     TargetList,
+    check_region,
     read_targets_file,
 )
 
@@ -184,6 +185,18 @@ class _JobModel(_Model):
     @classmethod
     def _regions(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if value is None else tuple(_check_region(r) for r in value)
+
+
+# where each settings class sits in a job file, for "it goes under ..."
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "under api": ApiSettings,
+    "under api.retry": RetrySettings,
+    "under budget": BudgetSettings,
+    "under output": OutputSettings,
+    "under coordination": CoordinationSettings,
+    "in each target": TargetSpec,
+    "at the top level": _JobModel,
+}
 
 
 @dataclass(frozen=True)
@@ -427,8 +440,8 @@ def _with_lines(path: Path, text: str, messages: list[str]) -> list[str]:
 
 
 def _check_region(value: str) -> str:
-    if value not in REGIONS:
-        raise ValueError(f"unknown region '{value}'; one of {', '.join(REGIONS)}")
+    if (why := check_region(value)) is not None:
+        raise ValueError(why)
     return value
 
 
@@ -470,7 +483,7 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
     message = str(err["msg"]).removeprefix("Value error, ")
     kind = err["type"]
     if kind == "extra_forbidden":
-        message = f"unknown key '{loc[-1]}'"
+        message = f"unknown key '{loc[-1]}'{_meant(loc)}"
     elif kind == "missing":
         message = "required key is missing"
     elif "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
@@ -488,6 +501,18 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
         shown = masked_url(value) if loc[-1:] == ("redis_url",) else value
         message = f"{message} (got {shown!r})"
     return f"{where}: {field or 'job'}: {message}"
+
+
+def _meant(loc: tuple[Any, ...]) -> str:
+    """The key an unknown one was meant to be: a close name here, or the same name elsewhere."""
+    key, model = str(loc[-1]), _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    home = next((at for at, m in _SECTIONS.items() if key in m.model_fields and m is not model), "")
+    return f"; it goes {home}" if home else ""
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

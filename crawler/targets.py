@@ -9,6 +9,7 @@ optionally ``max_pages``), or a plain list of product ids combined with ``defaul
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 from array import array
 from collections.abc import Iterator, Sequence
@@ -236,9 +237,45 @@ def check_product_id(value: str) -> str | None:
     return f"{quoted(value)} is not a product id (a string of digits)"
 
 
+# each region's country, and the other names people give it: ISO's three letters, UK
+_COUNTRIES = {
+    "US": ("the United States", "USA", "America", "United States of America"),
+    "GB": ("the United Kingdom", "UK", "GBR", "Great Britain", "Britain", "England"),
+    "DE": ("Germany", "DEU", "Deutschland"),
+    "FR": ("France", "FRA"),
+    "IT": ("Italy", "ITA", "Italia"),
+    "ID": ("Indonesia", "IDN"),
+    "MY": ("Malaysia", "MYS"),
+    "MX": ("Mexico", "MEX", "México"),
+    "PH": ("the Philippines", "PHL"),
+    "SG": ("Singapore", "SGP"),
+    "ES": ("Spain", "ESP", "España"),
+    "TH": ("Thailand", "THA"),
+    "VN": ("Vietnam", "VNM", "Viet Nam"),
+    "BR": ("Brazil", "BRA", "Brasil"),
+    "JP": ("Japan", "JPN"),
+    "IE": ("Ireland", "IRL"),
+}
+_NAMED = {
+    name.removeprefix("the ").casefold(): region
+    for region, names in _COUNTRIES.items()
+    for name in names
+}
+
+
 def check_region(value: str) -> str | None:
+    """Why ``value`` is not a region (with the one meant, when that is clear), or None."""
     if value in REGION_INDEX:
         return None
+    if value.upper() in REGION_INDEX:
+        return f"{quoted(value)} is not a region: write it {value.upper()}"
+    key = value.strip().removeprefix("the ").casefold()
+    # a misspelt country name ('Phillipines'); a code of two or three letters is too short
+    # for a guess to mean anything ('DK' is as close to DE as to nothing)
+    close = difflib.get_close_matches(key, _NAMED, n=1, cutoff=0.8) if len(key) > 3 else []
+    region = _NAMED.get(key) or (_NAMED[close[0]] if close else None)
+    if region is not None:
+        return f"{quoted(value)} is not a region: {region} is {_COUNTRIES[region][0]}"
     return f"unknown region {quoted(value)}; one of {', '.join(REGIONS)}"
 
 

@@ -93,7 +93,7 @@ def test_every_bad_row_is_named_up_to_a_cap(tmp_path: Path):
     )
     assert lines[1] == f"{csv}:8: product 1729679758111249333 in US is already listed at line 2"
     assert lines[2] == f"{csv}:9: max_pages: '0' is not a whole number above 0"
-    assert lines[3].startswith(f"{csv}:10: region: unknown region 'UK'; one of US, GB")
+    assert lines[3] == f"{csv}:10: region: 'UK' is not a region: GB is the United Kingdom"
     assert len(lines) == MAX_ERRORS + 1
     assert lines[-1] == f"... and 8 more bad targets ({MAX_ERRORS + 8} in all)"
 
@@ -122,7 +122,8 @@ def test_a_duplicate_across_the_job_file_and_the_targets_file(tmp_path: Path):
             "a CSV needs a header row naming product_id",
         ),
         ("targets_file: ids.txt\n", "product_id\n1729679758111249333\n", "no 'region' column"),
-        ("targets_file: ids.txt\ndefault_regions: [UK]\n", "1\n", "unknown region 'UK'"),
+        ("targets_file: ids.txt\ndefault_regions: [UK]\n", "1\n", "GB is the United Kingdom"),
+        ("targets_file: ids.txt\ndefault_regions: [XX]\n", "1\n", "unknown region 'XX'; one of"),
     ],
 )
 def test_targets_file_problems_are_named(tmp_path: Path, extra, text, expected):
@@ -320,3 +321,20 @@ def test_a_list_of_ids_with_a_semicolon_says_what_a_csv_needs(tmp_path: Path):
     extra = "targets_file: ids.txt\ndefault_regions: [US]\n"
     with pytest.raises(ConfigError, match="a CSV needs a header row naming product_id"):
         load_job(_job(tmp_path, extra, "1729679758111249333;US\n", name="ids.txt"))
+
+
+def test_a_region_mistaken_in_a_targets_file_gets_the_one_meant(tmp_path: Path):
+    text = (
+        "product_id,region\n1729679758111249333,UK\n1729679758111249333,us\n"
+        "1729679758111249333,Phillipines\n1729679758111249333,DK\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_job(_job(tmp_path, "targets_file: targets.csv\n", text))
+    csv = tmp_path / "targets.csv"
+    assert str(caught.value).splitlines() == [
+        f"{csv}:2: region: 'UK' is not a region: GB is the United Kingdom",
+        f"{csv}:3: region: 'us' is not a region: write it US",
+        f"{csv}:4: region: 'Phillipines' is not a region: PH is the Philippines",
+        f"{csv}:5: region: unknown region 'DK'; one of US, GB, DE, FR, IT, ID, MY, MX, PH, SG, "
+        "ES, TH, VN, BR, JP, IE",
+    ]
