@@ -6,6 +6,8 @@ import difflib
 import ipaddress
 import math
 import os
+import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,10 +133,29 @@ class CoordinationSettings(_Model):
     """Several processes, on one machine or many, working one job through Redis."""
 
     # None: given on the command line (--redis URL)
-    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    # repr=False: a job in a debugger or a log line never shows the password
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     job: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the job file's name
     lease_seconds: float = Field(30.0, gt=0, le=HOUR)
     unavailable_seconds: float = Field(300.0, gt=0, le=DAY)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable(cls, url: str | None) -> str | None:
+        """A URL redis-py can connect with, checked now: a port that is not a number was a
+        traceback when the first worker started."""
+        if url is None:
+            return url
+        from redis.connection import parse_url  # noqa: PLC0415 -- only a coordinated job's
+
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        except ValueError as exc:
+            reason = str(exc)
+            if reason.startswith("Port"):  # it quotes the port: a password cut at a '/' is one
+                reason = "its port is not a number from 0 to 65535"
+            raise ValueError(f"'{masked_url(url)}' is not a Redis URL: {reason}") from None
+        return url
 
 
 class TargetSpec(_Model):
@@ -228,7 +249,14 @@ class Job:
                     "--redis URL"
                 )
             return self
-        settings = CoordinationSettings.model_validate({"redis_url": redis_url})
+        try:
+            settings = CoordinationSettings.model_validate({"redis_url": redis_url})
+        except ValidationError as exc:  # its text holds the URL as given: password and all
+            error = exc.errors()[0]
+            said = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] != "value_error":
+                said = f"'{masked_url(redis_url)}' is not a Redis URL (redis://HOST:PORT/DB)"
+            raise ConfigError(f"--redis: {said}") from None
         if self.coordination is not None:
             settings = self.coordination.model_copy(update={"redis_url": settings.redis_url})
         return replace(self, coordination=settings)
@@ -498,8 +526,7 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
             message = f"Input should be at most {_number(err.get('ctx', {}).get('le', ceiling))}"
         elif kind == "greater_than_equal":
             message = f"Input should be at least {_number(err['ctx']['ge'])}"
-        shown = masked_url(value) if loc[-1:] == ("redis_url",) else value
-        message = f"{message} (got {shown!r})"
+        message = f"{message} (got {_shown(value)})"
     return f"{where}: {field or 'job'}: {message}"
 
 
@@ -558,11 +585,41 @@ def _number(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
+def _shown(value: object) -> str:
+    """A value as a message quotes it: any URL's password masked, cut short when long or deep."""
+    return _REPR.repr(_masked(value, _REPR.maxlevel))
+
+
+def _masked(value: object, depth: int) -> object:
+    # below reprlib's depth nothing is shown, so nothing needs masking (or recursing into)
+    if isinstance(value, str):
+        return masked_url(value)
+    if depth < 0:
+        return value
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(v, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return {_masked(k, depth - 1): _masked(v, depth - 1) for k, v in value.items()}
+    return value
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
+
+
+# redis-py takes a password from the query too (``?password=...``)
+_QUERY_PASSWORD = re.compile(r"(password=)[^&#]*", re.IGNORECASE)
+
+
 def masked_url(url: object) -> object:
-    """A URL without its password (a Redis URL's ``user:password@``), for messages."""
+    """A URL without its password (``user:password@``, ``?password=``), for messages; with no
+    ``://`` (a mistyped scheme, none at all) everything before an ``@`` is taken for one."""
     if not isinstance(url, str):
         return url
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     if "@" in rest:
         rest = "***@" + rest.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+    return scheme + sep + _QUERY_PASSWORD.sub(r"\1***", rest)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crawler import ConfigError, load_job
-from tests.conftest import crawler_command, run_crawler, subprocess_env
+from tests.conftest import crawler_command, free_port, run_crawler, subprocess_env
 from tests.test_config import GOOD
 
 # a few hundred bytes that a YAML loader expands to 9**9 (387 million) strings
@@ -209,3 +209,105 @@ def test_the_largest_values_load(tmp_path: Path):
     job = load_job(_write(tmp_path, text))
     assert job.api.requests_per_second == 1_000_000 and job.budget.max_credits == 10**12
     assert next(iter(job.targets)).max_pages == 1_000_000
+
+
+SECRET = "hunter2"
+REDIS_URLS = {
+    # how the coordination section is written: what the message says of it
+    "a list": (
+        f"coordination:\n  redis_url: [redis://u:{SECRET}@h:6379/0]\n",
+        ":12: coordination.redis_url: Input should be a valid string (got ['redis://***@h:6379/0'])",
+    ),
+    "a number": ("coordination:\n  redis_url: 6379\n", ":12: coordination.redis_url: "),
+    "the section as a URL": (
+        f"coordination: redis://u:{SECRET}@h:6379/0\n",
+        ":11: coordination: Input should be a valid dictionary or instance of "
+        "CoordinationSettings (got 'redis://***@h:6379/0')",
+    ),
+    "the section as a list": (
+        f"coordination: [redis://u:{SECRET}@h]\n",
+        ":11: coordination: Input should be a valid dictionary",
+    ),
+    "no scheme": (
+        f"coordination:\n  redis_url: u:{SECRET}@h:6379\n",
+        ":12: coordination.redis_url: String should match pattern '^(redis|rediss|unix)://' "
+        "(got '***@h:6379')",
+    ),
+    "a scheme mistyped": (
+        f"coordination:\n  redis_url: 'redis:/u:{SECRET}@h'\n",
+        ":12: coordination.redis_url: String should match pattern",
+    ),
+    "http": (
+        f"coordination:\n  redis_url: http://u:{SECRET}@h\n",
+        "(got 'http://***@h')",
+    ),
+    "a port that is not a number": (
+        f"coordination:\n  redis_url: redis://u:{SECRET}@h:port/0\n",
+        ":12: coordination.redis_url: 'redis://***@h:port/0' is not a Redis URL: its port is "
+        "not a number from 0 to 65535",
+    ),
+    "a password holding a slash": (
+        # the URL's host ends at the slash: its "port" is the password's first part
+        f"coordination:\n  redis_url: redis://u:{SECRET}/x@h:6379/0\n",
+        ":12: coordination.redis_url: 'redis://***@h:6379/0' is not a Redis URL: its port is "
+        "not a number from 0 to 65535",
+    ),
+    "a port out of range": (
+        f"coordination:\n  redis_url: redis://u:{SECRET}@h:99999/0\n",
+        "'redis://***@h:99999/0' is not a Redis URL: its port is not a number from 0 to 65535",
+    ),
+    "a password in the query": (
+        f"coordination:\n  redis_url: redis://h:6379/0?password={SECRET}&db=x\n",
+        ":12: coordination.redis_url: 'redis://h:6379/0?password=***&db=x' is not a Redis URL: "
+        "Invalid value for 'db' in connection URL.",
+    ),
+    "a bad job name beside a password": (
+        f"coordination:\n  redis_url: redis://u:{SECRET}@h:6379/0\n  job: 'a b'\n",
+        ":13: coordination.job: String should match pattern",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REDIS_URLS))
+def test_a_redis_password_is_never_said(tmp_path: Path, case: str):
+    section, said = REDIS_URLS[case]
+    path = _write(tmp_path, GOOD + section)
+    message = _refused(path)
+    assert SECRET not in message
+    assert said in message
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis:/u:{SECRET}@h",
+        f"u:{SECRET}@h:6379",
+        f"redis://u:{SECRET}@h:port/0",
+        f"redis://h:6379/0?password={SECRET}&socket_timeout=x",
+    ],
+)
+def test_a_bad_redis_option_never_says_its_password(tmp_path: Path, url: str):
+    job = load_job(_write(tmp_path, GOOD))
+    with pytest.raises(ConfigError) as caught:
+        job.coordinated(url)
+    assert str(caught.value).startswith("--redis: ")
+    assert SECRET not in str(caught.value)
+
+
+def test_a_job_shows_no_redis_password(tmp_path: Path):
+    job = load_job(_write(tmp_path, GOOD + f"coordination:\n  redis_url: redis://u:{SECRET}@h\n"))
+    assert SECRET not in repr(job) and SECRET not in repr(job.coordinated(f"redis://:{SECRET}@g"))
+
+
+async def test_the_command_line_never_says_a_redis_password(tmp_path: Path):
+    """Neither of a URL it refuses, nor of one whose Redis does not answer (a password given
+    in the query, as redis-py reads it too)."""
+    path = _write(tmp_path, GOOD)
+    status, _, stderr = await run_crawler("status", str(path), "--redis", f"redis:/u:{SECRET}@h")
+    assert status == 2 and SECRET.encode() not in stderr, stderr
+    assert stderr.startswith(b"crawler: --redis: '***@h' is not a Redis URL")
+    url = f"redis://127.0.0.1:{free_port()}/0?password={SECRET}"
+    status, _, stderr = await run_crawler("status", str(path), "--redis", url)
+    assert status == 8 and SECRET.encode() not in stderr, stderr
+    assert b"?password=***" in stderr
