@@ -487,19 +487,19 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     index: dict[tuple[str | int, ...], int] = {}
     node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
-    def walk(n: yaml.Node, at: tuple[str | int, ...]) -> None:
-        index[at] = n.start_mark.line + 1
+    # a loop, not recursion: a document nested 990 deep (libyaml's limit is 1,000) would pass
+    # Python's recursion limit
+    todo: list[tuple[yaml.Node, tuple[str | int, ...]]] = [] if node is None else [(node, ())]
+    while todo:
+        n, at = todo.pop()
+        index.setdefault(at, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
             for key, value in n.value:
-                walk(value, (*at, str(key.value)))
                 # a key's own line, not its value's: a nested block starts a line below
-                index[(*at, str(key.value))] = key.start_mark.line + 1
+                index.setdefault((*at, str(key.value)), key.start_mark.line + 1)
+                todo.append((value, (*at, str(key.value))))
         elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*at, i))
-
-    if node is not None:
-        walk(node, ())
+            todo.extend((item, (*at, i)) for i, item in enumerate(n.value))
     return index
 
 

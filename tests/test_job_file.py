@@ -311,3 +311,16 @@ async def test_the_command_line_never_says_a_redis_password(tmp_path: Path):
     status, _, stderr = await run_crawler("status", str(path), "--redis", url)
     assert status == 8 and SECRET.encode() not in stderr, stderr
     assert b"?password=***" in stderr
+
+
+@pytest.mark.parametrize("setting", ["max_credits", "redis_url"])
+def test_a_value_nested_990_deep_is_refused_in_one_line(tmp_path: Path, setting: str):
+    """libyaml allows 1,000 levels; finding the line of the problem went past Python's
+    recursion limit (a RecursionError traceback)."""
+    deep = "[" * 990 + f"redis://u:{SECRET}@h" + "]" * 990
+    if setting == "max_credits":
+        text = GOOD.replace("max_credits: 100", f"max_credits: {deep}")
+    else:
+        text = GOOD + f"coordination:\n  redis_url: {deep}\n"
+    message = _refused(_write(tmp_path, text))
+    assert message.endswith("(got [[[[...]]]])") and SECRET not in message
