@@ -52,8 +52,8 @@ class ApiKey(str):
 
 
 # Upper bounds of the numbers a job file gives (README lists them). Past any of them a value is
-# a slip (an extra digit, `.inf`), and some would break far from the file: an asyncio timeout
-# of 1e300 s overflows, a cap of 2**32 pages does not fit the targets' 32-bit column.
+# a slip (an extra digit, `.inf`), and some break far from the file: an infinite rate was an
+# OverflowError when the run started, a cap of 2**32 pages does not fit the 32-bit column.
 HOUR, DAY = 3600, 86400
 MAX_RATE = 1_000_000  # requests per second; the benchmark says a million to mean "no limit"
 MAX_CREDITS = 10**12  # more than any account holds; Redis's Lua counts exactly up to 2**53
@@ -516,14 +516,17 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
         message = "required key is missing"
     elif "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
         value = err["input"]
-        ceiling = _ceiling(loc)
-        if _is_nan(value):
+        ceiling = _ceiling(loc)  # every number has one
+        if ceiling is not None and _is_nan(value):
             message = "Input should be a number"
-        elif kind == "less_than_equal" or (
-            # too large to be parsed or stored as an integer at all
-            kind in ("int_parsing_size", "finite_number") and ceiling is not None
+        elif kind == "less_than_equal":
+            message = f"Input should be at most {_number(err['ctx']['le'])}"
+        elif (
+            kind == "int_parsing_size"  # too many digits to be an integer at all
+            and ceiling is not None
+            and not str(value).lstrip().startswith("-")
         ):
-            message = f"Input should be at most {_number(err.get('ctx', {}).get('le', ceiling))}"
+            message = f"Input should be at most {_number(ceiling)}"
         elif kind == "greater_than_equal":
             message = f"Input should be at least {_number(err['ctx']['ge'])}"
         message = f"{message} (got {_shown(value)})"

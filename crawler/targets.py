@@ -233,8 +233,11 @@ def check_product_id(value: str) -> str | None:
     if value.isascii() and value.isdigit():
         return None
     if value and value.replace(".", "", 1).replace("E+", "", 1).replace("e+", "", 1).isdigit():
-        return f"'{value}' is not a product id (a string of digits): a spreadsheet made it a number"
-    return f"{quoted(value)} is not a product id (a string of digits)"
+        return (
+            f"{_quoted(value)} is not a product id (a string of digits): a spreadsheet made it a "
+            "number"
+        )
+    return f"{_quoted(value)} is not a product id (a string of digits)"
 
 
 # each region's country, and the other names people give it: ISO's three letters, UK
@@ -268,18 +271,18 @@ def check_region(value: str) -> str | None:
     if value in REGION_INDEX:
         return None
     if value.upper() in REGION_INDEX:
-        return f"{quoted(value)} is not a region: write it {value.upper()}"
+        return f"{_quoted(value)} is not a region: write it {value.upper()}"
     key = value.strip().removeprefix("the ").casefold()
     # a misspelt country name ('Phillipines'); a code of two or three letters is too short
     # for a guess to mean anything ('DK' is as close to DE as to nothing)
     close = difflib.get_close_matches(key, _NAMED, n=1, cutoff=0.8) if len(key) > 3 else []
     region = _NAMED.get(key) or (_NAMED[close[0]] if close else None)
     if region is not None:
-        return f"{quoted(value)} is not a region: {region} is {_COUNTRIES[region][0]}"
-    return f"unknown region {quoted(value)}; one of {', '.join(REGIONS)}"
+        return f"{_quoted(value)} is not a region: {region} is {_COUNTRIES[region][0]}"
+    return f"unknown region {_quoted(value)}; one of {', '.join(REGIONS)}"
 
 
-def quoted(value: str, most: int = 60) -> str:
+def _quoted(value: str, most: int = 60) -> str:
     """``value`` in quotes for a message, cut short when long (a cell can be 100,000 characters)."""
     if len(value) <= most:
         return f"'{value}'"
@@ -403,11 +406,11 @@ def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None
         return None
     digits = value.lstrip("0")
     if not (value.isascii() and value.isdigit() and digits):
-        into.problem(f"{where}: max_pages: {quoted(value)} is not a whole number above 0")
+        into.problem(f"{where}: max_pages: {_quoted(value)} is not a whole number above 0")
         return False
     if len(digits) > len(str(MAX_PAGES)) or int(digits) > MAX_PAGES:  # int() of 5,000 digits raises
         into.problem(
-            f"{where}: max_pages: {quoted(value)} is more than {MAX_PAGES}, the most it may be"
+            f"{where}: max_pages: {_quoted(value)} is more than {MAX_PAGES}, the most it may be"
         )
         return False
     return int(digits)

@@ -324,3 +324,10 @@ def test_a_value_nested_990_deep_is_refused_in_one_line(tmp_path: Path, setting:
         text = GOOD + f"coordination:\n  redis_url: {deep}\n"
     message = _refused(_write(tmp_path, text))
     assert message.endswith("(got [[[[...]]]])") and SECRET not in message
+
+
+def test_nan_for_a_setting_that_is_not_a_number(tmp_path: Path):
+    path = _write(
+        tmp_path, GOOD.replace("  base_url: sandbox\n", "  base_url: sandbox\n  key_env: .nan\n")
+    )
+    assert _refused(path) == f"{path}:3: api.key_env: Input should be a valid string (got nan)"
