@@ -302,6 +302,11 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         if "&" in text:  # without an anchor there is no alias to follow
             _check_aliases(text)
         raw = yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a safe loader: plain data only
+    except yaml.reader.ReaderError as exc:  # its own text is two lines, and no line number
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            f"{path}:{line}: character U+{exc.character:04X}: {exc.reason} in YAML; remove it"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -331,3 +331,11 @@ def test_nan_for_a_setting_that_is_not_a_number(tmp_path: Path):
         tmp_path, GOOD.replace("  base_url: sandbox\n", "  base_url: sandbox\n  key_env: .nan\n")
     )
     assert _refused(path) == f"{path}:3: api.key_env: Input should be a valid string (got nan)"
+
+
+def test_a_control_character_is_named_in_one_line(tmp_path: Path):
+    """A NUL, as a broken copy leaves: PyYAML's message was two lines, with no line number."""
+    path = _write(tmp_path, GOOD.replace("dir: out", 'dir: "o\x00ut"'))
+    assert _refused(path) == (
+        f"{path}:7: character U+0000: control characters are not allowed in YAML; remove it"
+    )
