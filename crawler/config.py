@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import os
+import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from annotated_types import Le
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crawler.errors import ConfigError
-from crawler.targets import REGION_INDEX, REGIONS, Collector, TargetList, read_targets_file
+from crawler.targets import (
+    MAX_PAGES,
+    REGION_INDEX,
+    Collector,
+    TargetList,
+    check_region,
+    read_targets_file,
+)
 
 SANDBOX = "sandbox"
 SANDBOX_KEY = "sk_sandbox_demo"  # the in-process emulator's key: not a secret, never sent elsewhere
@@ -31,28 +51,51 @@ class ApiKey(str):
         return "'***'"
 
 
+# Upper bounds of the numbers a job file gives (README lists them). Past any of them a value is
+# a slip (an extra digit, `.inf`), and some break far from the file: an infinite rate was an
+# OverflowError when the run started, a cap of 2**32 pages does not fit the 32-bit column.
+HOUR, DAY = 3600, 86400
+MAX_RATE = 1_000_000  # requests per second; the benchmark says a million to mean "no limit"
+MAX_CREDITS = 10**12  # more than any account holds; Redis's Lua counts exactly up to 2**53
+MAX_CREDITS_PER_REQUEST = 10_000  # the API charges 2
+MAX_SHARD_RECORDS = 100_000_000  # a shard of tens of gigabytes
+MAX_COMMIT_EVERY = 10_000  # pages held for one commit; a commit comes every second anyway
+MAX_ATTEMPTS = 1000
+_NUMBERS = (int, float, int | None)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes, no, on, off, true and false as booleans, which pydantic would take
+        # for 1 and 0: `max_credits: yes` would be a budget of one credit
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
+            raise ValueError(f"Input should be a number, not a boolean (got {value})")
+        return value
+
 
 class RetrySettings(_Model):
-    max_attempts: int = Field(6, gt=0)
-    max_seconds: float = Field(120.0, gt=0)
-    base_seconds: float = Field(0.5, ge=0)
-    cap_seconds: float = Field(30.0, ge=0)
-    max_retry_after_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(6, gt=0, le=MAX_ATTEMPTS)
+    max_seconds: float = Field(120.0, gt=0, le=DAY)
+    base_seconds: float = Field(0.5, ge=0, le=HOUR)
+    cap_seconds: float = Field(30.0, ge=0, le=HOUR)
+    max_retry_after_seconds: float = Field(300.0, gt=0, le=DAY)
 
 
 class ApiSettings(_Model):
     base_url: str = "https://api.keyapi.ai"
     key_env: str = Field("KEYAPI_API_KEY", min_length=1)
-    requests_per_second: float = Field(5.0, gt=0)
+    requests_per_second: float = Field(5.0, gt=0, le=MAX_RATE)
     concurrency: int = Field(8, gt=0, le=1024)
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, le=HOUR)
     # an answer's body, decompressed, read at most
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=64 * 1024, le=1024 * 1024 * 1024)
     retry: RetrySettings = RetrySettings()
-    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=HOUR)
 
     @field_validator("base_url")
     @classmethod
@@ -74,33 +117,52 @@ class ApiSettings(_Model):
 
 
 class BudgetSettings(_Model):
-    max_credits: int = Field(gt=0)
-    credits_per_request: int = Field(2, gt=0)
-    max_credits_per_target: int | None = Field(None, gt=0)
+    max_credits: int = Field(gt=0, le=MAX_CREDITS)
+    credits_per_request: int = Field(2, gt=0, le=MAX_CREDITS_PER_REQUEST)
+    max_credits_per_target: int | None = Field(None, gt=0, le=MAX_CREDITS)
 
 
 class OutputSettings(_Model):
     dir: Path
-    shard_max_records: int = Field(100_000, gt=0)
+    shard_max_records: int = Field(100_000, gt=0, le=MAX_SHARD_RECORDS)
     compression: Literal["none", "gzip", "zstd"] = "none"
-    commit_every_pages: int = Field(1, gt=0)
+    commit_every_pages: int = Field(1, gt=0, le=MAX_COMMIT_EVERY)
 
 
 class CoordinationSettings(_Model):
     """Several processes, on one machine or many, working one job through Redis."""
 
     # None: given on the command line (--redis URL)
-    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    # repr=False: a job in a debugger or a log line never shows the password
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", repr=False)
     job: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")  # default: the job file's name
-    lease_seconds: float = Field(30.0, gt=0)
-    unavailable_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0, le=HOUR)
+    unavailable_seconds: float = Field(300.0, gt=0, le=DAY)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable(cls, url: str | None) -> str | None:
+        """A URL redis-py can connect with, checked now: a port that is not a number was a
+        traceback when the first worker started."""
+        if url is None:
+            return url
+        from redis.connection import parse_url  # noqa: PLC0415 -- only a coordinated job's
+
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        except ValueError as exc:
+            reason = str(exc)
+            if reason.startswith("Port"):  # it quotes the port: a password cut at a '/' is one
+                reason = "its port is not a number from 0 to 65535"
+            raise ValueError(f"'{masked_url(url)}' is not a Redis URL: {reason}") from None
+        return url
 
 
 class TargetSpec(_Model):
     product_id: str
     region: str | None = None
     regions: tuple[str, ...] | None = None  # neither: the job's default_regions
-    max_pages: int | None = Field(None, gt=0)
+    max_pages: int | None = Field(None, gt=0, le=MAX_PAGES)
 
     @field_validator("product_id", mode="before")
     @classmethod
@@ -146,6 +208,18 @@ class _JobModel(_Model):
         return None if value is None else tuple(_check_region(r) for r in value)
 
 
+# where each settings class sits in a job file, for "it goes under ..."
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "under api": ApiSettings,
+    "under api.retry": RetrySettings,
+    "under budget": BudgetSettings,
+    "under output": OutputSettings,
+    "under coordination": CoordinationSettings,
+    "in each target": TargetSpec,
+    "at the top level": _JobModel,
+}
+
+
 @dataclass(frozen=True)
 class Job:
     """A validated job: what to fetch, how fast, for how much, and where to."""
@@ -175,7 +249,14 @@ class Job:
                     "--redis URL"
                 )
             return self
-        settings = CoordinationSettings.model_validate({"redis_url": redis_url})
+        try:
+            settings = CoordinationSettings.model_validate({"redis_url": redis_url})
+        except ValidationError as exc:  # its text holds the URL as given: password and all
+            error = exc.errors()[0]
+            said = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] != "value_error":
+                said = f"'{masked_url(redis_url)}' is not a Redis URL (redis://HOST:PORT/DB)"
+            raise ConfigError(f"--redis: {said}") from None
         if self.coordination is not None:
             settings = self.coordination.model_copy(update={"redis_url": settings.redis_url})
         return replace(self, coordination=settings)
@@ -209,16 +290,28 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     problem (bad targets: every one, up to a cap)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from None
     try:
+        # newlines as read_text would give them: \r\n and \r are \n
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_not_utf8(path, data, exc)) from None
+    try:
+        if "&" in text:  # without an anchor there is no alias to follow
+            _check_aliases(text)
         raw = yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a safe loader: plain data only
+    except yaml.reader.ReaderError as exc:  # its own text is two lines, and no line number
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            f"{path}:{line}: character U+{exc.character:04X}: {exc.reason} in YAML; remove it"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        kind = "" if isinstance(exc, _DuplicateKey) else "YAML syntax error: "
+        kind = "" if isinstance(exc, _Refused) else "YAML syntax error: "
         raise ConfigError(f"{path}{where}: {kind}{problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a mapping with api, budget, output and targets")
@@ -235,8 +328,63 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     return Job(path, model.api, model.budget, output, targets, model.refresh, model.coordination)
 
 
-class _DuplicateKey(yaml.constructor.ConstructorError):
+class _Refused(yaml.constructor.ConstructorError):
+    """Valid YAML that a job file must not be; its message needs no "syntax error"."""
+
+
+class _DuplicateKey(_Refused):
     pass
+
+
+# values YAML aliases may copy in all: a few shared settings take tens; a "billion laughs" file
+# of a few hundred bytes copies 10**9 (each alias level multiplies the one below), hanging the
+# load and growing until the OOM killer ends it
+MAX_ALIASED_VALUES = 100_000
+
+
+def _check_aliases(text: str) -> None:
+    """Refuse aliases that copy more than ``MAX_ALIASED_VALUES`` values, or a node into itself.
+
+    Counted from the parser's events, before anything is built: an alias costs the values of
+    the node it names, aliases in that node included, so the count grows as the copies would.
+    """
+    sizes: dict[str, int] = {}  # anchor -> values its node holds, aliases expanded
+    open_nodes: list[list[Any]] = []  # [values so far, anchor] of each collection being read
+    copied = 0
+    for event in yaml.parse(text, Loader=_BASE_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            name = str(event.anchor)
+            mark: Any = event.start_mark  # libyaml's Mark or PyYAML's: the same fields
+            if any(anchor == name for _, anchor in open_nodes):
+                raise _Refused(
+                    problem=f"YAML alias *{name} is inside the node it names (a loop); "
+                    "write the values out",
+                    problem_mark=mark,
+                )
+            size = sizes.get(name, 1)  # an unknown anchor: the composer says so
+            copied += size
+            if copied > MAX_ALIASED_VALUES:
+                raise _Refused(
+                    problem=f"YAML alias *{name}: aliases copy more than "
+                    f"{MAX_ALIASED_VALUES:,} values in all; anchors and aliases are for a few "
+                    "shared settings: write the values out, or list targets in a targets_file",
+                    problem_mark=mark,
+                )
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = size
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([1, event.anchor])
+            continue
+        elif isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        else:
+            continue
+        if open_nodes:
+            open_nodes[-1][0] += size
 
 
 # libyaml's parser when PyYAML was built with it: several times faster on long target lists
@@ -267,6 +415,15 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]  # PyYAML's loaders are untyp
 
 
 _LOADER: Any = _Loader
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return (
+        f"{path}:{line}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+        f"({exc.reason}){utf16}; save the file as UTF-8"
+    )
 
 
 def _collect(path: Path, text: str, model: _JobModel) -> TargetList:
@@ -316,8 +473,8 @@ def _with_lines(path: Path, text: str, messages: list[str]) -> list[str]:
 
 
 def _check_region(value: str) -> str:
-    if value not in REGIONS:
-        raise ValueError(f"unknown region '{value}'; one of {', '.join(REGIONS)}")
+    if (why := check_region(value)) is not None:
+        raise ValueError(why)
     return value
 
 
@@ -335,19 +492,19 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     index: dict[tuple[str | int, ...], int] = {}
     node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
-    def walk(n: yaml.Node, at: tuple[str | int, ...]) -> None:
-        index[at] = n.start_mark.line + 1
+    # a loop, not recursion: a document nested 990 deep (libyaml's limit is 1,000) would pass
+    # Python's recursion limit
+    todo: list[tuple[yaml.Node, tuple[str | int, ...]]] = [] if node is None else [(node, ())]
+    while todo:
+        n, at = todo.pop()
+        index.setdefault(at, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
             for key, value in n.value:
-                walk(value, (*at, str(key.value)))
                 # a key's own line, not its value's: a nested block starts a line below
-                index[(*at, str(key.value))] = key.start_mark.line + 1
+                index.setdefault((*at, str(key.value)), key.start_mark.line + 1)
+                todo.append((value, (*at, str(key.value))))
         elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*at, i))
-
-    if node is not None:
-        walk(node, ())
+            todo.extend((item, (*at, i)) for i, item in enumerate(n.value))
     return index
 
 
@@ -357,25 +514,120 @@ def _describe(path: Path, err: Any, lines: dict[tuple[str | int, ...], int]) -> 
     line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
     where = f"{path}:{line}" if line else str(path)
     message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = f"unknown key '{loc[-1]}'"
-    elif err["type"] == "missing":
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = f"unknown key '{loc[-1]}'{_meant(loc)}"
+    elif kind == "missing":
         message = "required key is missing"
-    elif (
-        "input" in err
-        and err["type"] not in ("value_error",)
-        and not isinstance(err["input"], dict)
-    ):
-        shown = masked_url(err["input"]) if loc[-1:] == ("redis_url",) else err["input"]
-        message = f"{message} (got {shown!r})"
+    elif "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
+        value = err["input"]
+        ceiling = _ceiling(loc)  # every number has one
+        if ceiling is not None and _is_nan(value):
+            message = "Input should be a number"
+        elif kind == "less_than_equal":
+            message = f"Input should be at most {_number(err['ctx']['le'])}"
+        elif (
+            kind == "int_parsing_size"  # too many digits to be an integer at all
+            and ceiling is not None
+            and not str(value).lstrip().startswith("-")
+        ):
+            message = f"Input should be at most {_number(ceiling)}"
+        elif kind == "greater_than_equal":
+            message = f"Input should be at least {_number(err['ctx']['ge'])}"
+        message = f"{message} (got {_shown(value)})"
     return f"{where}: {field or 'job'}: {message}"
 
 
+def _meant(loc: tuple[Any, ...]) -> str:
+    """The key an unknown one was meant to be: a close name here, or the same name elsewhere."""
+    key, model = str(loc[-1]), _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    home = next((at for at, m in _SECTIONS.items() if key in m.model_fields and m is not model), "")
+    return f"; it goes {home}" if home else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings class of the mapping at ``loc`` in the job file (None: not one)."""
+    model: type[BaseModel] | None = _JobModel
+    for part in loc:
+        if isinstance(part, int):  # an item of a list of targets
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The settings class in an annotation: ``X``, ``X | None``, ``tuple[X, ...]``."""
+    if not get_args(annotation) and isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    return next((m for a in get_args(annotation) if (m := _inner_model(a)) is not None), None)
+
+
+def _ceiling(loc: tuple[Any, ...]) -> float | None:
+    """The upper bound of the number at ``loc``, if it has one."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model is not None and loc else None
+    metadata = field.metadata if field is not None else []
+    bounds = [m.le for m in metadata if isinstance(m, Le) and isinstance(m.le, int | float)]
+    return float(bounds[0]) if bounds else None
+
+
+def _is_nan(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _number(bound: float) -> str:
+    """A bound as the job file would give it: 3600, not 3600.0."""
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _shown(value: object) -> str:
+    """A value as a message quotes it: any URL's password masked, cut short when long or deep."""
+    return _REPR.repr(_masked(value, _REPR.maxlevel))
+
+
+def _masked(value: object, depth: int) -> object:
+    # below reprlib's depth nothing is shown, so nothing needs masking (or recursing into)
+    if isinstance(value, str):
+        return masked_url(value)
+    if depth < 0:
+        return value
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(v, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return {_masked(k, depth - 1): _masked(v, depth - 1) for k, v in value.items()}
+    return value
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
+
+
+# redis-py takes a password from the query too (``?password=...``)
+_QUERY_PASSWORD = re.compile(r"(password=)[^&#]*", re.IGNORECASE)
+
+
 def masked_url(url: object) -> object:
-    """A URL without its password (a Redis URL's ``user:password@``), for messages."""
+    """A URL without its password (``user:password@``, ``?password=``), for messages; with no
+    ``://`` (a mistyped scheme, none at all) everything before an ``@`` is taken for one."""
     if not isinstance(url, str):
         return url
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     if "@" in rest:
         rest = "***@" + rest.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+    return scheme + sep + _QUERY_PASSWORD.sub(r"\1***", rest)

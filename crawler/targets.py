@@ -9,6 +9,7 @@ optionally ``max_pages``), or a plain list of product ids combined with ``defaul
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 from array import array
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ REGIONS = (
 )
 REGION_INDEX = {region: index for index, region in enumerate(REGIONS)}
 MAX_ERRORS = 20  # bad rows listed one by one; the rest are counted
+MAX_PAGES = 1_000_000  # a target's cap at most (ten million reviews); the column holds 2**32 - 1
 _U64 = (1 << 64) - 1
 _NO_CAP = 0  # max_pages column: 0 means no cap (a cap is always > 0)
 
@@ -82,6 +84,16 @@ class TargetList:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def index_of(self, number: int, region: int) -> int:
+        """Where a product (its id as a number) is first listed in a region; it must be listed.
+
+        A scan of the columns, at C speed: only for the few duplicates a load reports."""
+        ids, regions = self._ids, self._regions
+        at = ids.index(number)
+        while regions[at] != region:
+            at = ids.index(number, at + 1)
+        return at
 
     def __getitem__(self, index: int) -> Target:
         number = self._ids[index]
@@ -158,8 +170,10 @@ class Collector:
         self.targets = TargetList()
         self.errors: list[str] = []
         self.bad = 0  # bad rows in all, listed or not
-        self._keys = SeenIds(capacity=1 << 16)  # ~11 bytes a target while loading
-        self._odd_keys: set[tuple[str, int]] = set()
+        # one exact set of ids per region (~11 bytes a target while loading): a hit is a
+        # duplicate, with no need to look through the targets to make sure
+        self._keys = [SeenIds(capacity=1 << 12) for _ in REGIONS]
+        self._odd_keys: dict[tuple[str, int], int] = {}  # -> where it was first listed
         self._sources: list[tuple[str, str]] = []
         self._source_of = array("B")
         self._position_of = array("I")
@@ -179,12 +193,21 @@ class Collector:
     ) -> None:
         """Add a checked target (``region`` as its index), unless it is listed already."""
         number = _as_number(product_id)
-        if number is not None:  # 64 bits of the pair; a match is checked exactly below
-            new = self._keys.add_u64(((number << 4 | region) & _U64) or 1)
+        if number is not None:
+            new = self._keys[region].add_u64(number)
         else:
             new = (product_id, region) not in self._odd_keys
-            self._odd_keys.add((product_id, region))
-        if not new and (first := self._first(product_id, REGIONS[region])) is not None:
+            if new:
+                self._odd_keys[(product_id, region)] = len(self.targets)
+        if not new:
+            if len(self.errors) >= MAX_ERRORS:
+                self.bad += 1  # counted only: where it was first listed is never shown
+                return
+            first = (
+                self._odd_keys[(product_id, region)]
+                if number is None
+                else self.targets.index_of(number, region)
+            )
             self.problem(
                 f"{self._sources[source][0].format(position)}: product {product_id} in "
                 f"{REGIONS[region]} is already listed at {self._where(first, seen_from=source)}"
@@ -193,18 +216,6 @@ class Collector:
         self.targets.append_number(number, product_id, region, max_pages)
         self._source_of.append(source)
         self._position_of.append(position)
-
-    def _first(self, product_id: str, region: str) -> int | None:
-        # only when 64 bits of the pair match: a duplicate (at most MAX_ERRORS are looked up
-        # before the load fails) or, about once in 10**7 jobs of a million, two pairs alike
-        return next(
-            (
-                i
-                for i, t in enumerate(self.targets)
-                if t.product_id == product_id and t.region == region
-            ),
-            None,
-        )
 
     def problem(self, message: str) -> None:
         self.bad += 1
@@ -222,14 +233,60 @@ def check_product_id(value: str) -> str | None:
     if value.isascii() and value.isdigit():
         return None
     if value and value.replace(".", "", 1).replace("E+", "", 1).replace("e+", "", 1).isdigit():
-        return f"'{value}' is not a product id (a string of digits): a spreadsheet made it a number"
-    return f"'{value}' is not a product id (a string of digits)"
+        return (
+            f"{_quoted(value)} is not a product id (a string of digits): a spreadsheet made it a "
+            "number"
+        )
+    return f"{_quoted(value)} is not a product id (a string of digits)"
+
+
+# each region's country, and the other names people give it: ISO's three letters, UK
+_COUNTRIES = {
+    "US": ("the United States", "USA", "America", "United States of America"),
+    "GB": ("the United Kingdom", "UK", "GBR", "Great Britain", "Britain", "England"),
+    "DE": ("Germany", "DEU", "Deutschland"),
+    "FR": ("France", "FRA"),
+    "IT": ("Italy", "ITA", "Italia"),
+    "ID": ("Indonesia", "IDN"),
+    "MY": ("Malaysia", "MYS"),
+    "MX": ("Mexico", "MEX", "México"),
+    "PH": ("the Philippines", "PHL"),
+    "SG": ("Singapore", "SGP"),
+    "ES": ("Spain", "ESP", "España"),
+    "TH": ("Thailand", "THA"),
+    "VN": ("Vietnam", "VNM", "Viet Nam"),
+    "BR": ("Brazil", "BRA", "Brasil"),
+    "JP": ("Japan", "JPN"),
+    "IE": ("Ireland", "IRL"),
+}
+_NAMED = {
+    name.removeprefix("the ").casefold(): region
+    for region, names in _COUNTRIES.items()
+    for name in names
+}
 
 
 def check_region(value: str) -> str | None:
+    """Why ``value`` is not a region (with the one meant, when that is clear), or None."""
     if value in REGION_INDEX:
         return None
-    return f"unknown region '{value}'; one of {', '.join(REGIONS)}"
+    if value.upper() in REGION_INDEX:
+        return f"{_quoted(value)} is not a region: write it {value.upper()}"
+    key = value.strip().removeprefix("the ").casefold()
+    # a misspelt country name ('Phillipines'); a code of two or three letters is too short
+    # for a guess to mean anything ('DK' is as close to DE as to nothing)
+    close = difflib.get_close_matches(key, _NAMED, n=1, cutoff=0.8) if len(key) > 3 else []
+    region = _NAMED.get(key) or (_NAMED[close[0]] if close else None)
+    if region is not None:
+        return f"{_quoted(value)} is not a region: {region} is {_COUNTRIES[region][0]}"
+    return f"unknown region {_quoted(value)}; one of {', '.join(REGIONS)}"
+
+
+def _quoted(value: str, most: int = 60) -> str:
+    """``value`` in quotes for a message, cut short when long (a cell can be 100,000 characters)."""
+    if len(value) <= most:
+        return f"'{value}'"
+    return f"'{value[:most]}...' ({len(value):,} characters)"
 
 
 def read_targets_file(
@@ -245,9 +302,9 @@ def read_targets_file(
         with path.open(encoding="utf-8-sig", newline="") as file:
             first = next((line for line in file if line.strip()), "")
             file.seek(0)
-            header = [name.strip().lower() for name in first.split(",")]
-            if "product_id" in header:
-                _read_csv(file, shown, default_regions, into)
+            delimiter = _delimiter(first)
+            if delimiter is not None:
+                _read_csv(file, shown, default_regions, into, delimiter)
             else:
                 _read_list(file, shown, default_regions, into)
     except OSError as exc:
@@ -256,63 +313,107 @@ def read_targets_file(
         into.problem(f"{shown}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block)")
 
 
+_DELIMITERS = (",", ";", "\t")  # a spreadsheet saves ; where the decimal mark is a comma
+
+
+def _delimiter(first: str) -> str | None:
+    """The delimiter of a CSV whose header (``first``) names product_id; None: a list of ids."""
+    naming = [
+        d
+        for d in _DELIMITERS
+        if "product_id" in (name.strip().strip('"').lower() for name in first.split(d))
+    ]
+    # a header of product_id alone is split alike by each: the one that splits it most
+    return max(naming, key=lambda d: len(first.split(d))) if naming else None
+
+
 def _read_csv(
-    file: TextIO, shown: str, default_regions: Sequence[str] | None, into: Collector
+    file: TextIO,
+    shown: str,
+    default_regions: Sequence[str] | None,
+    into: Collector,
+    delimiter: str = ",",
 ) -> None:
-    reader = csv.reader(file)
-    header: list[str] = []
+    reader = csv.reader(file, delimiter=delimiter)
+    line = 0  # where the last record read ends: the next one starts on the line after
+    try:
+        header = _header(reader)
+        line = reader.line_num
+        columns = {name: index for index, name in enumerate(header)}
+        names = ("product_id", "region", "max_pages")
+        at_id, at_region, at_cap = (columns.get(n, -1) for n in names)
+        if at_region < 0 and not default_regions:
+            into.problem(
+                f"{shown}:{line}: the header names no 'region' column; add one, or give "
+                "default_regions in the job file"
+            )
+            return
+        width = max(at_id, at_region) + 1  # an optional column left off the end is empty
+        source = into.source(f"{shown}:{{}}", "line {}")
+        fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
+        regions_index, add = REGION_INDEX, into.add
+        for row in reader:  # the per-row path: a million rows, so checks are inlined
+            line = reader.line_num
+            if len(row) < width:
+                if any(cell.strip() for cell in row):
+                    into.problem(f"{shown}:{line}: {len(row)} columns, too few for the header")
+                continue
+            product_id = row[at_id].strip()
+            if not (product_id.isdigit() and product_id.isascii()):
+                into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
+                continue
+            cap: int | Literal[False] | None = None
+            if 0 <= at_cap < len(row) and (cell := row[at_cap].strip()):
+                cap = _cap(cell, f"{shown}:{line}", into)
+                if cap is False:
+                    continue
+            if at_region < 0:
+                for fixed_region in fixed:
+                    add(product_id, fixed_region, cap, source, line)
+                continue
+            region = row[at_region].strip()
+            if (index := regions_index.get(region)) is None:
+                into.problem(f"{shown}:{line}: region: {check_region(region)}")
+                continue
+            add(product_id, index, cap, source, line)
+    except csv.Error as exc:
+        into.problem(_unreadable(shown, line + 1, reader.line_num, exc))
+
+
+def _header(reader: Iterator[list[str]]) -> list[str]:
+    """The first row that is not blank, its names as they are matched."""
     for row in reader:
         if any(cell.strip() for cell in row):
-            header = [name.strip().lower() for name in row]
-            break
-    columns = {name: index for index, name in enumerate(header)}
-    at_id, at_region, at_cap = (columns.get(n, -1) for n in ("product_id", "region", "max_pages"))
-    if at_region < 0 and not default_regions:
-        into.problem(
-            f"{shown}:{reader.line_num}: the header names no 'region' column; add one, or give "
-            "default_regions in the job file"
+            return [name.strip().lower() for name in row]
+    return []
+
+
+def _unreadable(shown: str, start: int, at: int, exc: csv.Error) -> str:
+    """What to say of a record the csv module refuses (from ``start`` to line ``at``)."""
+    if "field larger than field limit" in str(exc):
+        # the limit stays csv's default: a product id is 20 digits, a cell this long a mistake
+        spans = f" (up to line {at}: a quote left open?)" if at > start else ""
+        return (
+            f"{shown}:{start}: a field of more than {csv.field_size_limit():,} characters"
+            f"{spans}; the file is not read past it"
         )
-        return
-    width = max(at_id, at_region) + 1  # an optional column left off the end is empty
-    source = into.source(f"{shown}:{{}}", "line {}")
-    fixed = tuple(REGION_INDEX[r] for r in default_regions or ())
-    regions_index, add = REGION_INDEX, into.add
-    for row in reader:  # the per-row path: a million rows, so checks are inlined
-        if len(row) < width:
-            if any(cell.strip() for cell in row):
-                into.problem(
-                    f"{shown}:{reader.line_num}: {len(row)} columns, too few for the header"
-                )
-            continue
-        line = reader.line_num
-        product_id = row[at_id].strip()
-        if not (product_id.isdigit() and product_id.isascii()):
-            into.problem(f"{shown}:{line}: product_id: {check_product_id(product_id)}")
-            continue
-        cap: int | Literal[False] | None = None
-        if 0 <= at_cap < len(row) and (cell := row[at_cap].strip()):
-            cap = _cap(cell, f"{shown}:{line}", into)
-            if cap is False:
-                continue
-        if at_region < 0:
-            for fixed_region in fixed:
-                add(product_id, fixed_region, cap, source, line)
-            continue
-        region = row[at_region].strip()
-        if (index := regions_index.get(region)) is None:
-            into.problem(f"{shown}:{line}: region: {check_region(region)}")
-            continue
-        add(product_id, index, cap, source, line)
+    return f"{shown}:{start}: not readable as CSV ({exc}); the file is not read past it"
 
 
 def _cap(value: str, where: str, into: Collector) -> int | Literal[False] | None:
     """The row's max_pages: None when empty, False (after reporting) when it is bad."""
     if not value:
         return None
-    if value.isascii() and value.isdigit() and int(value) > 0:
-        return int(value)
-    into.problem(f"{where}: max_pages: '{value}' is not a whole number above 0")
-    return False
+    digits = value.lstrip("0")
+    if not (value.isascii() and value.isdigit() and digits):
+        into.problem(f"{where}: max_pages: {_quoted(value)} is not a whole number above 0")
+        return False
+    if len(digits) > len(str(MAX_PAGES)) or int(digits) > MAX_PAGES:  # int() of 5,000 digits raises
+        into.problem(
+            f"{where}: max_pages: {_quoted(value)} is more than {MAX_PAGES}, the most it may be"
+        )
+        return False
+    return int(digits)
 
 
 def _read_list(
@@ -330,7 +431,11 @@ def _read_list(
         if not product_id or product_id.startswith("#"):
             continue
         if (why := check_product_id(product_id)) is not None:
-            hint = "; a CSV needs a header row naming product_id" if "," in product_id else ""
+            hint = (
+                "; a CSV needs a header row naming product_id"
+                if any(d in product_id for d in _DELIMITERS)
+                else ""
+            )
             into.problem(f"{shown}:{number}: product_id: {why}{hint}")
             continue
         for region in default_regions:

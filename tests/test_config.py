@@ -38,11 +38,12 @@ CASES = {
     ),
     "unknown key": (
         GOOD.replace("requests_per_second", "requests_per_secnd"),
-        ":3: api.requests_per_secnd: unknown key 'requests_per_secnd'",
+        ":3: api.requests_per_secnd: unknown key 'requests_per_secnd'; did you mean "
+        "'requests_per_second'?",
     ),
-    "unknown region": (
+    "UK for a region": (
         GOOD.replace("region: US}", "region: UK}"),
-        ":9: targets[0].region: unknown region 'UK'; one of US, GB, DE",
+        ":9: targets[0].region: 'UK' is not a region: GB is the United Kingdom",
     ),
     "non-digit product": (
         GOOD.replace('"1729679758111249334"', '"17296x"'),
@@ -62,7 +63,23 @@ CASES = {
     ),
     "typo in a target": (
         GOOD.replace("regions: [US, GB]}", "regions: [US, GB], max_page: 3}"),
-        ":10: targets[1].max_page: unknown key 'max_page'",
+        ":10: targets[1].max_page: unknown key 'max_page'; did you mean 'max_pages'?",
+    ),
+    "unknown region": (
+        GOOD.replace("region: US}", "region: XX}"),
+        ":9: targets[0].region: unknown region 'XX'; one of US, GB, DE",
+    ),
+    "a country for a region": (
+        GOOD.replace("regions: [US, GB]}", "regions: [US, Germany]}"),
+        ":10: targets[1].regions: 'Germany' is not a region: DE is Germany",
+    ),
+    "a misspelt top-level key": (
+        GOOD + "target_file: ids.txt\n",
+        ":11: target_file: unknown key 'target_file'; did you mean 'targets_file'?",
+    ),
+    "a key in the wrong section": (
+        GOOD.replace("  requests_per_second: 5\n", "  requests_per_second: 5\n  max_credits: 9\n"),
+        ":4: api.max_credits: unknown key 'max_credits'; it goes under budget",
     ),
     "no targets": (
         GOOD.split("targets:", maxsplit=1)[0] + "targets: []\n",
@@ -105,7 +122,7 @@ def test_good_job_file_expands_regions(tmp_path: Path):
     assert job.output.dir == tmp_path / "out"
 
 
-@pytest.mark.parametrize("case", ["unknown key", "yaml syntax", "unknown region"])
+@pytest.mark.parametrize("case", ["unknown key", "yaml syntax", "UK for a region"])
 def test_cli_exit_status_2_without_traceback(tmp_path: Path, case: str):
     path = tmp_path / "job.yaml"
     path.write_text(CASES[case][0])
