@@ -150,19 +150,11 @@ def _coordination_arguments(parser: argparse.ArgumentParser, *, worker: bool) ->
 
 
 def _load(args: argparse.Namespace) -> Job:
-    """The job file, coordinated through ``--redis`` when given."""
-    from pydantic import ValidationError  # noqa: PLC0415
+    """The job file, coordinated through ``--redis`` when given (``Job.coordinated`` checks the
+    URL and says what is wrong with it, password masked)."""
+    from crawler.config import load_job  # noqa: PLC0415
 
-    from crawler.config import load_job, masked_url  # noqa: PLC0415
-    from crawler.errors import ConfigError  # noqa: PLC0415
-
-    job = load_job(args.job)
-    try:
-        return job.coordinated(getattr(args, "redis", None))
-    except ValidationError:
-        raise ConfigError(
-            f"--redis: '{masked_url(args.redis)}' is not a Redis URL (redis://HOST:PORT/DB)"
-        ) from None
+    return load_job(args.job).coordinated(getattr(args, "redis", None))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -98,7 +98,6 @@ class Delta:
             if after.walk and any(figures.values()):
                 self.refreshes.setdefault(after.walk, Counter()).update(figures)
 
-
     def change(self, state: TargetState, rule: Callable[[TargetState], bool]) -> bool:
         """``rule`` applied to ``state`` in place, its effect counted here; whether it changed
         (no copy of the state: this is on the per-page path)."""
