@@ -61,7 +61,8 @@ async def open_worker(
         store.held = held
         layout.shards_dir.mkdir(parents=True, exist_ok=True)
         sealed, _ = await store.manifest()
-        repair_sealed(layout, [(s.file, s.bytes) for s in sealed])
+        # off the loop: copies of shards can be large, and the heartbeat must go on meanwhile
+        await asyncio.to_thread(repair_sealed, layout, [(s.file, s.bytes) for s in sealed])
     except BaseException:
         await link.close()
         os.close(held)
@@ -88,7 +89,10 @@ async def _start_over(link: Link, job: Job, layout: Layout, worker: str) -> None
             f"{job.path}: --fresh: worker {', '.join(sorted(alive))} of job {job.name!r} is "
             "running; stop every worker of the job first"
         )
-    keys = [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
+    async def every_key() -> list[str]:
+        return [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
+
+    keys = await link.call(every_key)
     for start in range(0, len(keys), 1000):
         await link.call(partial(redis.delete, *keys[start : start + 1000]))
     try:

@@ -51,7 +51,7 @@ async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) 
         if answer != "ok":  # it came back, committed meanwhile, or another worker sealed it
             await asyncio.to_thread(copy.unlink, missing_ok=True)
             continue
-        await asyncio.to_thread(_rename, copy, layout.shard(file), layout)
+        await asyncio.to_thread(install, copy, layout.shard(file), layout)
         log.warning("sealed a dead worker's open shard", worker=worker, shard=file)
         sealed.append(worker)
     return sealed
@@ -63,7 +63,9 @@ def seal_copy(path: Path, doc: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     return copy, {**doc, "sha256": sha256_of(copy)}
 
 
-def _rename(copy: Path, path: Path, layout: Layout) -> None:
+def install(copy: Path, path: Path, layout: Layout) -> None:
+    """A sealed copy renamed in, durably: the old file lives on, unnamed, for whoever still
+    writes it."""
     os.replace(copy, path)
     fsync_dir(layout.shards_dir)
 

@@ -259,6 +259,8 @@ ADOPT = (
 -- KEYS: workers, w:<dead>, shards
 -- ARGV: dead worker, its incarnation, stale ms, file, sealed (JSON), the record copied (JSON),
 --       prefix
+-- sent again after a lost answer: the seal it wrote is there
+if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[5] then return 'ok' end
 local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
 if now - beat < tonumber(ARGV[3]) or uptime < tonumber(ARGV[3]) then return 'alive' end
 if now < tonumber(redis.call('HGET', ARGV[7] .. 'clock', 'quiet') or '0') then return 'alive' end
@@ -269,6 +271,12 @@ if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[6] then return 'changed' end
 redis.call('HINCRBY', KEYS[2], 'inc', 1)
 redis.call('HSET', KEYS[2], 'open_shard', '')
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+-- the retired incarnation's credit lease is forfeited here, in the same step (rules.crashed)
+local out = tonumber(redis.call('HGET', KEYS[2], 'outstanding') or '0')
+if out > 0 then
+  redis.call('HINCRBY', ARGV[7] .. 'ledger', 'forfeited', out)
+  redis.call('HSET', KEYS[2], 'outstanding', 0)
+end
 redis.call('HINCRBY', ARGV[7] .. 'meta', 'shards_version', 1)
 return 'ok'
 """

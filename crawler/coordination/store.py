@@ -25,13 +25,13 @@ import orjson
 import structlog
 
 from crawler.coordination.link import Link
-from crawler.coordination.orphans import adopt_orphans, seal_copy
+from crawler.coordination.orphans import adopt_orphans, install, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, CoordinationError, LeaseLost, OutputError, StateError
-from crawler.output.layout import Layout, fsync_dir, shard_sequence, write_atomically
+from crawler.output.layout import Layout, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
@@ -81,7 +81,6 @@ class RedisStore:
         self.totals = Totals()
         self.ledger = Ledger()
         self.refresh = 0
-        self.runs = 0
         self._p = prefix_of(job)
         self._w = self.key(f"w:{worker}")
         self._lease_ms = int(lease_seconds * 1000)
@@ -268,11 +267,12 @@ class RedisStore:
         writes = Writes()
         writes.check(self.key("shards"), doc["file"], record)
         writes.op("HSET", self._w, "open_shard", "")
-        if doc["records"] == 0:  # opened, nothing committed: nothing to keep
+        if doc["records"] == 0:  # opened, nothing committed: nothing to keep (the file first: a
+            # kill before the record goes leaves an empty open record, never listed)
+            await asyncio.to_thread(path.unlink, missing_ok=True)
             writes.op("HDEL", self.key("shards"), doc["file"])
             writes.op("ZREM", self.key("shardorder"), doc["file"])
-            if (await self.apply(writes))[0] == "ok":
-                await asyncio.to_thread(path.unlink, missing_ok=True)
+            await self.apply(writes)
             return
         copy, sealed = await asyncio.to_thread(seal_copy, path, doc)
         writes.op("HSET", self.key("shards"), doc["file"], orjson.dumps(sealed).decode())
@@ -280,7 +280,7 @@ class RedisStore:
         if (await self.apply(writes))[0] != "ok":
             await asyncio.to_thread(copy.unlink, missing_ok=True)
             return
-        await asyncio.to_thread(_replace, copy, path, self.layout)
+        await asyncio.to_thread(install, copy, path, self.layout)
         self._sealed.append(_info(sealed))
         log.info("sealed the shard an earlier run of this worker left open", shard=doc["file"])
 
@@ -432,8 +432,7 @@ class RedisStore:
             await asyncio.sleep(self._lease_ms / 3000)
 
     async def _adopt(self) -> None:
-        for worker in await adopt_orphans(self.link, self._p, self.layout, self._dead_ms):
-            await self._forfeit(self.key(f"w:{worker}"))
+        await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
 
     async def _silent_with_shards_here(self) -> bool:
         redis = self.link.redis
@@ -766,11 +765,6 @@ def _mark(marker: Path, text: bytes) -> None:
     except OSError as exc:
         raise OutputError.from_os(exc, marker.parent) from None
     write_atomically(marker, text)
-
-
-def _replace(copy: Path, path: Path, layout: Layout) -> None:
-    os.replace(copy, path)
-    fsync_dir(layout.shards_dir)
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:

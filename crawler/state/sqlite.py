@@ -154,7 +154,6 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         job = _job_row(db)
         self.ledger = Ledger(job["leased"], job["credits"], job["forfeited"])
-        self.runs: int = job["runs"]
         self.refresh: int = job["refresh"]
         self._next_shard: int = job["next_shard"]
         self._open_shard = (
@@ -308,7 +307,6 @@ class SqliteStore:
         self.refresh = await self._run(self._begin, started, refresh, mode, probe)
         if self.totals.count(Status.BUDGET) or refresh:
             self.totals = await self._run(totals_of, self._db)
-        self.runs += 1
         return self.refresh
 
     def _begin(self, started: float, refresh: bool, mode: str, probe: bool) -> int:

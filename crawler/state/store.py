@@ -22,7 +22,6 @@ class StateStore(Protocol):
     totals: Totals
     ledger: Ledger
     refresh: int  # the refresh the run works on; 0: none
-    runs: int
 
     @property
     def position(self) -> WriterPosition:
