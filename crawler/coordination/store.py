@@ -425,7 +425,9 @@ class RedisStore:
         tail, in the folder: wait for such a worker to count as dead (a lease at most), then
         seal its shard. Live workers, and shards on other machines' disks, are not waited for."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.5 * self._dead_ms / 1000
+        # long enough for a worker killed at the very end to count as dead, with room for a
+        # quiet spell (a busy machine's late heartbeat) that holds adoptions back meanwhile
+        deadline = loop.time() + 3 * self._dead_ms / 1000
         while loop.time() < deadline and await self._silent_with_shards_here():
             if self.link.settled(self._lease_ms / 1000):
                 await self._adopt()
@@ -488,7 +490,7 @@ class RedisStore:
                 self._next_id += 1
                 if not off:
                     targets.append((state, Target(product_id, name[2:], cap)))
-        if self.refresh and not await self._joined(lease, targets):
+        if not await self._joined(lease, targets):
             self._forget(lease)
             return
         claimed: list[Claimed] = []
@@ -508,12 +510,15 @@ class RedisStore:
         self._queue.extend(claimed)
 
     async def _joined(self, lease: Lease, targets: list[tuple[TargetState, Target]]) -> bool:
-        """The refresh under way applied to a product just taken (``rules.refresh_started``,
-        the rule one process applies at the refresh's start); False if it was lost meanwhile."""
+        """The rules one process applies to every target at a run's start, applied here to a
+        product as it is taken (``rules.BUDGET_REOPENED``, and ``rules.refresh_started`` while
+        a refresh is under way); False if the product was lost meanwhile."""
         delta, writes = rules.Delta(), Writes()
-        joining = rules.refresh_started(self.refresh)
+        starting = [rules.BUDGET_REOPENED]
+        if self.refresh:
+            starting.append(rules.refresh_started(self.refresh))
         for state, target in targets:
-            if rules.changed(state, joining, delta):
+            if any([rules.changed(state, rule, delta) for rule in starting]):
                 doc = doc_of(state, target.max_pages)
                 writes.op("HSET", self.key(f"p:{target.product_id}"), f"r:{target.region}", doc)
         if not writes.ops:
