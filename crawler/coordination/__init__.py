@@ -89,6 +89,7 @@ async def _start_over(link: Link, job: Job, layout: Layout, worker: str) -> None
             f"{job.path}: --fresh: worker {', '.join(sorted(alive))} of job {job.name!r} is "
             "running; stop every worker of the job first"
         )
+
     async def every_key() -> list[str]:
         return [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
 
