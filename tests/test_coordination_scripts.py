@@ -338,3 +338,34 @@ async def test_an_idle_worker_waits_between_claims(redis_server: RedisServer, tm
     calls = int(sync.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
     sync.close()
     assert calls <= 15, calls
+
+
+def test_a_retired_worker_leaves_no_uncommitted_shard(client, tmp_path: Path):
+    """Killed between writing a batch's new shard and the commit that records it, a worker that
+    never comes back under its name leaves that file behind: retiring it removes the file."""
+    register(client, "d")
+    name = "reviews-d-000001.jsonl"
+    sealed = {"file": name, "worker": "d", "seq": 1, "records": 1,
+              "bytes": 20, "sha256": "x"}  # fmt: skip
+    client.hset(k("shards"), name, json.dumps(sealed))
+    client.hset(k("w:d"), mapping={"next_shard": 2, "open_shard": "", "outstanding": 6})
+    layout = Layout(tmp_path)
+    layout.shards_dir.mkdir()
+    layout.shard(name).write_bytes(b'{"review_id":"r1"}\n')
+    stray = layout.shard("reviews-d-000002.jsonl")
+    stray.write_bytes(b'{"review_id":"r2"}\n')  # a batch's new shard, never committed
+    client.zadd(k("workers"), {"d": int(time.time() * 1000) - 10_000})
+    time.sleep(2.1)  # Redis up longer than the span a worker must be silent for
+    port = client.connection_pool.connection_kwargs["port"]
+
+    async def retire() -> list[str]:
+        link = Link(f"redis://127.0.0.1:{port}/0", unavailable_seconds=5)
+        try:
+            return await orphans.adopt_orphans(link, P, layout, 2000)
+        finally:
+            await link.close()
+
+    assert asyncio.run(retire()) == ["d"]
+    assert not stray.exists() and layout.shard(name).exists()
+    assert client.hget(k("w:d"), "ended") == "1" and client.hget(k("ledger"), "forfeited") == "6"
+    assert asyncio.run(retire()) == []  # retired once

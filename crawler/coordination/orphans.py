@@ -22,39 +22,65 @@ import structlog
 
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
-from crawler.output.layout import Layout, fsync_dir
+from crawler.output.layout import Layout, fsync_dir, shard_owner, shard_sequence
 from crawler.output.shards import sha256_of
 
 log = structlog.get_logger("crawler.coordination")
 
 
 async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> list[str]:
-    """Seal the open shards of workers silent for longer than ``stale_ms`` whose files are in
-    this folder; the workers whose shard was sealed (and incarnation retired)."""
+    """Retire the workers silent for longer than ``stale_ms`` whose files are in this folder:
+    their open shard sealed at its committed length, and their files that no commit recorded
+    (a batch's new shard, written before the commit a kill cut off) removed; the workers
+    retired."""
     dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms, prefix])
-    sealed: list[str] = []
+    retired: list[str] = []
+    files = await asyncio.to_thread(layout.shard_files) if dead else []
     for worker in dead:
+        here = [p for p in files if shard_owner(p.name) == worker]
+        if not here:
+            continue  # nothing of it on this disk: another machine's worker to finish
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))
-        file = state.get("open_shard")
-        if not file or not layout.shard(file).exists():
-            continue  # nothing open, or on another machine's disk: that worker's to finish
-        record = await link.call(partial(link.redis.hget, prefix + "shards", file))
-        try:  # off the event loop: a shard can be large, and the leases must be renewed meanwhile
-            copy, doc = await asyncio.to_thread(seal_copy, layout.shard(file), orjson.loads(record))
-        except (OSError, ValueError) as exc:
-            log.warning("cannot seal a dead worker's shard here", shard=file, error=str(exc))
-            continue
+        file = state.get("open_shard") or ""
+        record, copy, doc = "", None, None
+        if file:
+            if not layout.shard(file).exists():
+                continue  # its open shard is on another machine's disk
+            record = await link.call(partial(link.redis.hget, prefix + "shards", file))
+            try:  # off the event loop: a shard can be large, and the leases must be renewed
+                copy, doc = await asyncio.to_thread(
+                    seal_copy, layout.shard(file), orjson.loads(record)
+                )
+            except (OSError, ValueError) as exc:
+                log.warning("cannot seal a dead worker's shard here", shard=file, error=str(exc))
+                continue
         answer = await link.script(ADOPT)(
             keys=[prefix + "workers", f"{prefix}w:{worker}", prefix + "shards"],
-            args=[worker, state["inc"], stale_ms, file, orjson.dumps(doc).decode(), record, prefix],
-        )
-        if answer != "ok":  # it came back, committed meanwhile, or another worker sealed it
-            await asyncio.to_thread(copy.unlink, missing_ok=True)
+            args=[worker, state.get("inc", "0"), stale_ms, file,
+                  orjson.dumps(doc).decode() if doc else "", record or "", prefix],
+        )  # fmt: skip
+        if answer != "ok":  # it came back, committed meanwhile, or another worker retired it
+            if copy is not None:
+                await asyncio.to_thread(copy.unlink, missing_ok=True)
             continue
-        await asyncio.to_thread(install, copy, layout.shard(file), layout)
-        log.warning("sealed a dead worker's open shard", worker=worker, shard=file)
-        sealed.append(worker)
-    return sealed
+        if copy is not None:
+            await asyncio.to_thread(install, copy, layout.shard(file), layout)
+            log.warning("sealed a dead worker's open shard", worker=worker, shard=file)
+        known = set(await link.call(partial(link.redis.hkeys, prefix + "shards")))
+        first_unknown = int(state.get("next_shard", "1"))
+        await asyncio.to_thread(_remove_strays, layout, here, known, first_unknown)
+        retired.append(worker)
+    return retired
+
+
+def _remove_strays(layout: Layout, files: list[Path], known: set[str], first_unknown: int) -> None:
+    """A retired worker's files no commit recorded: past its committed shard numbers, so never
+    listed, and their reviews walked again by whoever took its products over."""
+    for path in files:
+        if path.name not in known and shard_sequence(path.name) >= first_unknown:
+            path.unlink(missing_ok=True)
+            log.warning("removed a dead worker's uncommitted shard", shard=path.name)
+    fsync_dir(layout.shards_dir)
 
 
 def seal_copy(path: Path, doc: dict[str, Any]) -> tuple[Path, dict[str, Any]]:

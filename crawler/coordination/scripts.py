@@ -73,6 +73,7 @@ REGISTER = (
 local inc = redis.call('HINCRBY', KEYS[1], 'inc', 1)
 redis.call('HSETNX', KEYS[1], 'next_shard', 1)  -- shard numbers start at 1, as one process's
 redis.call('HSET', KEYS[1], 'info', ARGV[2], 'started', now)
+redis.call('HDEL', KEYS[1], 'ended')  -- alive again: retired only by its own end or death
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 local mine = ARGV[1] .. '#'
 for _, pid in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
@@ -235,49 +236,51 @@ if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
 
-# the workers silent for longer than a lease that left a shard open
+# the workers silent for longer than two leases that neither ended nor were retired yet
 SILENT = (
     _NOW
     + """
 -- KEYS: workers;  ARGV: stale ms, prefix
 local silent = {}
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))) do
-  if (redis.call('HGET', ARGV[2] .. 'w:' .. w, 'open_shard') or '') ~= '' then
-    table.insert(silent, w)
-  end
+  if redis.call('HGET', ARGV[2] .. 'w:' .. w, 'ended') ~= '1' then table.insert(silent, w) end
 end
 return silent
 """
 )
 
-# a dead worker's open shard, copied up to its committed length by a worker that sees the file:
-# sealed, and that worker's incarnation retired, so a late wake-up cannot commit past the seal
+# a dead worker retired by a worker that sees its files: its incarnation moved on (a late wake-up
+# commits nothing), its open shard (if any) sealed at the copy of its committed length, its lease
+# forfeited. The caller then removes its files no commit recorded (a batch's new shard)
 ADOPT = (
     _NOW
     + _UPTIME
     + """
 -- KEYS: workers, w:<dead>, shards
--- ARGV: dead worker, its incarnation, stale ms, file, sealed (JSON), the record copied (JSON),
---       prefix
--- sent again after a lost answer: the seal it wrote is there
-if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[5] then return 'ok' end
+-- ARGV: dead worker, its incarnation, stale ms, open file ('' for none), sealed (JSON), the
+--       record copied (JSON), prefix
+-- sent again after a lost answer: it retired that incarnation already
+if redis.call('HGET', KEYS[2], 'ended') == '1'
+   and redis.call('HGET', KEYS[2], 'inc') == tostring(tonumber(ARGV[2]) + 1) then return 'ok' end
 local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
 if now - beat < tonumber(ARGV[3]) or uptime < tonumber(ARGV[3]) then return 'alive' end
 if now < tonumber(redis.call('HGET', ARGV[7] .. 'clock', 'quiet') or '0') then return 'alive' end
 if redis.call('HGET', KEYS[2], 'inc') ~= ARGV[2] then return 'changed' end
-if redis.call('HGET', KEYS[2], 'open_shard') ~= ARGV[4] then return 'changed' end
--- a commit since the copy was taken (it was only paused) makes the copy short: not sealed
-if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[6] then return 'changed' end
+if (redis.call('HGET', KEYS[2], 'open_shard') or '') ~= ARGV[4] then return 'changed' end
+if ARGV[4] ~= '' then
+  -- a commit since the copy was taken (it was only paused) makes the copy short: not sealed
+  if redis.call('HGET', KEYS[3], ARGV[4]) ~= ARGV[6] then return 'changed' end
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('HINCRBY', ARGV[7] .. 'meta', 'shards_version', 1)
+end
 redis.call('HINCRBY', KEYS[2], 'inc', 1)
-redis.call('HSET', KEYS[2], 'open_shard', '')
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[2], 'open_shard', '', 'ended', 1)
 -- the retired incarnation's credit lease is forfeited here, in the same step (rules.crashed)
 local out = tonumber(redis.call('HGET', KEYS[2], 'outstanding') or '0')
 if out > 0 then
   redis.call('HINCRBY', ARGV[7] .. 'ledger', 'forfeited', out)
   redis.call('HSET', KEYS[2], 'outstanding', 0)
 end
-redis.call('HINCRBY', ARGV[7] .. 'meta', 'shards_version', 1)
 return 'ok'
 """
 )

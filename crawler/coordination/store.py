@@ -31,7 +31,7 @@ from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, CoordinationError, LeaseLost, OutputError, StateError
-from crawler.output.layout import Layout, shard_sequence, write_atomically
+from crawler.output.layout import Layout, shard_owner, shard_sequence, write_atomically
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
@@ -414,7 +414,7 @@ class RedisStore:
         writes = Writes()
         ended = orjson.dumps({"held": 0, "rate": 0.0, "stopped": True}).decode()
         # a clean end: what is leased and not given back went out with requests
-        writes.op("HSET", self._w, "live", ended, "outstanding", 0)
+        writes.op("HSET", self._w, "live", ended, "outstanding", 0, "ended", 1)
         writes.op("LPUSH", self.key("runs"), orjson.dumps({"worker": self.worker, **info}))
         writes.op("LTRIM", self.key("runs"), 0, 999)
         await self.apply(writes)
@@ -446,10 +446,8 @@ class RedisStore:
         for worker, beat in beats:
             if worker == self.worker or now - beat < self._lease_ms / 2:
                 continue
-            state = await self.link.call(partial(redis.hgetall, self.key(f"w:{worker}")))
-            stopped = orjson.loads(state.get("live", "{}")).get("stopped")
-            file = state.get("open_shard")
-            if file and not stopped and self.layout.shard(file).exists():
+            ended = await self.link.call(partial(redis.hget, self.key(f"w:{worker}"), "ended"))
+            if ended != "1" and await asyncio.to_thread(_has_files, self.layout, worker):
                 return True
         return False
 
@@ -770,6 +768,10 @@ def _mark(marker: Path, text: bytes) -> None:
     except OSError as exc:
         raise OutputError.from_os(exc, marker.parent) from None
     write_atomically(marker, text)
+
+
+def _has_files(layout: Layout, worker: str) -> bool:
+    return any(shard_owner(p.name) == worker for p in layout.shard_files())
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:
