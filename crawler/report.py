@@ -55,7 +55,7 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     # while walks are under way, leased credits may still walk pending targets (RedisView)
     spent = ledger.credits if view.walking else figures["credits_charged"]
     if by_status.get("pending") and (
-        job.budget.max_credits - spent < job.budget.credits_per_request
+        view.budget_stopped or job.budget.max_credits - spent < job.budget.credits_per_request
     ):  # what one process stores at a budget stop, the workers of a coordinated job show so
         by_status["stopped_budget"] = by_status.get("stopped_budget", 0) + by_status.pop("pending")
     return {

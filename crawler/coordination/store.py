@@ -340,6 +340,7 @@ class RedisStore:
         refresh is the job's: every worker applies it to the products it takes."""
         await self._queue_retries()
         redis, meta = self.link.redis, self.key("meta")
+        await self.link.call(lambda: redis.hdel(meta, "budget_stopped"))  # it may be raised
         current = int(await self.link.call(lambda: redis.hget(meta, "refresh")) or 0)
         queued = int(await self.link.call(lambda: redis.hget(meta, "refresh_queued")) or 0)
         if queued != current:  # a refresh a kill left half-queued: queued whole, flag or not
@@ -417,6 +418,8 @@ class RedisStore:
         writes.op("HSET", self._w, "live", ended, "outstanding", 0, "ended", 1)
         writes.op("LPUSH", self.key("runs"), orjson.dumps({"worker": self.worker, **info}))
         writes.op("LTRIM", self.key("runs"), 0, 999)
+        if budget_stopped:  # rules.BUDGET_STOPPED, shown by the view once no walk is under way
+            writes.op("HSET", self.key("meta"), "budget_stopped", 1)
         await self.apply(writes)
         await self.refresh_view()
 

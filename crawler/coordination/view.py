@@ -37,7 +37,12 @@ class RedisView:
         now_ms = seconds * 1000 + micros // 1000
         self.walking = bool(self._redis.zcount(self._p + "leases", now_ms, "+inf"))
         spent = ledger.credits if self.walking else max(ledger.leased, ledger.credits)
-        self._spent_out = (
+        # a worker's run the budget stopped (``rules.BUDGET_STOPPED``): other workers may have
+        # given back leftovers since, but no walk goes on until a run with a larger budget
+        self.budget_stopped = (
+            self._redis.hget(self._p + "meta", "budget_stopped") == "1" and not self.walking
+        )
+        self._spent_out = self.budget_stopped or (
             budget is not None and budget.max_credits - spent < budget.credits_per_request
         )
 

@@ -668,6 +668,7 @@ class SqliteView:
         self._db = db
         self.job = _job_row(db)
         self.walking = False  # one process stores its own stopped_budget at a budget stop
+        self.budget_stopped = False
 
     @classmethod
     def open(cls, layout: Layout) -> SqliteView | None:

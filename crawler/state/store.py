@@ -81,6 +81,8 @@ class StateView(Protocol):
     job: dict[str, Any]  # runs, open_shard
     # walks under way in other processes, whose leased credits may still walk pending targets
     walking: bool
+    # the last run was stopped by the budget, and the store keeps no stopped_budget of its own
+    budget_stopped: bool
 
     @property
     def ledger(self) -> Ledger: ...
