@@ -1,4 +1,18 @@
-"""crawler: harvest product reviews from a paid cursor-paged API, exactly once, within budget."""
+"""crawler: harvest product reviews from a paid cursor-paged API, exactly once, within budget.
+
+The API a program calls (what ``crawler run`` does)::
+
+    import asyncio, crawler
+
+    job = crawler.load_job("job.yaml")          # validated; ConfigError names file, line, key
+    result = asyncio.run(crawler.run_job(job))  # run or resume to the end, the budget, a stop
+    result.exit_status, result.stop_reason, result.report  # as the command line reports them
+
+``run_job(job, refresh=True)`` harvests a finished job again for its new reviews;
+``run_job(job, fresh=True)`` starts it over. Errors are split by what the caller does next:
+``JobError`` (fix the input), ``OutputError`` (a file cannot be written), ``CoordinationError``
+(Redis); every other way a run ends is in the result. The classes below are that tree.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +24,7 @@ from crawler.errors import (
     BudgetExhausted,
     ComeBackLater,
     ConfigError,
+    CoordinationError,
     CrawlerError,
     CreditsExhausted,
     JobError,
@@ -53,6 +68,7 @@ __all__ = [
     "BudgetExhausted",
     "ComeBackLater",
     "ConfigError",
+    "CoordinationError",
     "CrawlerError",
     "CreditsExhausted",
     "Job",

@@ -70,3 +70,13 @@ def test_a_read_only_state_file_is_named_as_such(tmp_path: Path):
     message = str(_error(sqlite3.OperationalError("attempt to write a readonly database"), state))
     assert "the file is read-only" in message and "chmod u+w" in message
     assert "file system is read-only" not in message
+
+
+def test_help_of_the_package_starts_with_the_api_a_program_calls():
+    import pydoc  # noqa: PLC0415 -- this test's alone
+
+    import crawler  # noqa: PLC0415
+
+    text = pydoc.render_doc(crawler, renderer=pydoc.TextDoc())
+    head = "\n".join(pydoc.plain(text).splitlines()[:20])
+    assert "crawler.load_job(" in head and "crawler.run_job(" in head
