@@ -169,8 +169,8 @@ class Walker:
     ) -> PageCommitted:
         """Render a fetched page, decide whether the walk ends with it, hand both over."""
         target, saved = claimed.target, claimed.saved
-        rendered = await self.writer.render(target, page, _now())
         first_page = walk.pages == 0
+        rendered = await self.writer.render(target, page, _now(), first_page=first_page)
         walk.pages += 1
         walk.new += rendered.new
         same = False

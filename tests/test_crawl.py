@@ -49,9 +49,13 @@ async def test_record_shape(tmp_path: Path, served):
     url, _ = served
     job = load_job(write_job(tmp_path, url, [{"product_id": PRODUCTS[0], "region": "US"}]))
     await run_job(job, environ=ENV)
-    first = next(iter((job.output.dir / "shards").iterdir())).read_bytes().splitlines()[0]
+    first, second = next(iter((job.output.dir / "shards").iterdir())).read_bytes().splitlines()[:2]
     record = orjson.loads(first)
-    assert list(record) == ["review_id", "product_id", "region", "fetched_at", "item"]
+    # the first line of a walk's page 1 carries the product's figures that page gave, once
+    keys = ["review_id", "product_id", "region", "fetched_at", "product", "item"]
+    assert list(record) == keys
+    assert record["product"] == {"review_count": 13, "product_rating": 4.9}
+    assert list(orjson.loads(second)) == [k for k in keys if k != "product"]
     assert record["review_id"] == record["item"]["review"]["review_id"]
     assert record["product_id"] == PRODUCTS[0] and record["region"] == "US"
     assert record["fetched_at"].endswith("Z")

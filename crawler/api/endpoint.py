@@ -43,6 +43,8 @@ class Page:
     next_cursor: Cursor | None
     has_more: bool
     total: int | None
+    # ``product_rating`` as sent (JSON, one line), kept for the export's product snapshots
+    rating: bytes | msgspec.Raw | None = None
 
 
 class Decode(Protocol):
@@ -76,6 +78,7 @@ class _ReviewData(msgspec.Struct):
     has_more: bool
     next_cursor: int | str | None = None
     review_count: int | None = None
+    product_rating: msgspec.Raw = msgspec.Raw()  # empty: not sent
 
 
 class _Envelope(msgspec.Struct):
@@ -152,9 +155,13 @@ def _decode(body: bytes, redact: Redactor) -> Page:
     items: list[bytes | msgspec.Raw] = [*raws]
     if not _is_utf8(body):  # never on a well-formed answer: JSON is UTF-8 (RFC 8259)
         items = [_repaired(item) for item in items]
+    rating: bytes | msgspec.Raw | None = data.product_rating or None
+    if rating is not None and not _is_utf8(body):
+        rating = _repaired(rating)
     if spread:
         items = [_one_line(item) for item in items]
-    return Page(items, ids, cursor, data.has_more, count)
+        rating = None if rating is None else _one_line(rating)
+    return Page(items, ids, cursor, data.has_more, count, rating)
 
 
 def _is_utf8(body: bytes) -> bool:

@@ -105,9 +105,13 @@ class Writer:
         self._plan_records = self._shard.records if self._shard else 0
         self._next_shard = store.next_shard
 
-    async def render(self, target: Target, page: Page, fetched_at: str) -> Rendered:
+    async def render(
+        self, target: Target, page: Page, fetched_at: str, *, first_page: bool = False
+    ) -> Rendered:
         """Dedup a page's items into record lines (in the caller's task: the page is freed
-        as soon as this returns)."""
+        as soon as this returns). The first line written from a walk's first page also carries
+        the product's figures as that page gave them (``product``: review_count and
+        product_rating), once, for the export's product snapshots."""
         if not self._loaded.is_set():  # only the first pages of a resumed run wait here
             await self._loaded.wait()
         lines: list[bytes] = []
@@ -120,6 +124,13 @@ class Writer:
             orjson.dumps(target.region),
             orjson.dumps(fetched_at),
         )
+        head = shared
+        if first_page:
+            head = b'%b"product":{"review_count":%b,"product_rating":%b},"item":' % (
+                shared.removesuffix(b'"item":'),
+                orjson.dumps(page.total),
+                bytes(page.rating) if page.rating is not None else b"null",
+            )
         seen_add = self._seen.adder(target.product_id)
         dumps, append, join = orjson.dumps, lines.append, b"".join
         for review_id, item in zip(page.ids, page.items, strict=True):
@@ -129,7 +140,8 @@ class Writer:
             if not seen_add(review_id):
                 dups += 1
                 continue
-            append(join((b'{"review_id":', dumps(review_id), shared, item, b"}\n")))
+            append(join((b'{"review_id":', dumps(review_id), head, item, b"}\n")))
+            head = shared
             new += 1
         if missing:  # the contract says every item has one: say so rather than guess an id
             log.warning(
