@@ -130,6 +130,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("job", type=Path)
     check.set_defaults(handler=_verify)
 
+    export = commands.add_parser(
+        "export", help="sealed shards -> reviews, review_media, product_snapshots tables"
+    )
+    export.add_argument("job", type=Path)
+    export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    export.add_argument(
+        "--to", metavar="DIR", default=None, help="where the tables go (default: output.dir/export)"
+    )
+    export.add_argument(
+        "--include-reviewer",
+        action="store_true",
+        help="add the reviewer's name, user id and avatar (personal data: off by default)",
+    )
+    export.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
+    export.set_defaults(handler=_export)
+
     sandbox = commands.add_parser("sandbox", help="serve the API emulator")
     _sandbox_arguments(sandbox)
     sandbox.set_defaults(handler=_sandbox)
@@ -357,6 +373,22 @@ def _verify(args: argparse.Namespace) -> int:
         f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}"
     )
     return 0 if verdict.ok else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from crawler.config import load_job  # noqa: PLC0415
+    from crawler.export.exporter import ExportOptions, export_job  # noqa: PLC0415
+
+    options = ExportOptions(args.format, args.to, reviewer=args.include_reviewer)
+    summary = export_job(load_job(args.job), options)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    if args.json:
+        import orjson  # noqa: PLC0415
+
+        sys.stdout.write(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    return 0 if summary.ok else 1
 
 
 def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
