@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from crawler.config import Job
     from crawler.export.tables import TableFile
 
-BATCH = 16_384  # reviews per row group: a few tens of MB of rows in memory at most
+BATCH = (
+    4_096  # reviews per row group at least (a chunk's more): more costs time in the GC, and memory
+)
 FORMATS = ("parquet", "csv")
 # what a shard that cannot be read gives (the file gone, cut, or not the compression it says)
 _UNREADABLE = (ShardChanged, OSError, EOFError, zlib.error, zstandard.ZstdError)
@@ -163,7 +165,8 @@ class _Shard:
         return Rows(self.entry.name, reviewer=self.options.reviewer)
 
     def _flush(self, rows: Rows, files: dict[str, TableFile]) -> None:
-        files["reviews"].write(rows.reviews)
-        files["review_media"].write(rows.media)
-        files["product_snapshots"].write(rows.snapshots)
-        self.tally.add(rows.count_nulls())
+        for table, columns in zip(self.tables.TABLES, rows.tables(), strict=True):
+            for column, nulled in files[table].write(columns).items():
+                rows.tally.wrong_type[f"{table}.{column}"] += nulled
+                rows.tally.nulls[f"{table}.{column}"] += nulled
+        self.tally.add(rows.tally)

@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 import orjson
 
-_INT32, _INT64 = 2**31 - 1, 2**63 - 1
 _MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: what every reader takes as a time
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -28,26 +27,26 @@ _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 KINDS = {1: "image", 2: "video"}  # the API's media_type
 
 
-class _Picture(msgspec.Struct):
+class _Picture(msgspec.Struct, gc=False):
     width: int | None = None
     height: int | None = None
     url_list: list[str | None] | None = None
 
 
-class _Media(msgspec.Struct):
+class _Media(msgspec.Struct, gc=False):
     media_type: int | None = None
     image: _Picture | None = None
     video: _Picture | None = None
 
 
-class _Text(msgspec.Struct):
+class _Text(msgspec.Struct, gc=False):
     plain_text: str | None = None
 
 
-class _Review(msgspec.Struct):
+class _Review(msgspec.Struct, gc=False):
     rating: int | None = None
     display_text: str | None = None
-    display_review_text: list[_Text | None] | None = None
+    display_review_text: msgspec.Raw = msgspec.Raw()  # decoded only without display_text
     review_timestamp: str | int | None = None
     main_review_title: str | None = None
     review_country: str | None = None
@@ -55,17 +54,17 @@ class _Review(msgspec.Struct):
     media: list[_Media | None] | None = None
 
 
-class _Avatar(msgspec.Struct):
+class _Avatar(msgspec.Struct, gc=False):
     url_list: list[str | None] | None = None
 
 
-class _User(msgspec.Struct):
+class _User(msgspec.Struct, gc=False):
     name: str | None = None
     user_id: str | int | None = None
     avatar: _Avatar | None = None
 
 
-class _Item(msgspec.Struct):
+class _Item(msgspec.Struct, gc=False):
     review: _Review | None = None
     sku_id: str | int | None = None
     sku_specification: str | None = None
@@ -73,15 +72,18 @@ class _Item(msgspec.Struct):
     is_anonymous: bool | None = None
     review_source_name: str | None = None
     is_updated: bool | None = None
-    review_user: _User | None = None
 
 
-class _Product(msgspec.Struct):
+class _ItemWithUser(_Item):
+    review_user: _User | None = None  # decoded only when asked for: it costs a third more
+
+
+class _Product(msgspec.Struct, gc=False):
     review_count: int | None = None
     product_rating: float | None = None
 
 
-class _Record(msgspec.Struct):
+class _Record(msgspec.Struct, gc=False):
     review_id: str | int | None = None
     product_id: str | int | None = None
     region: str | None = None
@@ -90,8 +92,12 @@ class _Record(msgspec.Struct):
     item: _Item | None = None
 
 
-_decoder = msgspec.json.Decoder(_Record)
-_NO_ITEM, _NO_REVIEW, _NO_USER = _Item(), _Review(), _User()
+class _RecordWithUser(_Record):
+    item: _ItemWithUser | None = None
+
+
+_NO_ITEM, _NO_REVIEW, _NO_USER, _NO_PICTURE = _ItemWithUser(), _Review(), _User(), _Picture()
+_texts = msgspec.json.Decoder(list[_Text | None] | None)
 
 REVIEW_COLUMNS = (
     "product_id", "region", "review_id", "rating", "text", "title", "review_time", "sku_id",
@@ -101,6 +107,7 @@ REVIEW_COLUMNS = (
 REVIEWER_COLUMNS = ("reviewer_name", "reviewer_user_id", "reviewer_avatar")
 MEDIA_COLUMNS = ("review_id", "position", "kind", "url", "width", "height")
 SNAPSHOT_COLUMNS = ("product_id", "region", "review_count", "product_rating", "harvested_at")
+Columns = dict[str, list[Any]]
 
 
 @dataclass
@@ -116,49 +123,87 @@ class Tally:
         self.wrong_type.update(other.wrong_type)
         self.unreadable_lines += other.unreadable_lines
 
+    def count_nulls(self, table: str, columns: Columns) -> None:
+        for name, values in columns.items():
+            if nulls := values.count(None):
+                self.nulls[f"{table}.{name}"] += nulls
+
 
 class Rows:
-    """A batch of the three tables' rows, as columns (lists), for one shard."""
+    """A batch of one shard's records, decoded; ``tables`` gives them as the three tables'
+    columns (built a column at a time: a comprehension per column beats an append per value)."""
 
     def __init__(self, shard: str, *, reviewer: bool) -> None:
         self.shard = shard
         self.reviewer = reviewer
-        columns = REVIEW_COLUMNS + (REVIEWER_COLUMNS if reviewer else ())
-        self.reviews: dict[str, list[Any]] = {c: [] for c in columns}
-        self.media: dict[str, list[Any]] = {c: [] for c in MEDIA_COLUMNS}
-        self.snapshots: dict[str, list[Any]] = {c: [] for c in SNAPSHOT_COLUMNS}
         self.tally = Tally()
-        self._times: dict[str, int | None] = {}
+        self._decoder = _with_user if reviewer else _without_user
+        self._records: list[_Record] = []
+        self._times: dict[str | None, int | None] = {None: None}
 
     def __len__(self) -> int:
-        return len(self.reviews["review_id"])
+        return len(self._records)
 
-    def add_lines(self, chunk: bytes) -> None:
+    def add_lines(self, chunk: bytes | memoryview) -> None:
         """Whole lines (each ending in a line feed), the fast way when they all fit."""
         try:
-            records = _decoder.decode_lines(chunk)
+            self._records += self._decoder.decode_lines(chunk)
         except msgspec.DecodeError:  # some line does not fit: each on its own
-            records = [r for line in chunk.splitlines() if (r := self._one(line)) is not None]
-        for record in records:
-            self._add(record)
+            for line in bytes(chunk).splitlines():
+                if (record := self._one(line)) is not None:
+                    self._records.append(record)
 
-    def count_nulls(self) -> Tally:
-        """The batch's tally with its nulls counted per column (``table.column``)."""
-        for table, columns in (
-            ("reviews", self.reviews),
-            ("review_media", self.media),
-            ("product_snapshots", self.snapshots),
-        ):
-            for name, values in columns.items():
-                if nulls := values.count(None):
-                    self.tally.nulls[f"{table}.{name}"] += nulls
-        return self.tally
+    def tables(self) -> tuple[Columns, Columns, Columns]:
+        """(reviews, review_media, product_snapshots) as columns of Python values; their nulls
+        counted in ``tally``. Integers are as sent: ``tables.TableFile`` nulls (and counts)
+        those their column cannot hold."""
+        records = self._records
+        items = [r.item or _NO_ITEM for r in records]
+        reviews = [i.review or _NO_REVIEW for i in items]
+        times = [self._time(r.fetched_at) for r in records]
+        ids = _ids([r.review_id for r in records])
+        columns: Columns = {
+            "product_id": _ids([r.product_id for r in records]),
+            "region": [r.region for r in records],
+            "review_id": ids,
+            "rating": [r.rating for r in reviews],
+            "text": [r.display_text if r.display_text is not None else _body(r) for r in reviews],
+            "title": [r.main_review_title for r in reviews],
+            "review_time": self._millis([r.review_timestamp for r in reviews]),
+            "sku_id": _ids([i.sku_id for i in items]),
+            "sku_specification": [i.sku_specification for i in items],
+            "likes": [i.digg_count for i in items],
+            "is_anonymous": [i.is_anonymous for i in items],
+            "review_source_name": [i.review_source_name for i in items],
+            "country": [r.review_country for r in reviews],
+            "image_count": [None if r.images is None else len(r.images) for r in reviews],
+            "has_media": [
+                None if r.media is None and r.images is None else bool(r.media or r.images)
+                for r in reviews
+            ],
+            "is_updated": [i.is_updated for i in items],
+            "harvested_at": times,
+            "shard": [self.shard] * len(records),
+        }
+        if self.reviewer:
+            users = [getattr(i, "review_user", None) or _NO_USER for i in items]
+            columns["reviewer_name"] = [u.name for u in users]
+            columns["reviewer_user_id"] = _ids([u.user_id for u in users])
+            columns["reviewer_avatar"] = [
+                _first(u.avatar.url_list) if u.avatar is not None else None for u in users
+            ]
+        media = _media(ids, reviews)
+        snapshots = _snapshots(records, times)
+        self.tally.count_nulls("reviews", columns)
+        self.tally.count_nulls("review_media", media)
+        self.tally.count_nulls("product_snapshots", snapshots)
+        return columns, media, snapshots
 
     def _one(self, line: bytes) -> _Record | None:
         if not line.strip():
             return None
         try:
-            return _decoder.decode(line)
+            return self._decoder.decode(line)
         except msgspec.ValidationError:
             return self._mended(line)
         except msgspec.DecodeError:
@@ -172,9 +217,10 @@ class Rows:
         except orjson.JSONDecodeError:
             self.tally.unreadable_lines += 1
             return None
+        kind = _RecordWithUser if self.reviewer else _Record
         for _ in range(_REPAIRS):
             try:
-                return msgspec.convert(doc, _Record)
+                return msgspec.convert(doc, kind)
             except msgspec.ValidationError as exc:
                 found = _AT.search(str(exc))
                 if found is None or not _null_at(doc, found["path"]):
@@ -183,119 +229,104 @@ class Rows:
         self.tally.unreadable_lines += 1
         return None
 
-    def _add(self, record: _Record) -> None:
-        item = record.item or _NO_ITEM
-        review = item.review or _NO_REVIEW
-        review_id = _text(record.review_id)
-        harvested = self._time(record.fetched_at)
-        columns = self.reviews
-        columns["product_id"].append(_text(record.product_id))
-        columns["region"].append(record.region)
-        columns["review_id"].append(review_id)
-        columns["rating"].append(self._bounded(review.rating, _INT32, "item.review.rating"))
-        columns["text"].append(_body(review))
-        columns["title"].append(review.main_review_title)
-        columns["review_time"].append(self._millis(review.review_timestamp))
-        columns["sku_id"].append(_text(item.sku_id))
-        columns["sku_specification"].append(item.sku_specification)
-        columns["likes"].append(self._bounded(item.digg_count, _INT64, "item.digg_count"))
-        columns["is_anonymous"].append(item.is_anonymous)
-        columns["review_source_name"].append(item.review_source_name)
-        columns["country"].append(review.review_country)
-        images, media = review.images, review.media
-        columns["image_count"].append(None if images is None else len(images))
-        unknown = media is None and images is None
-        columns["has_media"].append(None if unknown else bool(media) or bool(images))
-        columns["is_updated"].append(item.is_updated)
-        columns["harvested_at"].append(harvested)
-        columns["shard"].append(self.shard)
-        if self.reviewer:
-            user = item.review_user or _NO_USER
-            avatar = user.avatar.url_list if user.avatar is not None else None
-            columns["reviewer_name"].append(user.name)
-            columns["reviewer_user_id"].append(_text(user.user_id))
-            columns["reviewer_avatar"].append(avatar[0] if avatar else None)
-        if media:
-            self._add_media(review_id, media)
-        if record.product is not None:
-            product = record.product
-            snapshot = self.snapshots
-            snapshot["product_id"].append(_text(record.product_id))
-            snapshot["region"].append(record.region)
-            count = self._bounded(product.review_count, _INT64, "product.review_count")
-            snapshot["review_count"].append(count)
-            snapshot["product_rating"].append(product.product_rating)
-            snapshot["harvested_at"].append(harvested)
-
-    def _add_media(self, review_id: str | None, media: list[_Media | None]) -> None:
-        columns = self.media
-        for position, one in enumerate(media):
-            if one is None:
-                continue
-            kind = KINDS.get(one.media_type) if one.media_type is not None else None
-            picture = one.video if kind == "video" else one.image
-            urls = picture.url_list if picture is not None else None
-            columns["review_id"].append(review_id)
-            columns["position"].append(position)
-            columns["kind"].append(kind)
-            columns["url"].append(urls[0] if urls else None)
-            width, height = (None, None) if picture is None else (picture.width, picture.height)
-            columns["width"].append(self._bounded(width, _INT32, "item.review.media.width"))
-            columns["height"].append(self._bounded(height, _INT32, "item.review.media.height"))
-
-    def _bounded(self, value: int | None, bound: int, name: str) -> int | None:
-        if value is None or -bound - 1 <= value <= bound:
-            return value
-        self.tally.wrong_type[name] += 1  # a number no column of this type holds
-        return None
-
-    def _millis(self, value: str | int | None) -> int | None:
-        """``review_timestamp`` (milliseconds since the epoch, a string of digits) as a number."""
-        if value is None:
-            return None
-        if isinstance(value, str):
-            if not value.isascii() or not value.isdigit():
-                self.tally.wrong_type["item.review.review_timestamp"] += 1
-                return None
-            value = int(value)
-        if 0 <= value <= _MS_MAX:
-            return value
-        self.tally.wrong_type["item.review.review_timestamp"] += 1
-        return None
+    def _millis(self, values: list[str | int | None]) -> list[int | None]:
+        """``review_timestamp`` (milliseconds since the epoch, a string of digits) as numbers."""
+        out: list[int | None] = []
+        for value in values:
+            millis = int(value) if isinstance(value, str) and value.isdigit() else value
+            if isinstance(millis, int) and 0 <= millis <= _MS_MAX:
+                out.append(millis)
+            else:
+                if millis is not None:
+                    self.tally.wrong_type["item.review.review_timestamp"] += 1
+                out.append(None)
+        return out
 
     def _time(self, text: str | None) -> int | None:
         """``fetched_at`` (ISO 8601, UTC) as milliseconds; a page's lines share it: parsed once."""
-        if text is None:
-            return None
         try:
             return self._times[text]
         except KeyError:
             pass
         try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
+            moment = datetime.fromisoformat(text)  # type: ignore[arg-type] # None is cached
+        except (ValueError, TypeError):
             self.tally.wrong_type["fetched_at"] += 1
             return None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)  # the writer writes UTC, with a Z
-        if len(self._times) > 4096:  # within a batch; a run's pages have as many as pages
-            self._times.clear()
+        if len(self._times) > 4096:  # a batch's pages, at most; a shard's could be many more
+            self._times = {None: None}
         self._times[text] = millis = (moment - _EPOCH) // _MS
         return millis
 
 
-def _text(value: str | int | None) -> str | None:
-    """An id, always a string: some tools read ids of 19 digits as floats."""
-    return value if value is None or isinstance(value, str) else str(value)
+_without_user = msgspec.json.Decoder(_Record)
+_with_user = msgspec.json.Decoder(_RecordWithUser)
+
+
+def _media(ids: list[str | None], reviews: list[_Review]) -> Columns:
+    review_id: list[str | None] = []
+    position: list[int] = []
+    kind: list[str | None] = []
+    url: list[str | None] = []
+    width: list[int | None] = []
+    height: list[int | None] = []
+    for one_id, review in zip(ids, reviews, strict=True):
+        if not review.media:
+            continue
+        for at, one in enumerate(review.media):
+            if one is None:
+                continue
+            what = KINDS.get(one.media_type) if one.media_type is not None else None
+            picture = (one.video if what == "video" else one.image) or _NO_PICTURE
+            review_id.append(one_id)
+            position.append(at)
+            kind.append(what)
+            url.append(_first(picture.url_list))
+            width.append(picture.width)
+            height.append(picture.height)
+    return {
+        "review_id": review_id,
+        "position": position,
+        "kind": kind,
+        "url": url,
+        "width": width,
+        "height": height,
+    }
+
+
+def _snapshots(records: list[_Record], times: list[int | None]) -> Columns:
+    columns: Columns = {name: [] for name in SNAPSHOT_COLUMNS}
+    for record, harvested in zip(records, times, strict=True):
+        if record.product is None:
+            continue
+        columns["product_id"].append(_ids([record.product_id])[0])
+        columns["region"].append(record.region)
+        columns["review_count"].append(record.product.review_count)
+        columns["product_rating"].append(record.product.product_rating)
+        columns["harvested_at"].append(harvested)
+    return columns
+
+
+def _ids(values: list[str | int | None]) -> list[str | None]:
+    """Ids, always strings: some tools read ids of 19 digits as floats."""
+    return [v if v is None or isinstance(v, str) else str(v) for v in values]
+
+
+def _first(urls: list[str | None] | None) -> str | None:
+    return urls[0] if urls else None
 
 
 def _body(review: _Review) -> str | None:
-    if review.display_text is not None:
-        return review.display_text
-    parts = review.display_review_text
-    if not parts:
+    """The text from ``display_review_text`` when ``display_text`` is missing."""
+    if not review.display_review_text:
         return None
-    texts = [p.plain_text for p in parts if p is not None and p.plain_text is not None]
+    try:
+        parts = _texts.decode(review.display_review_text)
+    except msgspec.DecodeError:
+        return None
+    texts = [p.plain_text for p in parts or () if p is not None and p.plain_text is not None]
     return "\n".join(texts) if texts else None
 
 

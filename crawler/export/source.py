@@ -6,10 +6,10 @@ caller decodes the previous chunk, so the export uses a second core; two chunks 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import queue
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import IO, Any, cast
 
 import zstandard
 
-CHUNK = 4 << 20  # bytes of lines handed over at a time
+CHUNK = 4 << 20  # bytes read at a time
 _END = object()
 
 
@@ -62,7 +62,7 @@ class _Hashing:
         return True
 
 
-def chunks(path: Path, entry: ShardEntry) -> Iterator[bytes]:
+def chunks(path: Path, entry: ShardEntry) -> Iterator[bytes | memoryview]:
     """The shard's lines, a few MB at a time; ShardChanged (after the last chunk) when its size
     or sha256 differs from the manifest's; OSError as the file gives it."""
     handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -91,11 +91,7 @@ def _read(path: Path, entry: ShardEntry, out: queue.Queue[Any], stop: threading.
             for piece in _decompressed(hashing, path.name):
                 if stop.is_set():
                     return
-                data = rest + piece
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                if cut:
-                    out.put(data[:cut])
+                rest = _hand_over(rest, piece, out)
             while hashing.read(CHUNK):  # a compressed stream's trailing bytes count too
                 pass
         if rest:
@@ -113,14 +109,49 @@ def _read(path: Path, entry: ShardEntry, out: queue.Queue[Any], stop: threading.
         out.put(exc)
 
 
+def _hand_over(rest: bytes, piece: bytes, out: queue.Queue[Any]) -> bytes:
+    """Hand over the whole lines of ``rest + piece`` without copying ``piece`` (a view of it),
+    and return what is left after its last line feed."""
+    start = 0
+    if rest:
+        first = piece.find(b"\n") + 1
+        if not first:
+            return rest + piece
+        out.put(rest + piece[:first])
+        start = first
+    end = piece.rfind(b"\n") + 1
+    if end > start:
+        out.put(memoryview(piece)[start:end])
+    return piece[max(end, start) :]
+
+
+def _gunzip(raw: _Hashing) -> Iterator[bytes]:
+    """A shard's gzip members (one per committed batch), inflated a chunk at a time: read in
+    large blocks, which ``gzip.GzipFile`` does not (its small reads each take the GIL again)."""
+    inflate, pending, started = zlib.decompressobj(wbits=31), b"", False
+    while True:
+        if not pending:
+            pending = raw.read(CHUNK)
+            if not pending:
+                break
+        started = True
+        out = inflate.decompress(pending, CHUNK)  # at most a chunk: members inflate 100-fold
+        pending = inflate.unconsumed_tail
+        if inflate.eof:  # the next member starts in what is left
+            pending, inflate, started = inflate.unused_data, zlib.decompressobj(31), False
+        if out:
+            yield out
+    if started:
+        raise EOFError("the shard ends inside a gzip member")
+
+
 def _decompressed(hashing: _Hashing, name: str) -> Iterator[bytes]:
-    raw = cast("IO[bytes]", hashing)  # read() is all either decompressor calls
-    stream: Any
     if name.endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif name.endswith(".zst"):
+        yield from _gunzip(hashing)
+        return
+    stream: Any = hashing
+    if name.endswith(".zst"):
+        raw = cast("IO[bytes]", hashing)  # read() is all the decompressor calls
         stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    else:
-        stream = raw
     while data := stream.read(CHUNK):
         yield data

@@ -81,11 +81,23 @@ class TableFile:
         else:
             self._writer = pa_csv.CSVWriter(self._sink, table_schema)
 
-    def write(self, columns: dict[str, list[Any]]) -> None:
-        batch = pa.RecordBatch.from_pydict(columns, schema=self._schema)
+    def write(self, columns: dict[str, list[Any]]) -> dict[str, int]:
+        """One batch, one row group; the values each column could not hold (an integer too
+        large for it) are written as nulls, and counted here by column."""
+        arrays, nulled = [], {}
+        for column in self._schema:
+            values = columns[column.name]
+            try:
+                arrays.append(pa.array(values, type=column.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                held = [v if _fits(v, column.type) else None for v in values]
+                nulled[column.name] = held.count(None) - values.count(None)
+                arrays.append(pa.array(held, type=column.type))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         if batch.num_rows:  # a file of no rows still says its columns (written at close)
             self._writer.write_batch(batch)
         self.rows += batch.num_rows
+        return nulled
 
     def close(self) -> None:
         self._writer.close()
@@ -99,3 +111,11 @@ class TableFile:
             self._writer.close()
         self._sink.close()
         self.path.unlink(missing_ok=True)
+
+
+def _fits(value: Any, kind: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return False
+    return True
