@@ -30,6 +30,7 @@ from coordination import (
     coordination,
     rate_above,
 )  # bench/coordination.py: the script's folder is on the path
+from export import export_speed  # bench/export.py, likewise
 from targets import targets_at_scale  # bench/targets.py, likewise
 
 from crawler import load_job, logs, run_job
@@ -512,6 +513,7 @@ SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "targets": targets_at_scale,
     "coordination": coordinated,
     "rate-above": rate_above,
+    "export": export_speed,
 }
 
 
