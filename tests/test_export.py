@@ -326,3 +326,9 @@ def test_refusals_and_a_changed_shard(tmp_path: Path):
     status, summary, said = export(job, "--to", str(tmp_path / "other"))
     assert status == 1 and summary["shards"]["failed"] == 1
     assert "sha256" in said and not list((tmp_path / "other").rglob("*.parquet"))
+    # a shard of the same name sealed anew (the job started over): its old export is not its
+    manifest = orjson.loads((job.output.dir / "manifest.json").read_bytes())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (job.output.dir / "manifest.json").write_bytes(orjson.dumps(manifest))
+    status, _, said = export(job)
+    assert status == 2 and "started over (--fresh)" in said
