@@ -277,6 +277,8 @@ def test_missing_and_mistyped_fields_are_nulls_and_counted(tmp_path: Path):
     mistyped = orjson.loads(orjson.dumps(good))
     mistyped["review_id"] = "3"
     mistyped["item"]["review"].update(rating="5", review_timestamp="soon", unknown={"x": [1]})
+    mistyped["item"]["review"].update(images=[{"a": 1}, 2], display_text=None)
+    mistyped["item"]["review"]["display_review_text"] = [{"plain_text": "in parts"}]
     mistyped["item"]["digg_count"] = 2**63 + 5  # no int64 holds it
     mistyped["item"]["review"]["media"] = [
         "not an object",
@@ -305,6 +307,7 @@ def test_missing_and_mistyped_fields_are_nulls_and_counted(tmp_path: Path):
     assert rows["1"]["review_time"] == millis("1766177180886")
     assert rows["1"]["harvested_at"] == datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     assert rows["3"]["rating"] is rows["3"]["review_time"] is rows["3"]["likes"] is None
+    assert (rows["3"]["image_count"], rows["3"]["text"]) == (2, "in parts")
     assert rows["4"]["text"] is None and rows["4"]["product_id"] is None
     media = table(job.output.dir / "export", "review_media")
     assert [(m["review_id"], m["position"], m["kind"], m["width"]) for m in media] == [

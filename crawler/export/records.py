@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-import orjson
 
 _MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: what every reader takes as a time
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -213,14 +212,14 @@ class Rows:
     def _mended(self, line: bytes) -> _Record | None:
         """The line with each field of another type than the table's made null, counted."""
         try:
-            doc = orjson.loads(line)
-        except orjson.JSONDecodeError:
+            doc = _any.decode(line)
+        except msgspec.DecodeError:
             self.tally.unreadable_lines += 1
             return None
-        kind = _RecordWithUser if self.reviewer else _Record
         for _ in range(_REPAIRS):
-            try:
-                return msgspec.convert(doc, kind)
+            try:  # encoded again: the structs' raw fields are read from JSON only
+                record: _Record = self._decoder.decode(_encode(doc))
+                return record
             except msgspec.ValidationError as exc:
                 found = _AT.search(str(exc))
                 if found is None or not _null_at(doc, found["path"]):
@@ -262,6 +261,7 @@ class Rows:
 
 
 _without_user = msgspec.json.Decoder(_Record)
+_any, _encode = msgspec.json.Decoder(), msgspec.json.Encoder().encode
 _with_user = msgspec.json.Decoder(_RecordWithUser)
 
 
