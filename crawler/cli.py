@@ -418,6 +418,13 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
         default=None,
         help="the reviews endpoint answers only this status, without JSON (a wrong base_url)",
     )
+    sandbox.add_argument(
+        "--feed-cap",
+        type=int,
+        default=None,
+        help="every feed ends after N reviews while its review_count says all (real feeds stop "
+        "at about 5,000 per sort order)",
+    )
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -451,6 +458,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         retry_after=args.retry_after,
         answer_status=args.answer_status,
         maintenance_seconds=args.maintenance_seconds,
+        feed_cap=args.feed_cap,
     )
     problem = options.problem()
     if problem:

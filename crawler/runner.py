@@ -42,6 +42,9 @@ log = structlog.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7
+# ``base_url: sandbox`` ends a feed after this many reviews: the real API's ~5,000 per sort order,
+# scaled to the emulator's catalogue (a few hundred reviews a target), so the demo meets one
+IN_PROCESS_FEED_CAP = 600
 
 
 @dataclass
@@ -216,8 +219,10 @@ async def _api_base(job: Job) -> AsyncIterator[str]:
     # only a sandbox job needs the emulator (and aiohttp's server): imported here, not above
     from crawler.sandbox import SandboxOptions, serve  # noqa: PLC0415
 
-    # the in-process emulator allows exactly the configured rate, as a real key would
-    async with serve(SandboxOptions(rate=job.api.requests_per_second)) as (base_url, _):
+    # the in-process emulator allows exactly the configured rate, as a real key would, and
+    # ends long feeds below their count, as real ones do (at a scale its catalogue reaches)
+    options = SandboxOptions(rate=job.api.requests_per_second, feed_cap=IN_PROCESS_FEED_CAP)
+    async with serve(options) as (base_url, _):
         yield base_url
 
 
