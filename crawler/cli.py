@@ -99,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
         help="walk finished targets again for their new reviews (only what changed)",
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve Prometheus metrics on this port while the run goes on (0: any free port)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="the address metrics are served on (default 127.0.0.1: this machine only)",
+    )
     _coordination_arguments(run, worker=True)
     run.set_defaults(handler=_run)
 
@@ -160,7 +173,7 @@ def _load(args: argparse.Namespace) -> Job:
 def _run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 -- see the module docstring
 
-    job = _load(args)
+    job = _load(args).with_metrics(args.metrics_port, args.metrics_host)
     job.api_key()  # a missing key is a usage error before anything starts
     from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
 

@@ -52,7 +52,7 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     figures["runs"] = view.job["runs"]
     shards = view.shards()
     figures["shards"] = len(shards) + (view.job["open_shard"] is not None)
-    figures.update(_completeness(totals, figures["credits_charged"]))
+    figures.update(completeness(totals, figures["credits_charged"]))
     by_status = {str(s): n.count for s, n in totals.by_status.items() if n.count}
     if unlisted:
         by_status["pending"] = by_status.get("pending", 0) + unlisted
@@ -79,7 +79,7 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     }
 
 
-def _completeness(totals: Totals, credits: int) -> dict[str, Any]:
+def completeness(totals: Totals, credits: int) -> dict[str, Any]:
     """The job's coverage (reviews written / reviews the API said exist, over the targets it
     gave a count for), what the short targets lack, and what each review written cost."""
     said, written = int(totals.total("said")), int(totals.total("said_records"))
