@@ -232,6 +232,13 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
             ),
             file=sys.stderr,
         )
+    short = doc.get("targets_by_verdict", {}).get("short")
+    if short:  # a feed that ended below its count: done, but not all of it
+        print(
+            f"  {_plural(short, 'target')} short of the count the API gave: "
+            f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
+            file=sys.stderr,
+        )
     stopped = run.get("stop_message")
     if stopped:
         print(f"  stopped: {stopped}", file=sys.stderr)

@@ -43,8 +43,9 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
             f"refresh  #{refresh['refresh']} ({refresh['mode']}): {refresh['targets'] or 0:,} "
             f"targets, {refresh['probed'] or 0:,} probed, {refresh['changed'] or 0:,} changed, "
             f"{refresh['new_reviews']:,} new reviews, {refresh['credits']:,} credits"
-            + (f", {refresh['short']:,} still short" if refresh.get("short") else "")
         )
+        if refresh.get("short"):
+            console.print(f"refresh  #{refresh['refresh']}: {refresh['short']:,} still short")
     if every:
         rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in view.rows(CSV_COLUMNS)]
     else:
@@ -78,20 +79,18 @@ def print_workers(workers: list[dict[str, Any]]) -> None:
 
 
 def _completeness_lines(doc: dict[str, Any]) -> list[str]:
-    """Did the harvest get it all: the verdicts, the coverage, the cost of a review."""
+    """Did the harvest get it all: the verdicts, the coverage, the cost of a review (each line
+    within 80 columns at a million targets)."""
     verdicts, totals = doc["targets_by_verdict"], doc["totals"]
     if not any(verdicts.values()):
         return []
-    counts = [f"{n:,} {v}" for v, n in verdicts.items() if n]
-    if verdicts.get("short"):
-        i = [v for v, n in verdicts.items() if n].index("short")
-        counts[i] += f" ({totals['reviews_missing']:,} reviews missing)"
-    lines = ["verdicts " + ", ".join(counts)]
+    lines = ["verdicts " + ", ".join(f"{n:,} {v}" for v, n in verdicts.items() if n)]
     if totals["coverage"] is not None:
         per = totals["credits_per_review"]
         lines.append(
-            f"coverage {totals['coverage']:.1%} of {totals['reviews_said']:,} reviews counted"
-            + (f"; {per:,.2f} credits per review" if per is not None else "")
+            f"coverage {totals['coverage']:.1%} of {totals['reviews_said']:,} counted"
+            + (f" ({totals['reviews_missing']:,} missing)" if totals["reviews_missing"] else "")
+            + (f"; {per:,.2f} credits/review" if per is not None else "")
         )
     return lines
 

@@ -33,6 +33,7 @@ from crawler.state.events import (
     TargetFailed,
     WriterPosition,
 )
+from crawler.state.verdict import missing
 from crawler.targets import Target
 
 log = structlog.get_logger("crawler.writer")
@@ -334,6 +335,8 @@ def _log_finished(target: Target, state: TargetState) -> None:
         product_id=target.product_id,
         region=target.region,
         status=str(state.status),
+        verdict=str(state.verdict) if state.verdict else None,
+        missing=missing(state.verdict, state.base_count, state.seen) or None,
         pages=state.pages,
         reviews=state.records,
         duplicates=state.duplicates,
