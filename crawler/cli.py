@@ -99,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
         help="walk finished targets again for their new reviews (only what changed)",
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve Prometheus metrics on this port while the run goes on (0: any free port)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="the address metrics are served on (default 127.0.0.1: this machine only)",
+    )
     _coordination_arguments(run, worker=True)
     run.set_defaults(handler=_run)
 
@@ -176,7 +189,7 @@ def _load(args: argparse.Namespace) -> Job:
 def _run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 -- see the module docstring
 
-    job = _load(args)
+    job = _load(args).with_metrics(args.metrics_port, args.metrics_host)
     job.api_key()  # a missing key is a usage error before anything starts
     from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
 
@@ -233,6 +246,13 @@ def _print_outcome(doc: dict[str, Any], status: int) -> None:
                 if run.get("rate_held") is not None
                 else ""
             ),
+            file=sys.stderr,
+        )
+    short = doc.get("targets_by_verdict", {}).get("short")
+    if short:  # a feed that ended below its count: done, but not all of it
+        print(
+            f"  {_plural(short, 'target')} short of the count the API gave: "
+            f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
             file=sys.stderr,
         )
     stopped = run.get("stop_message")
@@ -450,6 +470,13 @@ def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
         default=None,
         help="the reviews endpoint answers only this status, without JSON (a wrong base_url)",
     )
+    sandbox.add_argument(
+        "--feed-cap",
+        type=int,
+        default=None,
+        help="every feed ends after N reviews while its review_count says all (real feeds stop "
+        "at about 5,000 per sort order)",
+    )
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -483,6 +510,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         retry_after=args.retry_after,
         answer_status=args.answer_status,
         maintenance_seconds=args.maintenance_seconds,
+        feed_cap=args.feed_cap,
     )
     problem = options.problem()
     if problem:

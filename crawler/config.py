@@ -158,6 +158,13 @@ class CoordinationSettings(_Model):
         return url
 
 
+class MetricsSettings(_Model):
+    """Prometheus metrics served over HTTP while the job runs (``crawler run --metrics-port``)."""
+
+    port: int = Field(ge=0, le=65535)  # 0: any free port (the log line says which)
+    host: str = Field("127.0.0.1", min_length=1)  # loopback unless widened on purpose
+
+
 class TargetSpec(_Model):
     product_id: str
     region: str | None = None
@@ -201,6 +208,7 @@ class _JobModel(_Model):
     default_regions: tuple[str, ...] | None = Field(None, min_length=1)
     refresh: Literal["early_stop", "full"] = "early_stop"
     coordination: CoordinationSettings | None = None
+    metrics: MetricsSettings | None = None
 
     @field_validator("default_regions")
     @classmethod
@@ -215,6 +223,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "under budget": BudgetSettings,
     "under output": OutputSettings,
     "under coordination": CoordinationSettings,
+    "under metrics": MetricsSettings,
     "in each target": TargetSpec,
     "at the top level": _JobModel,
 }
@@ -231,6 +240,7 @@ class Job:
     targets: TargetList
     refresh: str = "early_stop"  # what --refresh walks of a changed target: see README
     coordination: CoordinationSettings | None = None
+    metrics: MetricsSettings | None = None
 
     @property
     def name(self) -> str:
@@ -260,6 +270,24 @@ class Job:
         if self.coordination is not None:
             settings = self.coordination.model_copy(update={"redis_url": settings.redis_url})
         return replace(self, coordination=settings)
+
+    def with_metrics(self, port: int | None, host: str | None) -> Job:
+        """This job with the command line's ``--metrics-port`` / ``--metrics-host`` over the
+        job file's ``metrics`` section."""
+        if port is None and host is None:
+            return self
+        if port is None and self.metrics is None:
+            raise ConfigError("--metrics-host: give --metrics-port too (or metrics.port)")
+        given = {"port": port, "host": host}
+        merged = {**(self.metrics.model_dump() if self.metrics else {}), **{
+            k: v for k, v in given.items() if v is not None
+        }}  # fmt: skip
+        try:
+            settings = MetricsSettings.model_validate(merged)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ConfigError(f"--metrics-{error['loc'][0]}: {error['msg']}") from None
+        return replace(self, metrics=settings)
 
     @property
     def redis_url(self) -> str:
@@ -325,7 +353,10 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
     output = model.output.model_copy(update={"dir": out_dir})
     targets = _collect(path, text, model)
-    return Job(path, model.api, model.budget, output, targets, model.refresh, model.coordination)
+    return Job(
+        path, model.api, model.budget, output, targets, model.refresh, model.coordination,
+        model.metrics,
+    )  # fmt: skip
 
 
 class _Refused(yaml.constructor.ConstructorError):

@@ -8,13 +8,16 @@ from typing import Any, TextIO
 
 from crawler import planner
 from crawler.config import Job
-from crawler.state import StateView
+from crawler.state import StateView, Totals
+from crawler.state.verdict import VERDICTS
 
 ATTENTION = 20  # targets listed by name: a screenful; the CSV and --all have them all
 CSV_COLUMNS = (
     "product_id",
     "region",
     "status",
+    "verdict",
+    "missing",
     "finish",
     "reason",
     "pages",
@@ -49,6 +52,7 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     figures["runs"] = view.job["runs"]
     shards = view.shards()
     figures["shards"] = len(shards) + (view.job["open_shard"] is not None)
+    figures.update(completeness(totals, figures["credits_charged"]))
     by_status = {str(s): n.count for s, n in totals.by_status.items() if n.count}
     if unlisted:
         by_status["pending"] = by_status.get("pending", 0) + unlisted
@@ -63,6 +67,8 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
         "output_dir": str(job.output.dir),
         "targets_total": totals.targets + unlisted,
         "targets_by_status": by_status,
+        # finished targets: did the feed give all the count said (``crawler.state.verdict``)
+        "targets_by_verdict": {str(v): int(totals.total(v)) for v in VERDICTS},
         "totals": figures,
         "estimate": planner.estimate(job, totals, ledger, unlisted=unlisted),
         "refreshes": view.refreshes(),
@@ -70,6 +76,19 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
         "attention": [_row(r) for r in view.attention(ATTENTION)],
         # every target's figures: too many for this document at a million targets
         "targets_detail": "state/state.db, table targets (or: crawler status --csv)",
+    }
+
+
+def completeness(totals: Totals, credits: int) -> dict[str, Any]:
+    """The job's coverage (reviews written / reviews the API said exist, over the targets it
+    gave a count for), what the short targets lack, and what each review written cost."""
+    said, written = int(totals.total("said")), int(totals.total("said_records"))
+    records = int(totals.total("records"))
+    return {
+        "reviews_said": said,
+        "reviews_missing": int(totals.total("missing")),
+        "coverage": round(written / said, 4) if said else None,
+        "credits_per_review": round(credits / records, 3) if records else None,
     }
 
 

@@ -20,6 +20,7 @@ from crawler.config import Job
 from crawler.errors import (
     AuthError,
     ComeBackLater,
+    ConfigError,
     OutputError,
     RunStopped,
     WrongEndpoint,
@@ -36,12 +37,16 @@ from crawler.progress import Figures, Progress
 from crawler.state import StateStore, StateView
 from crawler.state.events import WALKABLE, Status
 from crawler.state.sqlite import SqliteStore, SqliteView
+from crawler.state.verdict import VERDICTS
 from crawler.walker import Door, RunCounters, Walker
 
 log = structlog.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7
+# ``base_url: sandbox`` ends a feed after this many reviews: the real API's ~5,000 per sort order,
+# scaled to the emulator's catalogue (a few hundred reviews a target), so the demo meets one
+IN_PROCESS_FEED_CAP = 600
 
 
 @dataclass
@@ -75,12 +80,15 @@ async def run_job(
     live_progress: bool = False,
     retry_policy: RetryPolicy | None = None,
     worker: str | None = None,
+    metrics_registry: Any | None = None,
 ) -> RunResult:
     """Run (or resume) a job to the end, to its budget, or to a stop; return how it ended.
 
     ``refresh`` re-walks finished targets for their new reviews (see README). ``max_pages``
     caps every walk for this run only (``plan --probe`` walks page 1 and leaves it pending).
     A job with ``coordination`` runs as one worker (named ``worker``) of many, through Redis.
+    A job with ``metrics`` serves Prometheus metrics while it runs; ``metrics_registry`` (a
+    ``prometheus_client.CollectorRegistry``) is where they are kept, served or not.
     Raises JobError subclasses for bad input or state, OutputError when a file cannot be
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
@@ -91,9 +99,12 @@ async def run_job(
         "compression": job.output.compression,
     }
     parts = await _open(job, layout, output, fresh=fresh, worker=worker, api_key=api_key)
-    options = _Options(refresh, max_pages, handle_signals, live_progress, retry_policy, api_key)
     try:
-        async with asyncio.TaskGroup() as upkeep:
+        metrics = _metrics(job, metrics_registry, parts.owner)
+        options = _Options(
+            refresh, max_pages, handle_signals, live_progress, retry_policy, api_key, metrics
+        )
+        async with _serving(job, metrics), asyncio.TaskGroup() as upkeep:
             # a coordinated worker's heartbeat and leases, from its registration to its end: a
             # long start-up (recovery, a big target list) must not make it look dead
             renewing = upkeep.create_task(parts.store.maintain())
@@ -115,6 +126,43 @@ class _Options:
     live_progress: bool
     retry_policy: RetryPolicy | None
     api_key: str
+    metrics: Any | None = None  # a crawler.metrics.RunMetrics when metrics are on
+
+
+def _metrics(job: Job, registry: Any | None, worker: str | None) -> Any | None:
+    """The run's metrics, when the job serves them or a registry is given; None otherwise
+    (prometheus-client is then never imported)."""
+    if job.metrics is None and registry is None:
+        return None
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415 -- only with metrics on
+
+    from crawler.metrics import RunMetrics  # noqa: PLC0415
+
+    return RunMetrics(registry if registry is not None else CollectorRegistry(), worker)
+
+
+@contextlib.asynccontextmanager
+async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
+    """Metrics served over HTTP for the whole run, report included, when the job says so."""
+    if metrics is None or job.metrics is None:
+        yield
+        return
+    from crawler.metrics import serve  # noqa: PLC0415 -- only with metrics on
+
+    host, port = job.metrics.host, job.metrics.port
+    try:
+        served = serve(metrics, host, port)
+        url = await served.__aenter__()
+    except OSError as exc:
+        raise ConfigError(
+            f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}; give another "
+            "--metrics-port (or metrics.port)"
+        ) from None
+    log.info("metrics served", url=url)
+    try:
+        yield
+    finally:
+        await served.__aexit__(None, None, None)
 
 
 async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> RunResult:
@@ -144,10 +192,13 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
             concurrency=job.api.concurrency,
             timeout_seconds=job.api.timeout_seconds,
             max_body_bytes=job.api.max_body_bytes,
+            observe=options.metrics.observe if options.metrics is not None else None,
         ) as client,
     ):
         seen = parts.seen()
         run = _prepare(job, parts, seen, client, options.max_pages, options.retry_policy)
+        if options.metrics is not None:
+            options.metrics.watch(lambda: _snapshot(run))
         log.info(
             "run started",
             targets=store.totals.targets,
@@ -216,8 +267,10 @@ async def _api_base(job: Job) -> AsyncIterator[str]:
     # only a sandbox job needs the emulator (and aiohttp's server): imported here, not above
     from crawler.sandbox import SandboxOptions, serve  # noqa: PLC0415
 
-    # the in-process emulator allows exactly the configured rate, as a real key would
-    async with serve(SandboxOptions(rate=job.api.requests_per_second)) as (base_url, _):
+    # the in-process emulator allows exactly the configured rate, as a real key would, and
+    # ends long feeds below their count, as real ones do (at a scale its catalogue reaches)
+    options = SandboxOptions(rate=job.api.requests_per_second, feed_cap=IN_PROCESS_FEED_CAP)
+    async with serve(options) as (base_url, _):
         yield base_url
 
 
@@ -358,6 +411,34 @@ def _figures(run: _Run) -> Figures:
         episodes=run.walker.gate.episodes,
         paused=run.walker.gate.paused,
         pages_left=pages_left(totals),
+    )
+
+
+def _snapshot(run: _Run) -> Any:
+    """The figures metrics show, read at a scrape: the sources the live display reads."""
+    from crawler.metrics import Snapshot  # noqa: PLC0415 -- only with metrics on
+
+    totals, walker = run.store.totals, run.walker
+    committed, (queued, capacity) = walker.writer.committed, walker.writer.queued
+    completeness = report.completeness(totals, walker.budget.spent)
+    return Snapshot(
+        pages=committed.pages,
+        reviews=committed.records,
+        duplicates=committed.duplicates,
+        episodes=walker.gate.episodes,
+        rate_allowed=walker.gate.current,
+        rate_configured=walker.gate.configured,
+        paused=walker.gate.paused,
+        queue=queued,
+        queue_capacity=capacity,
+        credits_spent=walker.budget.spent,
+        credits_ceiling=run.job.budget.max_credits,
+        targets={str(s): n.count for s, n in totals.by_status.items()},
+        verdicts={str(v): int(totals.total(v)) for v in VERDICTS},
+        reviews_written=int(totals.total("records")),
+        reviews_said=completeness["reviews_said"],
+        reviews_missing=completeness["reviews_missing"],
+        coverage=completeness["coverage"],
     )
 
 

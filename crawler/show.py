@@ -35,6 +35,8 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
         f"pages {totals['pages']:,}; retries {totals['retries']:,}; 429s "
         f"{totals['rate_limited']:,}"
     )
+    for line in _completeness_lines(doc):
+        console.print(line)
     console.print(_estimate_line(job, estimate))
     for refresh in doc["refreshes"]:
         console.print(
@@ -42,6 +44,8 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
             f"targets, {refresh['probed'] or 0:,} probed, {refresh['changed'] or 0:,} changed, "
             f"{refresh['new_reviews']:,} new reviews, {refresh['credits']:,} credits"
         )
+        if refresh.get("short"):
+            console.print(f"refresh  #{refresh['refresh']}: {refresh['short']:,} still short")
     if every:
         rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in view.rows(CSV_COLUMNS)]
     else:
@@ -74,6 +78,23 @@ def print_workers(workers: list[dict[str, Any]]) -> None:
     Console(width=120).print(table)
 
 
+def _completeness_lines(doc: dict[str, Any]) -> list[str]:
+    """Did the harvest get it all: the verdicts, the coverage, the cost of a review (each line
+    within 80 columns at a million targets)."""
+    verdicts, totals = doc["targets_by_verdict"], doc["totals"]
+    if not any(verdicts.values()):
+        return []
+    lines = ["verdicts " + ", ".join(f"{n:,} {v}" for v, n in verdicts.items() if n)]
+    if totals["coverage"] is not None:
+        per = totals["credits_per_review"]
+        lines.append(
+            f"coverage {totals['coverage']:.1%} of {totals['reviews_said']:,} counted"
+            + (f" ({totals['reviews_missing']:,} missing)" if totals["reviews_missing"] else "")
+            + (f"; {per:,.2f} credits/review" if per is not None else "")
+        )
+    return lines
+
+
 def _estimate_line(job: Job, estimate: dict[str, Any]) -> str:
     if not estimate["targets_left"]:
         return "left     nothing"
@@ -102,6 +123,10 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
         status = row["status"]
         if row.get("reason"):
             status += f" ({row['reason']})"
+        elif row.get("verdict") == "short":
+            status += f" (short {row.get('missing') or 0:,})"
+        elif row.get("verdict") and status == "done":
+            status += f" ({row['verdict']})"
         elif status == "pending" and row.get("walk_pages"):
             status = "in progress"
         figures = (f"{row.get(k) or 0:,}" for k in _COLUMNS)

@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,6 +82,15 @@ class _Walk:
     new: int
     goal: int | None
     credits: int  # the target's, over all its walks, for its credit cap
+    # the reviews this walk has met (hashes: this process only), so a review the feed shows on
+    # two pages counts once towards its count; a resumed walk starts it again, empty
+    met: set[int] = field(default_factory=set)
+
+    def shown(self, ids: list[str | None]) -> int:
+        """The page's reviews this walk had not met, now met."""
+        met, before = self.met, len(self.met)
+        met.update(hash(i) for i in ids if i is not None)
+        return len(met) - before
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ class Walker:
             walk.goal if first_page else None,
             _expected(page, walk.goal, target.max_pages) if first_page else None,
             last=self.max_pages is not None and walk.pages >= self.max_pages,
+            shown=walk.shown(page.ids),
         )
         await self.writer.put(change, target, rendered)
         return change

@@ -280,3 +280,58 @@ async def test_the_refresh_a_plan_probed_is_the_one_the_next_run_carries_on(open
         assert len(claimed) == walks  # page 1 of refresh 1 is not bought again
         await commit(store, *(page(c, last=True) for c in claimed))
         await end(store)
+
+
+def ended(claimed: Claimed, finish: Finish, *, shown: int, count: int | None) -> PageCommitted:
+    """The page that ends a walk: ``shown`` reviews the walk had not met, of ``count`` said."""
+    return PageCommitted(
+        claimed.saved.id, claimed.fence, 2, Status.DONE, finish, shown + 3, shown, 0, 2, 0, 0,
+        0.1, count, None, None, shown=shown,
+    )  # fmt: skip
+
+
+async def test_each_finished_target_keeps_its_verdict_and_a_refresh_says_if_still_short(
+    open_store,
+):
+    store = await open_store()
+    listed = targets((A, "US", None), (A, "GB", None), (B, "US", None), (B, "GB", None))
+    walks = {c.target.key: c for c in await start(store, listed)}
+    await commit(
+        store,
+        ended(walks[f"{A}:US"], Finish.END, shown=96, count=100),  # within 5: complete
+        ended(walks[f"{A}:GB"], Finish.END, shown=60, count=100),  # the feed ended at 60
+        ended(walks[f"{B}:US"], Finish.END, shown=4, count=None),
+        TargetFailed(walks[f"{B}:GB"].saved.id, walks[f"{B}:GB"].fence, "cap", 2, 0, 0,
+                     Status.BUDGET),
+    )  # fmt: skip
+    await end(store)
+    await store.close()
+    view = open_store.view()
+    try:
+        totals = view.totals()
+        by_verdict = {v: int(totals.total(v)) for v in ("complete", "short", "capped", "unknown")}
+        assert by_verdict == {"complete": 1, "short": 1, "capped": 1, "unknown": 1}
+        assert (totals.total("missing"), totals.total("said")) == (40, 200)
+        (short,) = [r for r in view.attention(20) if r.get("verdict") == "short"]
+        assert (short["region"], short["missing"]) == ("GB", 40)
+        rows = {(r[0], r[1]): r[2:] for r in view.rows(("product_id", "region", "verdict",
+                                                         "missing"))}  # fmt: skip
+        assert rows[(A, "GB")] == ("short", 40) and rows[(A, "US")] == ("complete", 0)
+    finally:
+        view.close()
+    store = await open_store()  # a refresh: page 1 says the same count and shows nothing new
+    await store.sync_targets(listed)
+    await store.begin_run(refresh=True, mode="early_stop")
+    again = {c.target.key: c for c in await claim_all(store)}
+    view = open_store.view()
+    assert view.totals().total("short") == 0  # A:GB under way: judged when its walk ends
+    view.close()
+    await commit(store, ended(again[f"{A}:GB"], Finish.SAME, shown=0, count=100))
+    await end(store)
+    await store.close()
+    view = open_store.view()
+    try:
+        assert view.totals().total("short") == 1
+        assert [r["short"] for r in view.refreshes()] == [1]  # the refresh found it still short
+    finally:
+        view.close()

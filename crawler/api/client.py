@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import http
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -53,7 +54,9 @@ class ApiClient:
         timeout_seconds: float,
         max_body_bytes: int = MAX_BODY_BYTES,
         redactor: Redactor | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``observe(endpoint, outcome, seconds)`` hears of every answer (the run's metrics)."""
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         # the key is always among the secrets blotted out of what the server says
@@ -62,6 +65,7 @@ class ApiClient:
         self._concurrency = concurrency
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        self._observe = observe
 
     async def __aenter__(self) -> Self:
         connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
@@ -85,6 +89,18 @@ class ApiClient:
 
     async def fetch(self, endpoint: CursorEndpoint, target: Target, cursor: Cursor) -> Page:
         """One request. Raises a RetryableError, TargetError or RunStopped subclass on failure."""
+        if self._observe is None:
+            return await self._fetch(endpoint, target, cursor)
+        started = time.monotonic()
+        try:
+            page = await self._fetch(endpoint, target, cursor)
+        except ApiError as exc:
+            self._observe(endpoint.name, outcome(exc), time.monotonic() - started)
+            raise
+        self._observe(endpoint.name, "ok", time.monotonic() - started)
+        return page
+
+    async def _fetch(self, endpoint: CursorEndpoint, target: Target, cursor: Cursor) -> Page:
         if self._session is None:
             raise RuntimeError("ApiClient used outside 'async with'")
         url = self._base_url + endpoint.path
@@ -141,6 +157,26 @@ class ApiClient:
             # it would be saved with the page and told when the walk gets stuck
             raise ServerError("next_cursor holds the API key: refused", status=200)
         return page
+
+
+def outcome(exc: ApiError) -> str:
+    """A failed request's outcome, as the metrics name it: what the caller does next."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, ServerError):
+        return "network_error" if exc.status is None else "server_error"
+    for kind, name in _OUTCOMES:
+        if isinstance(exc, kind):
+            return name
+    return "error"
+
+
+_OUTCOMES = (
+    (TargetError, "bad_request"),
+    (AuthError, "refused"),
+    (CreditsExhausted, "credits_exhausted"),
+    (WrongEndpoint, "wrong_endpoint"),
+)
 
 
 def _error(  # noqa: PLR0917 -- the parts of one answer, each passed in once

@@ -17,7 +17,7 @@ with what it answered the first time. Keys (prefix ``crawler:<job>:``):
     seen:<product> set    review ids of the product committed to some shard
     ledger         hash   leased, credits, forfeited: the job's credit ledger
     totals         hash   <status>|<figure> -> sum over targets: status without reading them all
-    attention      set    <product>:<REGION> of targets failed or at their credit cap
+    attention      set    <product>:<REGION> of targets failed, at their credit cap, or short
     retry          set    products with such targets: queued again when a worker starts
     shards         hash   file -> {worker, seq, records, bytes, sha256 (null while open)}
     shardorder     zset   file -> the order shards were opened in

@@ -35,6 +35,7 @@ from crawler.output.layout import Layout, shard_owner, shard_sequence, write_ato
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
+from crawler.state.verdict import Verdict
 from crawler.targets import Target, TargetList
 
 log = structlog.get_logger("crawler.coordination")
@@ -690,10 +691,12 @@ class RedisStore:
     def _target_writes(self, writes: Writes, state: TargetState, target: Target) -> None:
         key, name = self.key(f"p:{target.product_id}"), target.key
         writes.op("HSET", key, f"r:{target.region}", doc_of(state, target.max_pages))
-        # failed or at a credit cap: looked at by status, and walked again at the next start
+        # failed or at a credit cap: looked at by status, and walked again at the next start;
+        # a feed that ended short of its count: looked at
         if state.status in (Status.FAILED, Status.BUDGET):
-            writes.op("SADD", self.key("attention"), name)
             writes.op("SADD", self.key("retry"), target.product_id)
+        if state.status in (Status.FAILED, Status.BUDGET) or state.verdict is Verdict.SHORT:
+            writes.op("SADD", self.key("attention"), name)
         else:
             writes.op("SREM", self.key("attention"), name)
 

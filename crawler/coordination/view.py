@@ -14,6 +14,7 @@ from crawler.coordination.writes import totals_from
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
 from crawler.state.events import Status
 from crawler.state.rules import REFRESH_FIGURES
+from crawler.state.verdict import missing
 
 
 class RedisView:
@@ -85,7 +86,8 @@ class RedisView:
         return orjson.loads(run) if run else None
 
     def attention(self, limit: int) -> list[dict[str, Any]]:
-        """Failed targets and those at their credit cap, then walks under way (leased now)."""
+        """Failed targets, those at their credit cap and those short of their count, then walks
+        under way (leased now)."""
         rows: list[dict[str, Any]] = []
         for key in sorted(self._redis.sscan_iter(self._p + "attention"))[:limit]:
             product_id, _, region = key.rpartition(":")
@@ -121,6 +123,8 @@ class RedisView:
             for name, doc in docs
             if not doc.pop("off", False)
         ]
+        for row in rows:
+            row["missing"] = missing(row["verdict"], row["base_count"], row["seen"])
         if self._spent_out:
             for row in rows:
                 if row["status"] == Status.PENDING:

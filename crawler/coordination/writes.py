@@ -12,6 +12,7 @@ import orjson
 
 from crawler.state.events import Finish, Status
 from crawler.state.model import Sums, TargetState, Totals
+from crawler.state.verdict import Verdict
 
 
 @dataclass
@@ -81,4 +82,5 @@ def parse_doc(raw: str, local_id: int) -> tuple[TargetState, int | None, bool]:
     state = TargetState(local_id, **doc)
     state.status = Status(state.status)
     state.finish = Finish(state.finish) if state.finish else None
+    state.verdict = Verdict(state.verdict) if state.verdict else None
     return state, max_pages, off

@@ -33,6 +33,7 @@ from crawler.state.events import (
     TargetFailed,
     WriterPosition,
 )
+from crawler.state.verdict import missing
 from crawler.targets import Target
 
 log = structlog.get_logger("crawler.writer")
@@ -57,6 +58,15 @@ class _Work:
 
 
 _CLOSE = None
+
+
+@dataclass(slots=True)
+class Committed:
+    """What this writer committed in this run (the metrics' counters)."""
+
+    pages: int = 0
+    records: int = 0
+    duplicates: int = 0
 
 
 @dataclass
@@ -94,6 +104,7 @@ class Writer:
         self._shard_max = shard_max_records
         self._commit_every = commit_every_pages
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=queue_size)
+        self.committed = Committed()
         self._gone = False  # the commit loop failed: no page is taken any more
         self._prepared: asyncio.Queue[_Prepared | None] = asyncio.Queue(maxsize=1)
         self._loaded = asyncio.Event()
@@ -199,11 +210,25 @@ class Writer:
             opened_sealed = await asyncio.to_thread(self._write_files, prepared)
             batch = Commit(prepared.changes, opened_sealed, self._position())
             finished = await self._store.commit(batch)
+            self._count(prepared.changes)
             if any(isinstance(e, ShardSealed) for e in opened_sealed):
                 await self._write_manifest()
             for state in finished:
                 if state.status is Status.DONE:  # failures were told as they happened
                     _log_finished(prepared.targets[state.id], state)
+
+    def _count(self, changes: list[PageCommitted | TargetFailed]) -> None:
+        committed = self.committed
+        for change in changes:
+            if isinstance(change, PageCommitted):
+                committed.pages += 1
+                committed.records += change.new
+                committed.duplicates += change.duplicates
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """(pages waiting in the queue, its capacity)."""
+        return self._queue.qsize(), self._queue.maxsize
 
     async def _next_batch(self) -> tuple[list[_Work], bool]:
         first = await self._queue.get()
@@ -322,6 +347,8 @@ def _log_finished(target: Target, state: TargetState) -> None:
         product_id=target.product_id,
         region=target.region,
         status=str(state.status),
+        verdict=str(state.verdict) if state.verdict else None,
+        missing=missing(state.verdict, state.base_count, state.seen) or None,
         pages=state.pages,
         reviews=state.records,
         duplicates=state.duplicates,

@@ -56,6 +56,7 @@ class SandboxOptions:
     retry_after: str | None = None  # every 429 carries exactly this Retry-After value
     answer_status: int | None = None  # the reviews endpoint answers only this, without JSON
     maintenance_seconds: float = 0.0  # from start, 503 with a Retry-After till this is over
+    feed_cap: int | None = None  # every feed ends after this many reviews, below its count
 
     def problem(self) -> str | None:
         """What makes these options unusable, in words for a command line; None when fine."""
@@ -66,6 +67,8 @@ class SandboxOptions:
             return "--generation must be 0 or more"
         if self.answer_status is not None and not 200 <= self.answer_status <= 599:
             return "--answer-status must be a final HTTP status, 200 to 599"
+        if self.feed_cap is not None and self.feed_cap < 1:
+            return "--feed-cap must be 1 or more"
         return None
 
 
@@ -101,7 +104,9 @@ class Sandbox:
 
     def __init__(self, options: SandboxOptions) -> None:
         self.options = options
-        self.catalogue = Catalogue(options.page_size, options.generation, options.shrink)
+        self.catalogue = Catalogue(
+            options.page_size, options.generation, options.shrink, options.feed_cap
+        )
         self.ledgers: dict[str, KeyLedger] = {}
         self._started = time.monotonic()
         self._rng = random.Random(options.seed)
@@ -281,7 +286,13 @@ class Sandbox:
         product_id, region = request.query.get("product_id", ""), request.query.get("region", "")
         ids = self.catalogue.ids(product_id, region)
         return web.json_response(
-            {"product_id": product_id, "region": region, "generation": self.generation, "ids": ids}
+            {
+                "product_id": product_id,
+                "region": region,
+                "generation": self.generation,
+                "review_count": self.catalogue.review_count(product_id, region),
+                "ids": ids,
+            }
         )
 
     async def changes(self, request: web.Request) -> web.Response:

@@ -6,6 +6,9 @@ process, so tests can ask the sandbox for the full set of ids a crawl must produ
 Generation 0 is the catalogue as first published. Each later generation adds a few reviews to
 about a third of the targets that have any, at scattered places in the feed (and, with
 ``shrink``, takes one or two away from about a tenth): what a re-crawl of a live shop meets.
+
+With ``feed_cap``, a feed ends (``has_more: false``) after that many reviews while page 1 still
+says the whole count: listings capped per sort order, as real review feeds are (about 5,000).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Catalogue:
     page_size: int = 10
     generation: int = 0  # how many times the catalogue has grown since it was first published
     shrink: bool = False  # each generation also removes a review or two from a few targets
+    feed_cap: int | None = None  # a feed shows at most this many reviews; its count says all
 
     def review_count(self, product_id: str, region: str) -> int:
         """What the feed says the target has: at generation 0 the figure below, later that
@@ -49,8 +53,13 @@ class Catalogue:
         return _review_id(product_id, region, index)
 
     def ids(self, product_id: str, region: str) -> list[str]:
-        """Every distinct review id of the target at this generation, in feed order."""
-        return list(_ids(product_id, region, self.generation, self.shrink))
+        """Every distinct review id the target's feed shows at this generation, in feed order:
+        what a complete crawl writes (all the count says, unless ``feed_cap`` cuts it)."""
+        return list(self._shown(product_id, region))
+
+    def _shown(self, product_id: str, region: str) -> tuple[str, ...]:
+        ids = _ids(product_id, region, self.generation, self.shrink)
+        return ids if self.feed_cap is None else ids[: self.feed_cap]
 
     def changes(self, product_id: str, region: str) -> tuple[list[str], list[str]]:
         """Ids present now and not at generation 0, and ids of generation 0 no longer present."""
@@ -62,7 +71,7 @@ class Catalogue:
     def page(self, product_id: str, region: str, offset: int) -> PageSlice:
         """Page ``offset`` (1-based). Now and then it repeats the last review of the page before,
         as a relevance-sorted feed does."""
-        ids = _ids(product_id, region, self.generation, self.shrink)
+        ids = self._shown(product_id, region)
         start = (offset - 1) * self.page_size
         chunk = list(ids[start : start + self.page_size])
         if chunk and offset > 1 and _h("dup", product_id, region, offset) % 4 == 0:

@@ -66,6 +66,7 @@ _FLAGS: dict[str, Callable[[Any], list[str]]] = {
     "retry_after": _optional("--retry-after"),
     "answer_status": _optional("--answer-status"),
     "maintenance_seconds": _optional("--maintenance-seconds"),
+    "feed_cap": _optional("--feed-cap"),
 }
 
 

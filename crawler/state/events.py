@@ -57,6 +57,8 @@ class PageCommitted:
     ids: bytes = b""
     other_ids: bytes = b""
     last: bool = False  # the walker walks this target no further in this run (plan --probe)
+    # reviews on the page its walk had not met on an earlier page (None: every item counts)
+    shown: int | None = None
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from crawler.state.events import Cursor, Finish, Status
+from crawler.state.verdict import Verdict, missing
 from crawler.targets import Target
 
 SUMMED = ("pages", "items", "records", "duplicates", "credits", "retries", "rate_limited")
@@ -42,6 +43,11 @@ class TargetState:
     seconds: float = 0.0
     review_count: int | None = None
     reason: str | None = None
+    # reviews the current walk's feed showed, each once: written, or met as another target's
+    walk_shown: int = 0
+    # the reviews the last finished walk accounted for (``verdict.seen_after``); None: not known
+    seen: int | None = None
+    verdict: Verdict | None = None  # the last walk's, once it ended (``verdict.judged``)
 
 
 COLUMNS = tuple(f.name for f in fields(TargetState))
@@ -63,6 +69,13 @@ class Sums:
     expected_known: int = 0  # targets whose current walk's length is estimated
     expected: int = 0  # the estimates summed
     pages_left: int = 0  # their pages still to walk, summed
+    complete: int = 0  # targets of each verdict
+    short: int = 0
+    capped: int = 0
+    unknown: int = 0
+    missing: int = 0  # reviews the short ones lack, summed
+    said: int = 0  # review_count summed where the API gave one: the reviews it said exist
+    said_records: int = 0  # reviews written for those targets
 
     def merge(self, other: Sums) -> None:
         for name in _SUMS_FIELDS:
@@ -78,6 +91,12 @@ class Sums:
         self.retries += sign * t.retries
         self.rate_limited += sign * t.rate_limited
         self.seconds += sign * t.seconds
+        if t.verdict is not None:
+            setattr(self, t.verdict, getattr(self, t.verdict) + sign)
+            self.missing += sign * missing(t.verdict, t.base_count, t.seen)
+        if t.review_count is not None:
+            self.said += sign * t.review_count
+            self.said_records += sign * t.records
         if t.walk_expected is not None:
             self.expected_known += sign
             self.expected += sign * t.walk_expected

@@ -15,6 +15,7 @@ from functools import partial
 
 from crawler.state.events import WALKABLE, Finish, PageCommitted, Status, TargetFailed
 from crawler.state.model import Ledger, TargetState, Totals
+from crawler.state.verdict import Verdict, judged, seen_after
 
 FINAL = (Status.DONE, Status.FAILED, Status.BUDGET)
 # a credit lease is at most this share of what is left of the budget: near its end leases shrink,
@@ -45,6 +46,8 @@ def applied(state: TargetState, change: PageCommitted | TargetFailed) -> None:
     state.status = change.status
     if isinstance(change, TargetFailed):
         state.reason = change.reason
+        # at its own credit cap the walk ended short of its feed; a failure is judged by no one
+        state.verdict = Verdict.CAPPED if change.status is Status.BUDGET else None
         return
     state.reason = None
     state.finish = change.finish
@@ -53,6 +56,7 @@ def applied(state: TargetState, change: PageCommitted | TargetFailed) -> None:
         state.walk_count = change.review_count
     state.walk_pages += 1
     state.walk_new += change.new
+    state.walk_shown += change.items if change.shown is None else change.shown
     state.pages += 1
     state.items += change.items
     state.records += change.new
@@ -72,6 +76,8 @@ def _ended(state: TargetState) -> None:
     # the count when the walk began, not when it ended: a review added meanwhile where the walk
     # had passed was not seen, and the next refresh must count it as new
     state.base_count = state.walk_count if state.walk_count is not None else state.review_count
+    state.seen = seen_after(state.finish, state.walk_shown, state.walk_new, state.seen)
+    state.verdict = judged(state.finish, state.base_count, state.seen)
 
 
 @dataclass
@@ -134,7 +140,9 @@ def _applying(change: PageCommitted | TargetFailed, state: TargetState) -> bool:
     return True
 
 
-REFRESH_FIGURES = ("targets", "probed", "changed", "new_reviews", "credits", "pages", "done")
+REFRESH_FIGURES = (
+    "targets", "probed", "changed", "new_reviews", "credits", "pages", "done", "short",
+)  # fmt: skip
 
 
 def refresh_figures(state: TargetState) -> Counter[str]:
@@ -154,6 +162,7 @@ def refresh_figures(state: TargetState) -> Counter[str]:
         credits=state.walk_credits,
         pages=state.walk_pages,
         done=int(state.status is Status.DONE),
+        short=int(state.status is Status.DONE and state.verdict is Verdict.SHORT),  # still
     )
 
 
@@ -165,7 +174,7 @@ def configured(state: TargetState, max_pages: int | None) -> bool:
     a walk under way that has reached a lowered one ends (no page more is bought)."""
     if state.status is Status.DONE:
         if state.finish is Finish.CAP and (max_pages is None or state.walk_pages < max_pages):
-            state.status, state.finish = Status.PENDING, None
+            state.status, state.finish, state.verdict = Status.PENDING, None, None
             return True
         return False
     if state.status in WALKABLE and max_pages is not None and 0 < max_pages <= state.walk_pages:
@@ -179,7 +188,7 @@ def configured(state: TargetState, max_pages: int | None) -> bool:
 
 
 def _reopen(state: TargetState) -> bool:
-    state.status = Status.PENDING
+    state.status, state.verdict = Status.PENDING, None
     return True
 
 
@@ -208,7 +217,8 @@ def refresh_started(refresh: int) -> Rule:
         state.walk = refresh
         if state.status is Status.DONE:
             state.status, state.finish, state.cursor = Status.PENDING, None, None
-            state.walk_pages = state.walk_new = state.walk_credits = 0
+            state.walk_pages = state.walk_new = state.walk_credits = state.walk_shown = 0
+            state.verdict = None  # the last walk's ``seen`` stays: an early stop builds on it
             state.walk_goal = state.walk_expected = state.walk_count = None
         return True
 
@@ -228,6 +238,23 @@ def refresh_to_walk(current: int, *, asked: bool, under_way: bool, by_plan: bool
 def walkable(state: TargetState) -> bool:
     """Whether a run walks this target (from its committed cursor)."""
     return state.status in WALKABLE
+
+
+def _judge_old(state: TargetState) -> bool:
+    if state.walk == 0:  # a first harvest: every item it received is its walk's (a review the
+        state.walk_shown = state.items  # feed showed twice counted twice: no record says which)
+        if state.status is Status.DONE:
+            _ended(state)
+            return True
+    if state.status is Status.BUDGET and state.reason is not None:  # its own credit cap
+        state.verdict = Verdict.CAPPED
+    return state.walk == 0 or state.verdict is not None
+
+
+# state saved before verdicts: each target judged from what it kept. A refresh's walk (walk > 0)
+# kept no count of its items: one finished is left unjudged; one under way is judged when it
+# ends from the pages after the upgrade only (it may say short of a feed it saw whole)
+VERDICTS_JUDGED = Rule((Status.DONE, *WALKABLE), _judge_old)
 
 
 # -- credits -----------------------------------------------------------------------------------

@@ -36,9 +36,10 @@ from crawler.state.events import (
     WriterPosition,
 )
 from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.state.verdict import MISSING_SQL, VERDICTS, Verdict
 from crawler.targets import Target, TargetList
 
-VERSION = 3
+VERSION = 4
 _CLAIM_BATCH = 256  # rows read per query while handing out targets
 _T = TypeVar("_T")
 
@@ -88,6 +89,9 @@ CREATE TABLE targets (
     seconds REAL NOT NULL DEFAULT 0,
     review_count INTEGER,
     reason TEXT,
+    walk_shown INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER,
+    verdict TEXT,
     UNIQUE (product_id, region)
 );
 CREATE TABLE shards (
@@ -121,6 +125,7 @@ CREATE TABLE refreshes (
     credits INTEGER NOT NULL DEFAULT 0,
     pages INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
+    short INTEGER NOT NULL DEFAULT 0,
     by_plan INTEGER NOT NULL DEFAULT 0
 );
 """
@@ -131,7 +136,10 @@ _row_of: Callable[[TargetState], tuple[Any, ...]] = operator.attrgetter(*COLUMNS
 _SUMS = (
     "count(*), sum(pages), sum(items), sum(records), sum(duplicates), sum(credits), "
     "sum(retries), sum(rate_limited), sum(seconds), count(walk_expected), sum(walk_expected), "
-    "sum(CASE WHEN status != 'done' THEN max(0, walk_expected - walk_pages) ELSE 0 END)"
+    "sum(CASE WHEN status != 'done' THEN max(0, walk_expected - walk_pages) ELSE 0 END), "
+    + ", ".join(f"sum(verdict = '{v}')" for v in VERDICTS)
+    + f", sum({MISSING_SQL}), sum(review_count), "
+    "sum(CASE WHEN review_count IS NOT NULL THEN records ELSE 0 END)"
 )
 
 
@@ -140,6 +148,7 @@ def state_of(row: tuple[Any, ...]) -> TargetState:
     t = TargetState(*row)
     t.status = Status(t.status)
     t.finish = Finish(t.finish) if t.finish else None
+    t.verdict = Verdict(t.verdict) if t.verdict else None
     return t
 
 
@@ -525,9 +534,9 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
         job = _job_row(db)
     except sqlite3.Error as exc:
         raise _error(exc, path) from None
-    if job["version"] == 2:
+    if job["version"] in (2, 3):
         try:
-            _migrate(db)
+            _migrate(db, job["version"])
             job = _job_row(db)
         except sqlite3.Error as exc:
             raise _error(exc, path) from None
@@ -552,28 +561,47 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
     return db
 
 
-def _migrate(db: sqlite3.Connection) -> None:
+def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Version 2 -> 3: the lease a crash forfeits, and each refresh's figures kept for good
-    (worked out once from the targets, by ``rules.refresh_figures``)."""
+    (worked out once from the targets, by ``rules.refresh_figures``). 3 -> 4: each target's
+    verdict (``rules.VERDICTS_JUDGED``)."""
     figures = ", ".join(
         f"{n} INTEGER NOT NULL DEFAULT 0" for n in (*rules.REFRESH_FIGURES, "by_plan")
     )
-    # one transaction (SQLite's ALTER TABLE is transactional): a kill leaves version 2 whole
+    # one transaction (SQLite's ALTER TABLE is transactional): a kill leaves the old version whole
     db.execute("BEGIN IMMEDIATE")
     try:
-        for column in (
-            "outstanding INTEGER NOT NULL DEFAULT 0",
-            "forfeited INTEGER NOT NULL DEFAULT 0",
-        ):
-            db.execute(f"ALTER TABLE job ADD COLUMN {column}")
-        for column in figures.split(", "):
-            db.execute(f"ALTER TABLE refreshes ADD COLUMN {column}")
-        _count_old_refreshes(db)
-        db.execute("UPDATE job SET version = 3")
+        if version == 2:
+            for column in (
+                "outstanding INTEGER NOT NULL DEFAULT 0",
+                "forfeited INTEGER NOT NULL DEFAULT 0",
+            ):
+                db.execute(f"ALTER TABLE job ADD COLUMN {column}")
+            for column in figures.split(", "):
+                db.execute(f"ALTER TABLE refreshes ADD COLUMN {column}")
+        else:  # each refresh's targets found still short
+            db.execute("ALTER TABLE refreshes ADD COLUMN short INTEGER NOT NULL DEFAULT 0")
+        for column in ("walk_shown INTEGER NOT NULL DEFAULT 0", "seen INTEGER", "verdict TEXT"):
+            db.execute(f"ALTER TABLE targets ADD COLUMN {column}")
+        if version == 2:
+            _count_old_refreshes(db)
+        _judge_old_targets(db)
+        db.execute("UPDATE job SET version = 4")
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _judge_old_targets(db: sqlite3.Connection) -> None:
+    rule = rules.VERDICTS_JUDGED
+    marks = ", ".join("?" * len(rule.statuses))
+    rows = db.execute(
+        f"SELECT {_STATE_COLUMNS} FROM targets WHERE status IN ({marks})",  # noqa: S608 -- ours
+        rule.statuses,
+    ).fetchall()
+    states = [state for state in map(state_of, rows) if rule(state)]
+    db.executemany(_UPDATE_TARGET, map(_row_of, states))
 
 
 def _count_old_refreshes(db: sqlite3.Connection) -> None:
@@ -710,18 +738,20 @@ class SqliteView:
         )
 
     def attention(self, limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` targets a person should look at: failed first, then stopped at a
-        credit cap, then walks under way."""
+        """Up to ``limit`` targets a person should look at: failed first, then those whose feed
+        ended short of its count, then stopped at a credit cap, then walks under way."""
         rows: list[dict[str, Any]] = []
         for where in (
             "status = 'failed'",
+            "status = 'done' AND verdict = 'short'",
             "status = 'stopped_budget' AND walk_pages > 0",
             "status = 'pending' AND walk_pages > 0",
         ):
             if len(rows) >= limit:
                 break
             rows += self._dicts(
-                f"SELECT * FROM targets WHERE active AND {where} ORDER BY id LIMIT ?",  # noqa: S608 -- ours
+                f"SELECT *, {MISSING_SQL} AS missing FROM targets "  # noqa: S608 -- ours
+                f"WHERE active AND {where} ORDER BY id LIMIT ?",
                 (limit - len(rows),),
             )
         return rows
@@ -729,7 +759,7 @@ class SqliteView:
     def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]:
         """Every active target's ``columns``, in the order first listed; a million in a few
         seconds (seconds rounded to milliseconds)."""
-        chosen = ", ".join("round(seconds, 3)" if c == "seconds" else c for c in columns)
+        chosen = ", ".join(_SELECTED.get(c, c) for c in columns)
         yield from self._db.execute(
             f"SELECT {chosen} FROM targets WHERE active ORDER BY id"  # noqa: S608 -- ours
         )
@@ -741,6 +771,9 @@ class SqliteView:
 
     def close(self) -> None:
         self._db.close()
+
+
+_SELECTED = {"seconds": "round(seconds, 3)", "missing": MISSING_SQL}
 
 
 def _coordinated(layout: Layout) -> bool:
