@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import structlog
 
-from crawler import report
+from crawler import logs, report
 from crawler.api.client import ApiClient
 from crawler.api.endpoint import REVIEWS
 from crawler.config import Job
@@ -38,7 +37,7 @@ from crawler.state.events import WALKABLE, Status
 from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.walker import Door, RunCounters, Walker
 
-log = structlog.get_logger("crawler.runner")
+log = logs.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7

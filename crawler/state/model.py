@@ -63,6 +63,7 @@ class Sums:
     expected_known: int = 0  # targets whose current walk's length is estimated
     expected: int = 0  # the estimates summed
     pages_left: int = 0  # their pages still to walk, summed
+    started: int = 0  # targets whose current walk has a page (the rest have not started it)
 
     def merge(self, other: Sums) -> None:
         for name in _SUMS_FIELDS:
@@ -78,6 +79,8 @@ class Sums:
         self.retries += sign * t.retries
         self.rate_limited += sign * t.rate_limited
         self.seconds += sign * t.seconds
+        if t.walk_pages:
+            self.started += sign
         if t.walk_expected is not None:
             self.expected_known += sign
             self.expected += sign * t.walk_expected

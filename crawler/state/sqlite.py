@@ -131,7 +131,8 @@ _row_of: Callable[[TargetState], tuple[Any, ...]] = operator.attrgetter(*COLUMNS
 _SUMS = (
     "count(*), sum(pages), sum(items), sum(records), sum(duplicates), sum(credits), "
     "sum(retries), sum(rate_limited), sum(seconds), count(walk_expected), sum(walk_expected), "
-    "sum(CASE WHEN status != 'done' THEN max(0, walk_expected - walk_pages) ELSE 0 END)"
+    "sum(CASE WHEN status != 'done' THEN max(0, walk_expected - walk_pages) ELSE 0 END), "
+    "sum(walk_pages > 0)"
 )
 
 
