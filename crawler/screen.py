@@ -39,9 +39,9 @@ def cut(text: str, width: int) -> str:
 
 def lines(parts: Iterable[str], width: int, *, lead: str = "", sep: str = ", ") -> list[str]:
     """``parts`` joined by ``sep`` into lines of at most ``width``, broken only between parts:
-    the first line starts with ``lead``, the next ones are indented as deep (a part longer
-    than a whole line is cut)."""
-    indent = " " * len(lead)
+    the first line starts with ``lead``, the next ones are indented as deep (four spaces when
+    the lead is long, a path say); a part longer than a whole line is cut."""
+    indent = " " * (len(lead) if len(lead) <= width // 3 else 4)
     out: list[str] = []
     line, empty = lead, True
     for part in parts:
