@@ -68,6 +68,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (importlib.metadata
+    costs a run 20 ms before its first request)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"crawler {_version()}")
+        parser.exit()
+
+
 def _say(exc: Exception) -> None:
     for line in str(exc).splitlines():
         print(f"crawler: {line}", file=sys.stderr)
@@ -75,7 +87,7 @@ def _say(exc: Exception) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crawler", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"crawler {_version()}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),

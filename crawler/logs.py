@@ -1,18 +1,26 @@
-"""Logging: structlog configured once by the program (console lines for people, JSON lines for
-machines); until then the library's loggers say nothing on stdout."""
+"""Where the library's log lines go: the command line's sink (console lines for people, JSON
+lines for machines), a program's structlog, or the standard library's logging (silent unless
+the program set it up): never stdout on their own."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
-import structlog
+
+# one line per target: for the JSON log and the log file; on a console they would scroll a
+# million lines past the live summary, which already counts them
+PER_TARGET = frozenset({"target finished"})
+_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "exception": 40}
 
 
 class _CurrentStderr:
@@ -25,27 +33,43 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def _dumps(event: Any, **_: Any) -> str:
-    return orjson.dumps(event, default=str).decode()
+@dataclass(frozen=True)
+class _Sink:
+    """The command line's logging, set by ``configure``: a level, a renderer, a stream."""
+
+    level: int
+    as_json: bool
+    stream: Any
+    console: TerminalLines | None
+
+    def write(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if _NUMBERS[level] < self.level or (not self.as_json and event in PER_TARGET):
+            return
+        name = "error" if level == "exception" else level
+        if self.console is not None:
+            exc_info = sys.exc_info()[1] if level == "exception" else None
+            line = self.console.line(name, event, fields, exc_info)
+        else:
+            doc = {**fields, "event": event, "level": name, "timestamp": _now()}
+            if level == "exception":  # a plain traceback: no frame's locals (one may hold a key)
+                doc["exception"] = traceback.format_exc()
+            line = orjson.dumps(doc, default=str).decode()
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
 
-# one line per target: for the JSON log and the log file; on a console they would scroll a
-# million lines past the live summary, which already counts them
-PER_TARGET = frozenset({"target finished"})
+_sink: _Sink | None = None
 
 
-def _drop_per_target(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    if event.get("event") in PER_TARGET:
-        raise structlog.DropEvent
-    return event
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Logger:
-    """A module's logger. Once the program configured structlog (the command line does:
-    ``configure``), it is structlog's; before that it hands every line to the standard library's
-    logger of the same name, which says nothing unless the program set logging up (``crawler``
-    carries a NullHandler): a program calling ``run_job`` gets no line on stdout it did not ask
-    for."""
+    """A module's logger. Its lines go to the command line's sink (``configure``), or to
+    structlog when the program configured it, or else to the standard library's logger of
+    the same name, which says nothing unless the program set logging up (``crawler`` carries
+    a NullHandler): a program calling ``run_job`` gets no line on stdout it did not ask for."""
 
     __slots__ = ("_context", "_name")
 
@@ -57,14 +81,17 @@ class Logger:
         return Logger(self._name, {**self._context, **context})
 
     def _say(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        if structlog.is_configured():
-            getattr(structlog.get_logger(self._name), level)(event, **self._context, **fields)
-            return
-        logger = logging.getLogger(self._name)
-        number = logging.ERROR if level == "exception" else logging.getLevelName(level.upper())
-        if logger.isEnabledFor(number):
-            text = _line(event, {**self._context, **fields})
-            logger.log(number, "%s", text, exc_info=level == "exception")
+        fields = {**self._context, **fields}
+        structlog: Any = sys.modules.get("structlog")  # never imported here: it loads rich
+        if structlog is not None and structlog.is_configured():
+            getattr(structlog.get_logger(self._name), level)(event, **fields)
+        elif _sink is not None:
+            _sink.write(level, event, fields)
+        else:
+            logger = logging.getLogger(self._name)
+            if logger.isEnabledFor(_NUMBERS[level]):
+                text = _line(event, fields)
+                logger.log(_NUMBERS[level], "%s", text, exc_info=level == "exception")
 
     def debug(self, event: str, **fields: Any) -> None:
         self._say("debug", event, fields)
@@ -99,53 +126,34 @@ def _line(event: str, fields: MutableMapping[str, Any]) -> str:
     return f"{event}: {pairs}" if pairs else event
 
 
-_LEVELS = {
-    "debug": "debug",
-    "info": "info ",
-    "warning": "warn ",
-    "error": "error",
-    "critical": "crit ",
-}
-_COLOURS = {"warn ": "\x1b[33m", "error": "\x1b[31m", "crit ": "\x1b[31m"}
+_LEVELS = {"debug": "debug", "info": "info ", "warning": "warn ", "error": "error"}
+_COLOURS = {"warn ": "\x1b[33m", "error": "\x1b[31m"}
 
 
 class TerminalLines:
     """The console renderer: one line per event (``12:00:01 info  run started: targets=8``),
     an exception as its last line only (a traceback's frames may hold a secret, and a
-    traceback is many lines; JSON logs and --log-file keep it whole), cut to the terminal's
-    width when it is one (the log file has every line whole)."""
+    traceback is many lines; the JSON logs and --log-file keep it whole), cut to the
+    terminal's width when it is one."""
 
     def __init__(self, *, width: int | None, colors: bool) -> None:
         self._width = width  # the fd whose width is read at each line; None: not a terminal
         self._colors = colors
 
-    def __call__(self, _: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        level = _LEVELS.get(str(event.pop("level", name)), "info ")
-        event.pop("timestamp", None)
-        exc_info = event.pop("exc_info", None)
-        text = _line(str(event.pop("event", "")), event)
-        if exc_info:
-            error = sys.exc_info()[1] if exc_info is True else _error_of(exc_info)
-            if error is not None:
-                last = (str(error).splitlines() or [""])[-1]
-                text += (
-                    f" | {type(error).__name__}: {last}" if last else f" | {type(error).__name__}"
-                )
-        text = " ".join(text.split("\n"))
-        line = f"{time.strftime('%H:%M:%S')} {level} {text}"
+    def line(
+        self, level: str, event: str, fields: dict[str, Any], error: BaseException | None
+    ) -> str:
+        shown = _LEVELS.get(level, "info ")
+        text = _line(event, fields)
+        if error is not None:
+            last = (str(error).splitlines() or [""])[-1]
+            text += f" | {type(error).__name__}" + (f": {last}" if last else "")
+        line = f"{time.strftime('%H:%M:%S')} {shown} {' '.join(text.splitlines())}"
         if self._width is not None:
             line = fit(line, _columns(self._width))
-        if self._colors and level in _COLOURS:
-            line = f"{_COLOURS[level]}{line}\x1b[0m"
+        if self._colors and shown in _COLOURS:
+            line = f"{_COLOURS[shown]}{line}\x1b[0m"
         return line
-
-
-def _error_of(exc_info: Any) -> BaseException | None:
-    if isinstance(exc_info, BaseException):
-        return exc_info
-    if isinstance(exc_info, tuple) and len(exc_info) == 3:
-        return exc_info[1]  # type: ignore[no-any-return] # a (type, value, traceback) tuple
-    return None
 
 
 def _columns(fd: int) -> int:
@@ -167,6 +175,7 @@ def configure(
 
     ``log_format`` None picks console on a terminal and JSON elsewhere (and in a file).
     """
+    global _sink  # noqa: PLW0603 -- the process's one logging setting, set by its program
     stream: Any
     opened: TextIO | None = None
     if log_file is not None:
@@ -176,28 +185,14 @@ def configure(
         stream = _CurrentStderr()
         is_terminal = sys.stderr.isatty()
     as_json = log_format == "json" or (log_format is None and not is_terminal)
-    renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_dumps)
-        if as_json
-        else TerminalLines(width=2 if is_terminal else None, colors=is_terminal)
+    console = (
+        None if as_json else TerminalLines(width=2 if is_terminal else None, colors=is_terminal)
     )
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-    ]
-    if as_json:  # a plain traceback (no frame's locals): a frame may hold the API key
-        processors += [
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-        ]
-    else:
-        processors.insert(0, _drop_per_target)
-    structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
-    )
+    _sink = _Sink(_NUMBERS[level], as_json, stream, console)
     return opened
+
+
+def reset() -> None:
+    """Back to no sink: the standard library's logging (for tests and embedding programs)."""
+    global _sink  # noqa: PLW0603 -- as in configure
+    _sink = None

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from crawler import logs, report
+from crawler import logs
 from crawler.api.client import ApiClient
 from crawler.api.endpoint import REVIEWS
 from crawler.config import Job
@@ -396,6 +396,8 @@ def _write_reports(
 ) -> dict[str, Any]:
     """The run report, from the saved state (off the event loop: its totals read every
     target, a second for a million)."""
+    from crawler import report  # noqa: PLC0415 -- at the end: nothing before the first request needs it
+
     view = open_view()
     assert view is not None  # noqa: S101 -- this run created it at the latest
     try:

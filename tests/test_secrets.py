@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import structlog
-
 from crawler import load_job, logs
 from tests.conftest import KEY, PRODUCTS, RedisServer, free_port, run_crawler, write_job
 
@@ -145,7 +143,7 @@ def test_an_exception_logged_where_both_are_held_shows_neither(tmp_path: Path, c
             except ConnectionError:
                 logs.get_logger("crawler.test").exception("failed", held=len(secrets))
         finally:
-            structlog.reset_defaults()
+            logs.reset()
             if opened is not None:
                 opened.close()
     shown = capsys.readouterr()
