@@ -20,6 +20,8 @@ import orjson
 # one line per target: for the JSON log and the log file; on a console they would scroll a
 # million lines past the live summary, which already counts them
 PER_TARGET = frozenset({"target finished"})
+# on a console the command line's closing summary says the same, in full
+CONSOLE_SKIPS = PER_TARGET | {"run finished"}
 _NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "exception": 40}
 
 
@@ -43,7 +45,7 @@ class _Sink:
     console: TerminalLines | None
 
     def write(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        if _NUMBERS[level] < self.level or (not self.as_json and event in PER_TARGET):
+        if _NUMBERS[level] < self.level or (not self.as_json and event in CONSOLE_SKIPS):
             return
         name = "error" if level == "exception" else level
         if self.console is not None:
@@ -126,12 +128,14 @@ def _line(event: str, fields: MutableMapping[str, Any]) -> str:
     return f"{event}: {pairs}" if pairs else event
 
 
-_LEVELS = {"debug": "debug", "info": "info ", "warning": "warn ", "error": "error"}
-_COLOURS = {"warn ": "\x1b[33m", "error": "\x1b[31m"}
+# info, most lines, goes untagged: the width is for what the line says
+_LEVELS = {"debug": "debug ", "info": "", "warning": "warn ", "error": "error "}
+_COLOURS = {"warn ": "\x1b[33m", "error ": "\x1b[31m"}
 
 
 class TerminalLines:
-    """The console renderer: one line per event (``12:00:01 info  run started: targets=8``),
+    """The console renderer: one line per event (``12:00:01 run started: targets=8``,
+    ``12:00:02 warn target failed: ...``),
     an exception as its last line only (a traceback's frames may hold a secret, and a
     traceback is many lines; the JSON logs and --log-file keep it whole), cut to the
     terminal's width when it is one."""
@@ -143,12 +147,12 @@ class TerminalLines:
     def line(
         self, level: str, event: str, fields: dict[str, Any], error: BaseException | None
     ) -> str:
-        shown = _LEVELS.get(level, "info ")
+        shown = _LEVELS.get(level, "")
         text = _line(event, fields)
         if error is not None:
             last = (str(error).splitlines() or [""])[-1]
             text += f" | {type(error).__name__}" + (f": {last}" if last else "")
-        line = f"{time.strftime('%H:%M:%S')} {shown} {' '.join(text.splitlines())}"
+        line = f"{time.strftime('%H:%M:%S')} {shown}{' '.join(text.splitlines())}"
         if self._width is not None:
             line = fit(line, _columns(self._width))
         if self._colors and shown in _COLOURS:

@@ -153,7 +153,7 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
             to_walk=store.totals.count(*WALKABLE),
             refresh=refreshing or None,
             worker=parts.owner,
-            credits_spent=run.walker.budget.spent,
+            credits_spent=run.walker.budget.spent or None,
             max_credits=job.budget.max_credits,
             recovered_bytes=found.bytes_cut or None,
         )
@@ -318,7 +318,7 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
         if run.door.open:
             run.signal = signal.Signals[name]
             log.warning(
-                "stopping: finishing requests in flight",
+                "stopping after requests in flight",
                 signal=name,
                 grace_seconds=run.job.api.shutdown_grace_seconds,
             )

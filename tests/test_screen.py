@@ -88,9 +88,10 @@ async def test_every_line_fits_an_80_column_terminal_during_a_run_and_after(tmp_
     assert any("targets" in s and "/11" in s for s in snapshots[:-1])  # the live display
     assert "needs attention" in final and "every target" in final and "exit 3" in final
     assert "Traceback" not in final
-    # the console's log lines: one line each, time, level, event
+    # the console's log lines: one line each, time, event (a level when not info)
     started = [line for line in final.splitlines() if "run started:" in line]
-    assert len(started) == 1 and started[0][8:15] == " info  "
+    assert len(started) == 1 and started[0][8:22] == " run started: "
+    assert "run finished" not in final  # the closing summary says it
 
 
 async def test_one_name_and_one_status_per_target_in_table_json_csv_and_report(tmp_path: Path):
