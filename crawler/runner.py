@@ -318,7 +318,7 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
         if run.door.open:
             run.signal = signal.Signals[name]
             log.warning(
-                "stopping after requests in flight",
+                "stop: finishing requests in flight",
                 signal=name,
                 grace_seconds=run.job.api.shutdown_grace_seconds,
             )
