@@ -68,7 +68,7 @@ def _now() -> str:
 
 
 class Logger:
-    """A module's logger. Its lines go to the command line's sink (``configure``), or to
+    """A module's logger. Its lines go to the command line's sink (``configure``), else to
     structlog when the program configured it, or else to the standard library's logger of
     the same name, which says nothing unless the program set logging up (``crawler`` carries
     a NullHandler): a program calling ``run_job`` gets no line on stdout it did not ask for."""
@@ -85,10 +85,10 @@ class Logger:
     def _say(self, level: str, event: str, fields: dict[str, Any]) -> None:
         fields = {**self._context, **fields}
         structlog: Any = sys.modules.get("structlog")  # never imported here: it loads rich
-        if structlog is not None and structlog.is_configured():
-            getattr(structlog.get_logger(self._name), level)(event, **fields)
-        elif _sink is not None:
+        if _sink is not None:
             _sink.write(level, event, fields)
+        elif structlog is not None and structlog.is_configured():
+            getattr(structlog.get_logger(self._name), level)(event, **fields)
         else:
             logger = logging.getLogger(self._name)
             if logger.isEnabledFor(_NUMBERS[level]):
