@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+import loop  # bench/loop.py: the hand-written loop, also run as a program of its own
 import orjson
 import yaml
 from coordination import (
@@ -34,7 +34,6 @@ from export import export_speed  # bench/export.py, likewise
 from targets import targets_at_scale  # bench/targets.py, likewise
 
 from crawler import load_job, logs, run_job
-from crawler.api.endpoint import REVIEWS
 from crawler.output.dedup import SeenLog
 from crawler.sandbox import Catalogue
 
@@ -53,54 +52,9 @@ def targets() -> list[tuple[str, str]]:
 
 
 async def bare_loop(base_url: str, sink: Path | None = None) -> tuple[float, int, int]:
-    """The practical ceiling: aiohttp + orjson walking the same cursors, nothing else.
-
-    With ``sink``, it is the loop a user would write by hand: it also drops reviews it has seen
-    (a set) and writes each new one as a JSON line there, the record shape the crawler writes
-    (no fsync, no state, no budget, no rate gate).
-    """
-    out = sink.open("wb") if sink else None
-    seen: set[str] = set()
-    queue = list(targets())
-    pages = reviews = 0
-    headers = {"Authorization": "Bearer " + ENV["KEYAPI_API_KEY"]}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as s:
-
-        async def worker() -> None:
-            nonlocal pages, reviews
-            while queue:
-                product_id, region = queue.pop()
-                cursor: Any = 1
-                while True:
-                    params = {"product_id": product_id, "region": region, "offset": str(cursor)}
-                    async with s.get(base_url + REVIEWS.path, params=params, headers=headers) as r:
-                        data = orjson.loads(await r.read())["data"]
-                    pages += 1
-                    reviews += len(data["review_items"])
-                    if out is not None:
-                        fetched_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                        for item in data["review_items"]:
-                            review_id = item["review"]["review_id"]
-                            if review_id in seen:
-                                continue
-                            seen.add(review_id)
-                            record = {
-                                "review_id": review_id,
-                                "product_id": product_id,
-                                "region": region,
-                                "fetched_at": fetched_at,
-                                "item": item,
-                            }
-                            out.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-                    if not data["has_more"]:
-                        break
-                    cursor = data["next_cursor"]
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        if out is not None:
-            out.close()
-    return time.perf_counter() - started, pages, reviews
+    """The practical ceiling: aiohttp + orjson walking the same cursors, nothing else; with
+    ``sink``, the loop a user would write by hand (``bench/loop.py``: it dedups and writes)."""
+    return await loop.bare_loop(base_url, targets(), ENV["KEYAPI_API_KEY"], sink)
 
 
 async def crawler_run(
@@ -129,7 +83,7 @@ async def crawler_run(
     result = await run_job(load_job(job), environ=ENV)
     seconds = time.perf_counter() - started
     totals = result.report["totals"]
-    return seconds, totals["pages"], totals["items"]
+    return seconds, totals["pages"], totals["received"]
 
 
 def start_server(argv: list[str], ready: str) -> subprocess.Popen[str]:
@@ -278,6 +232,121 @@ async def throughput(rows: list[str]) -> None:
     )
 
 
+SHORT_PAGES = 5_000
+SHORT_ROUNDS = 5
+
+
+def short_targets() -> tuple[list[str], list[str], int]:
+    """Products (with every region) adding up to about ``SHORT_PAGES`` pages; their pages."""
+    catalogue, products, pages = Catalogue(), [], 0
+    for product_id in PRODUCTS:
+        if pages >= SHORT_PAGES:
+            break
+        products.append(product_id)
+        pages += sum(-(-catalogue.review_count(product_id, r) // 10) or 1 for r in REGIONS)
+    return products, REGIONS, pages
+
+
+def _timed(argv: list[str], cwd: Path) -> float:
+    """Seconds from launch to exit of a whole process (Python start-up and imports included)."""
+    started = time.perf_counter()
+    subprocess.run(
+        argv, cwd=cwd, env={**os.environ, **ENV}, check=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return time.perf_counter() - started
+
+
+async def short_job(rows: list[str]) -> None:
+    """A short job as a person runs it: `crawler run job.yaml` against `python loop.py`, each a
+    whole process, alternated, ``SHORT_ROUNDS`` runs each; the medians."""
+    products, regions, pages = short_targets()
+    port = 18935
+    server = start_server(
+        [sys.executable, str(ROOT / "bench" / "server.py"), str(port), ",".join(products),
+         ",".join(regions)],
+        "ready",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    times: dict[str, list[float]] = {"loop": [], "crawler": []}
+    try:
+        pairs = [(p, r) for p in products for r in regions]
+        await loop.bare_loop(url, pairs, ENV["KEYAPI_API_KEY"])  # warm-up of the server
+        for _ in range(SHORT_ROUNDS):
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp)
+                program = [str(ROOT / "bench" / "loop.py"), url, "reviews.jsonl"]
+                names = [",".join(products), ",".join(regions), ENV["KEYAPI_API_KEY"]]
+                times["loop"].append(_timed([sys.executable, *program, *names], folder))
+                job = folder / "job.yaml"
+                job.write_text(
+                    yaml.safe_dump(
+                        {
+                            "api": {
+                                "base_url": url,
+                                "requests_per_second": 1_000_000,
+                                "concurrency": CONCURRENCY,
+                            },
+                            "budget": {"max_credits": 10_000_000},
+                            "output": {"dir": "out"},
+                            "targets": [{"product_id": p, "regions": regions} for p in products],
+                        }
+                    )
+                )
+                argv = [sys.executable, "-m", "crawler", "run", "--no-progress", str(job)]
+                times["crawler"].append(_timed(argv, folder))
+    finally:
+        server.terminate()
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    imports = _import_seconds()
+    rows.append(
+        f"Job: {len(products) * len(regions)} targets, {pages:,} pages, concurrency "
+        f"{CONCURRENCY}, the pre-rendered server in a second process; whole processes, launch "
+        f"to exit, median of {SHORT_ROUNDS} alternated runs each."
+    )
+    rows.append("")
+    rows.append("| program | seconds (median) | runs | vs the loop |")
+    rows.append("|---|---|---|---|")
+    for name, label in (
+        ("loop", "`python bench/loop.py` (aiohttp + orjson, dedups and writes)"),
+        ("crawler", "`crawler run job.yaml` (state saved every page)"),
+    ):
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        rows.append(
+            f"| {label} | {median[name]:.2f} | {runs} | {median['loop'] / median[name]:.2f} |"
+        )
+    rows.append("")
+    rows.append(
+        "Imports before the first request (`python -X importtime`, cumulative, one run): "
+        + ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in imports.items())
+        + "."
+    )
+
+
+def _import_seconds() -> dict[str, float]:
+    """What the run path imports, against what the hand-written loop imports."""
+    out: dict[str, float] = {}
+    for name, code in (
+        ("aiohttp + orjson", "import aiohttp, orjson"),
+        ("the crawler's run path", "import crawler.cli, crawler.logs, crawler.runner"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        seen: set[str] = set()
+        total = 0
+        for line in done.stderr.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("  "):
+                module = parts[2].strip()
+                if module not in seen:  # top-level imports: their times include their children
+                    seen.add(module)
+                    total += int(parts[1])
+        out[name] = total / 1e6
+    return out
+
+
 async def rate_fidelity(rows: list[str]) -> None:
     rows.append("")
     rows.append("| configured req/s | achieved req/s | ratio | 429s |")
@@ -365,7 +434,7 @@ seconds = time.perf_counter() - started
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size at fork
 status = open("/proc/self/status").read()
 peak = int(status.split("VmHWM:")[1].split()[0])
-print(called, seconds, peak, result.report["totals"]["records"], result.exit_status)
+print(called, seconds, peak, result.report["totals"]["reviews"], result.exit_status)
 """
 
 
@@ -507,6 +576,7 @@ async def coordinated(rows: list[str]) -> None:
 
 SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "throughput": throughput,
+    "short-job": short_job,
     "rate": rate_fidelity,
     "seen-set": seen_and_resume,
     "crawl-memory-and-resume": crawler_memory_and_resume,

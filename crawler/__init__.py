@@ -16,6 +16,7 @@ The API a program calls (what ``crawler run`` does)::
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from crawler.errors import (
@@ -37,6 +38,9 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
+
+# a library says nothing unless the program set logging up (the command line configures its own)
+logging.getLogger("crawler").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from crawler.config import Job, load_job

@@ -68,6 +68,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (importlib.metadata
+    costs a run 20 ms before its first request)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"crawler {_version()}")
+        parser.exit()
+
+
 def _say(exc: Exception) -> None:
     for line in str(exc).splitlines():
         print(f"crawler: {line}", file=sys.stderr)
@@ -75,7 +87,7 @@ def _say(exc: Exception) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crawler", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"crawler {_version()}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -111,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HOST",
         help="the address metrics are served on (default 127.0.0.1: this machine only)",
+    )
+    run.add_argument(
+        "--live",
+        action="store_true",
+        help="a coordinated worker alone on its terminal: draw the live display (by default "
+        "workers, which may share one terminal, print one progress line every 10 s)",
     )
     _coordination_arguments(run, worker=True)
     run.set_defaults(handler=_run)
@@ -193,7 +211,11 @@ def _run(args: argparse.Namespace) -> int:
     job.api_key()  # a missing key is a usage error before anything starts
     from crawler.runner import run_job  # noqa: PLC0415 -- a bad job file never needs it
 
-    live = sys.stderr.isatty() and not args.no_progress
+    # the live display redraws its lines in place: two processes drawing on one terminal
+    # garble each other, so a worker of a coordinated job (the README starts three in one) prints
+    # one progress line every 10 s instead, unless it is told it is alone (--live)
+    alone = job.coordination is None or args.live
+    live = sys.stderr.isatty() and not args.no_progress and alone
     result = asyncio.run(
         run_job(
             job,
@@ -209,55 +231,73 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(doc: dict[str, Any], status: int) -> None:
-    counts = ", ".join(f"{n:,} {s}" for s, n in sorted(doc["targets_by_status"].items()))
+    """The run's closing lines on stderr, each within the terminal's width."""
+    from crawler.screen import cut, lines, plural, prose, width_of  # noqa: PLC0415
+    from crawler.show import status_counts  # noqa: PLC0415
+
+    width = width_of(sys.stderr)
     totals = doc["totals"]
     # a worker of a coordinated job counts the credits other workers hold leased and have not
     # accounted for yet: they may or may not be spent by the time they stop
     run = doc.get("run", {})
     coordinated = run.get("worker") is not None
     bound = "at most " if coordinated and totals["credits_charged"] > totals["credits"] else ""
-    print(
-        f"{doc['targets_total']:,} targets: {counts}; {totals['records']:,} reviews in "
-        f"{_plural(totals['shards'], 'shard')}; {bound}{totals['credits_charged']:,} of "
-        f"{totals['max_credits']:,} credits (exit {status})",
-        file=sys.stderr,
-    )
+    parts = [
+        *status_counts(doc),
+        f"{plural(totals['reviews'], 'review')} in {plural(totals['shards'], 'shard')}",
+        f"{bound}{totals['credits_charged']:,} of {totals['max_credits']:,} credits",
+        f"exit {status}",
+    ]
+    say = _lines_to_stderr
+    say(lines(parts, width, lead=f"{plural(doc['targets_total'], 'target')}: "))
     failed = [row for row in doc["attention"] if row["status"] == "failed"]
-    for row in failed[:_LISTED]:
-        print(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", file=sys.stderr)
+    for row in failed[:_LISTED]:  # one line each: the whole reason is in `crawler status --json`
+        say([cut(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", width)])
     more = doc["targets_by_status"].get("failed", 0) - len(failed[:_LISTED])
     if more > 0:
-        print(f"  ... and {more:,} more failed (crawler status)", file=sys.stderr)
-    if doc["targets_by_status"].get("stopped_budget"):
-        print(
-            "  stopped at the credit budget: raise budget.max_credits (or "
-            "max_credits_per_target) and run again to carry on",
-            file=sys.stderr,
+        say([f"  ... and {more:,} more failed (crawler status)"])
+    by_status = doc["targets_by_status"]
+    spent = by_status.get("not_started") and totals["budget_spent"]
+    if by_status.get("stopped_budget") or spent:
+        say(
+            prose(
+                "stopped at the credit budget: raise budget.max_credits (or "
+                "max_credits_per_target) and run again to carry on",
+                width,
+                lead="  ",
+            )
         )
     if run.get("rate_limit_episodes", 0) >= _EPISODES_HINT:
         from crawler.pacing.slowdown import HOLD_SECONDS  # noqa: PLC0415 -- only for this hint
 
-        print(
-            f"  the API answered 429 (rate limited) {run['rate_limited']:,} times, in "
-            f"{run['rate_limit_episodes']:,} episodes: it allows less than "
+        text = (
+            f"the API answered 429 (rate limited) {plural(run['rate_limited'], 'time')}, in "
+            f"{plural(run['rate_limit_episodes'], 'episode')}: it allows less than "
             "api.requests_per_second; a lower setting would waste fewer requests and go faster"
-            + (
-                f" (about {run['rate_held']:g} requests/s held for {HOLD_SECONDS:g} s without one)"
-                if run.get("rate_held") is not None
-                else ""
-            ),
-            file=sys.stderr,
         )
+        if run.get("rate_held") is not None:
+            text += (
+                f" (about {run['rate_held']:g} requests/s held for {HOLD_SECONDS:g} s without one)"
+            )
+        say(prose(text, width, lead="  "))
     short = doc.get("targets_by_verdict", {}).get("short")
     if short:  # a feed that ended below its count: done, but not all of it
-        print(
-            f"  {_plural(short, 'target')} short of the count the API gave: "
-            f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
-            file=sys.stderr,
+        say(
+            prose(
+                f"{plural(short, 'target')} short of the count the API gave: "
+                f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
+                width,
+                lead="  ",
+            )
         )
     stopped = run.get("stop_message")
     if stopped:
-        print(f"  stopped: {stopped}", file=sys.stderr)
+        say(prose(str(stopped), width, lead="  stopped: "))
+
+
+def _lines_to_stderr(text_lines: list[str]) -> None:
+    for line in text_lines:
+        print(line, file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -314,15 +354,14 @@ def _show_state(job: Job, args: argparse.Namespace, *, title: str) -> int:
         return 0
     try:
         if getattr(args, "csv", False):
-            _print_csv(view)
+            report.write_csv(job, view, sys.stdout)
             return 0
         doc = report.build(job, view)
         workers = getattr(view, "workers", None)  # a coordinated job's view has them
         if workers is not None:
             doc["workers"] = workers()
         if args.all:
-            columns = report.CSV_COLUMNS
-            doc["targets"] = [dict(zip(columns, r, strict=True)) for r in view.rows(columns)]
+            doc["targets"] = list(report.rows(job, view))
         if args.json:
             import orjson  # noqa: PLC0415
 
@@ -330,7 +369,7 @@ def _show_state(job: Job, args: argparse.Namespace, *, title: str) -> int:
             return 0
         from crawler.show import print_summary  # noqa: PLC0415
 
-        print_summary(job, doc, view, every=args.all)
+        print_summary(job, doc, doc["targets"] if args.all else doc["attention"], every=args.all)
         if "workers" in doc:
             from crawler.show import print_workers  # noqa: PLC0415
 
@@ -362,20 +401,18 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
 
         print(orjson.dumps({"targets_total": len(job.targets), "estimate": doc}).decode())
         return
-    print(
-        f"{job.path}: {len(job.targets):,} targets, none started; {job.budget.max_credits:,} "
+    from crawler.screen import plural, prose, width_of  # noqa: PLC0415
+
+    cost = job.budget.credits_per_request
+    text = (
+        f"{plural(len(job.targets), 'target')}, none started; {job.budget.max_credits:,} "
         f"credits available. Each target costs at least one request "
-        f"({job.budget.credits_per_request} credits): at least "
-        f"{len(job.targets) * job.budget.credits_per_request:,} credits. "
+        f"({plural(cost, 'credit')}): at least {len(job.targets) * cost:,} credits. "
         "`crawler plan --probe` fetches page 1 of each target (kept as part of the crawl) to "
         "estimate the rest."
     )
-
-
-def _print_csv(view: StateView) -> None:
-    from crawler.report import write_csv  # noqa: PLC0415
-
-    write_csv(view, sys.stdout)
+    for line in prose(text, width_of(sys.stdout), lead=f"{job.path}: "):
+        print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -388,9 +425,11 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for problem in verdict.problems:
         print(f"problem: {problem}")
+    from crawler.screen import plural  # noqa: PLC0415
+
     print(
-        f"{verdict.shards} shards, {verdict.records:,} reviews: "
-        f"{'ok' if verdict.ok else f'{len(verdict.problems)} problems'}"
+        f"{plural(verdict.shards, 'shard')}, {plural(verdict.records, 'review')}: "
+        f"{'ok' if verdict.ok else plural(len(verdict.problems), 'problem')}"
     )
     return 0 if verdict.ok else 1
 
@@ -533,7 +572,3 @@ def _sandbox(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     return 0
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"

@@ -1,4 +1,10 @@
-"""What the person and the logs see while a job runs: a live summary on a terminal, else logs."""
+"""What the person and the logs see while a job runs: a live summary on a terminal, else logs.
+
+The live display (rich, imported only then) is drawn when the command line asks for it: a run
+of one process whose stderr is a terminal. Every line of it fits the terminal's width (the
+less useful figures are left out when it is narrow). Elsewhere, and for the workers of a
+coordinated job, which may share one terminal, it is one log line every ``log_every`` seconds.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import structlog
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-from rich.progress import Progress as Bar
-from rich.text import Text
+from crawler import logs
+from crawler.screen import fit_parts, lines
 
-log = structlog.get_logger("crawler.progress")
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+log = logs.get_logger("crawler.progress")
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,8 @@ class Progress:
         self._live = live
         self._interval = interval
         self._log_every = log_every
-        self._console = console or Console(stderr=True)
+        self._console = console
         self._samples: deque[tuple[float, int]] = deque(maxlen=20)
-        self._bar = Bar(
-            TextColumn("targets"),
-            BarColumn(bar_width=30),
-            MofNCompleteColumn(),
-            TextColumn("ETA {task.fields[eta]}"),
-            console=self._console,
-        )
-        self._task = self._bar.add_task("targets", total=None, eta="--:--")
 
     def rate(self) -> float:
         if len(self._samples) < 2:
@@ -83,6 +81,10 @@ class Progress:
     async def run(self) -> None:
         """Until cancelled by its owner at the end of the run."""
         if self._live:
+            from rich.console import Console  # noqa: PLC0415 -- only a live display needs rich
+            from rich.live import Live  # noqa: PLC0415
+
+            self._console = self._console or Console(stderr=True)
             with Live(console=self._console, refresh_per_second=4, transient=False) as live:
                 try:
                     while True:
@@ -121,43 +123,74 @@ class Progress:
             return None
         return math.ceil(f.pages_left / rate)
 
-    def render(self, f: Figures) -> Group:
-        eta = self.eta(f)
-        self._bar.update(
-            self._task,
-            completed=f.targets_done,
-            total=f.targets_total,
-            eta="--:--" if eta is None else _clock(eta),
-        )
-        text = Text()
-        text.append(
-            f"pages {f.pages:,}  reviews {f.records:,}  duplicates dropped {f.duplicates:,}\n"
-        )
-        text.append(f"credits {f.credits:,} / {f.max_credits:,}  ")
-        text.append(f"rate {self.rate():.1f} req/s  retries {f.retries:,}")
+    def render(self, f: Figures, width: int | None = None) -> RenderableType:
+        """The live display: every line within ``width`` (the console's)."""
+        from rich.text import Text  # noqa: PLC0415 -- as in run
+
+        if width is None:
+            width = self._console.width if self._console is not None else 80
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append("\n".join(self.text_lines(f, width)))
         attention = self._attention(f)
-        if attention.plain:
+        if attention:
             text.append("\n")
-            text.append_text(attention)
-        return Group(self._bar.get_renderable(), text)
+            text.append("\n".join(lines(attention, width, sep="  ")), style="yellow")
+        return text
+
+    def text_lines(self, f: Figures, width: int) -> list[str]:
+        """The figures, fit to ``width``: each part has a priority, and the least useful go
+        first when the line is too long (0: always shown)."""
+        eta = self.eta(f)
+        done = f"{f.targets_done:,}/{f.targets_total:,}"
+        room = width - len(f"targets  {done}  ETA --:--") - 2
+        bar = _bar(f.targets_done, f.targets_total, min(30, room)) if room >= 10 else ""
+        return [
+            fit_parts(
+                [
+                    (0, "targets"),
+                    (2, bar),
+                    (0, done),
+                    (1, f"ETA {'--:--' if eta is None else _clock(eta)}"),
+                ],
+                width,
+            ),
+            fit_parts(
+                [
+                    (0, f"pages {f.pages:,}"),
+                    (0, f"reviews {f.records:,}"),
+                    (2, f"duplicates {f.duplicates:,}"),
+                ],
+                width,
+            ),
+            fit_parts(
+                [
+                    (0, f"credits {f.credits:,} / {f.max_credits:,}"),
+                    (1, f"rate {self.rate():.1f} req/s"),
+                    (2, f"retries {f.retries:,}"),
+                ],
+                width,
+            ),
+        ]
 
     @staticmethod
-    def _attention(f: Figures) -> Text:
+    def _attention(f: Figures) -> list[str]:
         """What a person should notice: failures, 429s, the budget."""
-        parts = Text()
+        parts = []
         if f.failed:
-            parts.append(f"failed {f.failed:,} (crawler status lists them)  ", style="red")
+            parts.append(f"failed {f.failed:,} (crawler status lists them)")
         if f.capped:
-            parts.append(f"at their credit cap {f.capped:,}  ", style="yellow")
+            parts.append(f"at their credit cap {f.capped:,}")
         if f.rate_limited:
-            style = "bold yellow" if f.paused else "yellow"
-            now = " - pausing now" if f.paused else ""
-            parts.append(
-                f"429s {f.rate_limited:,} ({f.episodes} episodes this run){now}  ", style=style
-            )
+            now = ", pausing now" if f.paused else ""
+            parts.append(f"rate_limited {f.rate_limited:,} ({f.episodes:,} episodes{now})")
         if f.max_credits and f.credits >= 0.9 * f.max_credits:
-            parts.append(f"budget {f.credits / f.max_credits:.0%} spent", style="yellow")
+            parts.append(f"budget {f.credits / f.max_credits:.0%} spent")
         return parts
+
+
+def _bar(done: int, total: int, width: int) -> str:
+    filled = round(width * done / total) if total else 0
+    return "━" * filled + "─" * (width - filled)
 
 
 def _clock(seconds: int) -> str:

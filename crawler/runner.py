@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import structlog
 
-from crawler import report
+from crawler import logs
 from crawler.api.client import ApiClient
 from crawler.api.endpoint import REVIEWS
 from crawler.config import Job
@@ -40,7 +39,7 @@ from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.state.verdict import VERDICTS
 from crawler.walker import Door, RunCounters, Walker
 
-log = structlog.get_logger("crawler.runner")
+log = logs.get_logger("crawler.runner")
 
 EXIT_OK, EXIT_FAILED_TARGETS, EXIT_USAGE, EXIT_BUDGET, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_WRONG_ENDPOINT, EXIT_COME_BACK_LATER, EXIT_OUTPUT = 5, 6, 7
@@ -205,7 +204,7 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
             to_walk=store.totals.count(*WALKABLE),
             refresh=refreshing or None,
             worker=parts.owner,
-            credits_spent=run.walker.budget.spent,
+            credits_spent=run.walker.budget.spent or None,
             max_credits=job.budget.max_credits,
             recovered_bytes=found.bytes_cut or None,
         )
@@ -372,7 +371,7 @@ def _signals(run: _Run, *, enabled: bool) -> Any:
         if run.door.open:
             run.signal = signal.Signals[name]
             log.warning(
-                "stopping: finishing requests in flight",
+                "stop: finishing requests in flight",
                 signal=name,
                 grace_seconds=run.job.api.shutdown_grace_seconds,
             )
@@ -416,6 +415,7 @@ def _figures(run: _Run) -> Figures:
 
 def _snapshot(run: _Run) -> Any:
     """The figures metrics show, read at a scrape: the sources the live display reads."""
+    from crawler import report  # noqa: PLC0415 -- only with metrics on
     from crawler.metrics import Snapshot  # noqa: PLC0415 -- only with metrics on
 
     totals, walker = run.store.totals, run.walker
@@ -478,6 +478,8 @@ def _write_reports(
 ) -> dict[str, Any]:
     """The run report, from the saved state (off the event loop: its totals read every
     target, a second for a million)."""
+    from crawler import report  # noqa: PLC0415 -- at the end: nothing before the first request needs it
+
     view = open_view()
     assert view is not None  # noqa: S101 -- this run created it at the latest
     try:

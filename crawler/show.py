@@ -1,81 +1,125 @@
-"""``status`` and ``plan`` for people: the summary first, then what needs attention, a screenful."""
+"""``status`` and ``plan`` for people: the summary first, then what needs attention, a screenful,
+every line within the terminal's width (80 when it is not one)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from crawler.config import Job
-from crawler.report import CSV_COLUMNS
-from crawler.state import StateView
+from crawler.screen import Column, figure, lines, plural, prose, table, width_of, with_priority
 
-_COLUMNS = ("pages", "records", "duplicates", "credits", "retries", "rate_limited")
-_HEADERS = ("pages", "reviews", "dups", "credits", "retries", "429s")
+_LEAD = "         "  # the width of the labels below: continuation lines line up under them
 
 
-def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool) -> None:
-    console = Console(width=120, soft_wrap=True)  # a summary line is one line, for grep too
+def _status_cell(row: dict[str, Any]) -> str:
+    if row.get("reason"):
+        return f"{row['status']}: {row['reason']}"
+    if row.get("verdict") == "short":  # done, but the feed ended below the count it gave
+        return f"{row['status']} (short {row.get('missing') or 0:,})"
+    return str(row["status"])
+
+
+# a target's row; when the terminal is narrow the highest numbers go first (issues may add
+# columns: a priority says where theirs stands)
+TARGET_COLUMNS: list[Column] = [
+    Column("product_id", lambda row: str(row["product_id"]), priority=0),
+    Column("region", lambda row: str(row["region"]), priority=0),
+    Column("status", _status_cell, priority=0, flexible=True, least=len("stopped_budget")),
+    with_priority(figure("reviews"), 10),
+    with_priority(figure("pages"), 20),
+    with_priority(figure("credits"), 30),
+    with_priority(figure("duplicates"), 40),
+    with_priority(figure("retries"), 50),
+    with_priority(figure("rate_limited"), 60),
+]
+
+
+def say(text_lines: Iterable[str]) -> None:
+    for line in text_lines:
+        print(line)
+
+
+def print_summary(
+    job: Job, doc: dict[str, Any], rows: list[dict[str, Any]], *, every: bool
+) -> None:
+    width = width_of(sys.stdout)
     totals, estimate = doc["totals"], doc["estimate"]
-    console.print(
-        f"[bold]{job.path}[/bold]: {_plural(totals['runs'], 'run')}, "
-        f"{totals['credits_charged']:,} of {totals['max_credits']:,} credits"
-        + (
-            f" ({totals['credits_forfeited']:,} leased by runs that died: maybe unsent)"
-            if totals.get("credits_forfeited")
-            else ""
+    head = [
+        plural(totals["runs"], "run"),
+        f"{totals['credits_charged']:,} of {totals['max_credits']:,} credits",
+    ]
+    if totals.get("credits_forfeited"):
+        head.append(f"{totals['credits_forfeited']:,} leased by runs that died (maybe unsent)")
+    head.append(plural(totals["shards"], "shard"))
+    say(lines(head, width, lead=f"{job.path}: "))
+    say(lines(status_counts(doc), width, lead=f"targets  {doc['targets_total']:,}: "))
+    say(
+        lines(
+            [
+                f"{totals['reviews']:,} written",
+                f"{totals['duplicates']:,} duplicates dropped",
+                plural(totals["pages"], "page"),
+                plural(totals["retries"], "retry", "retries"),
+                f"{totals['rate_limited']:,} rate_limited (429)",
+            ],
+            width,
+            lead="reviews  ",
         )
-        + f", {_plural(totals['shards'], 'shard')}"
     )
-    by_status = ", ".join(f"{n:,} {s}" for s, n in doc["targets_by_status"].items())
-    console.print(f"targets  {doc['targets_total']:,}: {by_status}")
-    console.print(
-        f"reviews  {totals['records']:,} written, {totals['duplicates']:,} duplicates dropped; "
-        f"pages {totals['pages']:,}; retries {totals['retries']:,}; 429s "
-        f"{totals['rate_limited']:,}"
-    )
-    for line in _completeness_lines(doc):
-        console.print(line)
-    console.print(_estimate_line(job, estimate))
+    say(_completeness_lines(doc))
+    say(lines(_estimate_parts(job, estimate), width, lead="left     "))
     for refresh in doc["refreshes"]:
-        console.print(
-            f"refresh  #{refresh['refresh']} ({refresh['mode']}): {refresh['targets'] or 0:,} "
-            f"targets, {refresh['probed'] or 0:,} probed, {refresh['changed'] or 0:,} changed, "
-            f"{refresh['new_reviews']:,} new reviews, {refresh['credits']:,} credits"
+        say(
+            lines(
+                [
+                    plural(refresh["targets"] or 0, "target"),
+                    f"{refresh['probed'] or 0:,} probed",
+                    f"{refresh['changed'] or 0:,} changed",
+                    f"{refresh['new_reviews']:,} new reviews",
+                    plural(refresh["credits"], "credit"),
+                ],
+                width,
+                lead=f"refresh  #{refresh['refresh']} ({refresh['mode']}): ",
+            )
         )
         if refresh.get("short"):
-            console.print(f"refresh  #{refresh['refresh']}: {refresh['short']:,} still short")
-    if every:
-        rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in view.rows(CSV_COLUMNS)]
-    else:
-        rows = doc["attention"]
+            say([f"refresh  #{refresh['refresh']}: {refresh['short']:,} still short"])
     if rows:
-        console.print(_table(rows, "every target" if every else "needs attention"))
-    elif not every:
-        console.print("nothing needs attention")
-    if not every and doc["targets_total"] > len(rows):
-        console.print(
-            f"{doc['targets_total'] - len(rows):,} targets not listed: --all lists every one, "
-            "--csv gives every target's figures as CSV"
+        say(
+            table(TARGET_COLUMNS, rows, width, title="every target" if every else "needs attention")
         )
+    elif not every:
+        print("nothing needs attention")
+    if not every and doc["targets_total"] > len(rows):
+        unlisted = plural(doc["targets_total"] - len(rows), "target")
+        say(prose(f"{unlisted} not listed: --all lists every one, --csv every figure", width))
+
+
+def status_counts(doc: dict[str, Any]) -> list[str]:
+    """``3 done``, ``4 not_started (budget spent)``...: what keeps targets waiting is said."""
+    spent = doc["totals"]["budget_spent"]
+    return [
+        f"{n:,} {s}" + (" (budget spent)" if s == "not_started" and spent else "")
+        for s, n in doc["targets_by_status"].items()
+    ]
+
+
+WORKER_COLUMNS: list[Column] = [
+    Column("worker", lambda w: str(w["worker"]), priority=0, flexible=True, least=12),
+    Column("heartbeat", lambda w: w["heartbeat"], priority=0),
+    Column("products_held", lambda w: str(w["products_held"]), priority=10, right=True),
+    Column("pages/s", lambda w: f"{w['rate']:.1f}", priority=20, right=True),
+    Column("open_shard", lambda w: w["open_shard"] or "-", priority=30),
+]
 
 
 def print_workers(workers: list[dict[str, Any]]) -> None:
     """A coordinated job's workers: who is alive, what each holds, how fast it goes."""
-    table = Table(
-        "worker", "last heartbeat", "products held", "pages/s", "open shard",
-        title="workers", title_justify="left",
-    )  # fmt: skip
     for w in workers:
-        table.add_row(
-            w["worker"],
-            "stopped" if w["stopped"] else f"{w['seconds_since_heartbeat']:,.1f} s ago",
-            str(w["products_held"]),
-            f"{w['rate']:.1f}",
-            w["open_shard"] or "-",
-        )
-    Console(width=120).print(table)
+        w["heartbeat"] = "stopped" if w["stopped"] else f"{w['seconds_since_heartbeat']:,.1f} s ago"
+    say(table(WORKER_COLUMNS, workers, width_of(sys.stdout), title="workers"))
 
 
 def _completeness_lines(doc: dict[str, Any]) -> list[str]:
@@ -84,54 +128,35 @@ def _completeness_lines(doc: dict[str, Any]) -> list[str]:
     verdicts, totals = doc["targets_by_verdict"], doc["totals"]
     if not any(verdicts.values()):
         return []
-    lines = ["verdicts " + ", ".join(f"{n:,} {v}" for v, n in verdicts.items() if n)]
+    out = ["verdicts " + ", ".join(f"{n:,} {v}" for v, n in verdicts.items() if n)]
     if totals["coverage"] is not None:
         per = totals["credits_per_review"]
-        lines.append(
+        out.append(
             f"coverage {totals['coverage']:.1%} of {totals['reviews_said']:,} counted"
             + (f" ({totals['reviews_missing']:,} missing)" if totals["reviews_missing"] else "")
             + (f"; {per:,.2f} credits/review" if per is not None else "")
         )
-    return lines
+    return out
 
 
-def _estimate_line(job: Job, estimate: dict[str, Any]) -> str:
+def _estimate_parts(job: Job, estimate: dict[str, Any]) -> list[str]:
     if not estimate["targets_left"]:
-        return "left     nothing"
+        return ["nothing"]
     if estimate["pages_left"] is None:
-        return (
-            f"left     {estimate['targets_left']:,} targets of unknown size: "
-            "`crawler plan --probe` fetches page 1 of each (kept as part of the crawl)"
-        )
+        return [
+            f"{plural(estimate['targets_left'], 'target')} of unknown size:",
+            "`crawler plan --probe` fetches page 1 of each (kept as part of the crawl)",
+        ]
     covers = {None: "unknown", True: "yes", False: "NO"}[estimate["budget_covers"]]
-    guessed = (
-        f" ({estimate['targets_unknown']:,} targets guessed at the typical size)"
-        if estimate["targets_unknown"]
-        else ""
-    )
-    return (
-        f"left     about {estimate['pages_left']:,} pages{guessed}: "
-        f"{estimate['credits_needed']:,} credits needed, {estimate['credits_available']:,} "
-        f"available (budget covers it: {covers}); about {_duration(estimate['seconds'])} at "
-        f"{job.api.requests_per_second:g}/s"
-    )
-
-
-def _table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table("product_id", "region", "status", *_HEADERS, title=title, title_justify="left")
-    for row in rows:
-        status = row["status"]
-        if row.get("reason"):
-            status += f" ({row['reason']})"
-        elif row.get("verdict") == "short":
-            status += f" (short {row.get('missing') or 0:,})"
-        elif row.get("verdict") and status == "done":
-            status += f" ({row['verdict']})"
-        elif status == "pending" and row.get("walk_pages"):
-            status = "in progress"
-        figures = (f"{row.get(k) or 0:,}" for k in _COLUMNS)
-        table.add_row(row["product_id"], row["region"], status, *figures)
-    return table
+    parts = [f"about {plural(estimate['pages_left'], 'page')}"]
+    if estimate["targets_unknown"]:
+        parts.append(f"{plural(estimate['targets_unknown'], 'target')} guessed at the typical size")
+    return [
+        *parts,
+        f"{estimate['credits_needed']:,} credits needed",
+        f"{estimate['credits_available']:,} available (budget covers it: {covers})",
+        f"about {_duration(estimate['seconds'])} at {job.api.requests_per_second:g}/s",
+    ]
 
 
 def _duration(seconds: int) -> str:
@@ -140,7 +165,3 @@ def _duration(seconds: int) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"

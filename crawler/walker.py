@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-
+from crawler import logs
 from crawler.api.client import ApiClient
 from crawler.api.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
@@ -111,7 +110,7 @@ class Walker:
     async def walk(self, claimed: Claimed) -> Status:
         """Walk from the last committed cursor. RunStopped (401/402/403, ...) propagates."""
         target, saved = claimed.target, claimed.saved
-        log = structlog.get_logger("crawler.walker").bind(
+        log = logs.get_logger("crawler.walker").bind(
             product_id=target.product_id, region=target.region
         )
         first = self.endpoint.first_cursor

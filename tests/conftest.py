@@ -21,7 +21,7 @@ import yaml
 
 from crawler.output.layout import Layout
 from crawler.output.shards import read_lines
-from crawler.report import CSV_COLUMNS
+from crawler.report import CSV_COLUMNS, SAVED
 from crawler.sandbox import Sandbox, SandboxOptions, serve
 from crawler.state.sqlite import SqliteView
 
@@ -89,8 +89,8 @@ def output_ids(out_dir: Path) -> list[str]:
 
 
 def target_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """Every target's saved figures, as ``crawler status --csv`` gives them."""
-    columns = CSV_COLUMNS
+    """Every target's saved figures (state.db's names and statuses: ``records``, ``pending``)."""
+    columns = tuple(SAVED.get(c, c) for c in CSV_COLUMNS)
     view = SqliteView.open(Layout(out_dir))
     assert view is not None
     try:

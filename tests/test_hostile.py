@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 from aiohttp import web
 
 from crawler import load_job, logs
@@ -195,9 +194,9 @@ def test_console_tracebacks_show_no_locals(capsys):
         try:
             raise ValueError("boom")
         except ValueError:
-            structlog.get_logger("test").exception("failed", holding=len(secret))
+            logs.get_logger("test").exception("failed", holding=len(secret))
     finally:
-        structlog.reset_defaults()
+        logs.reset()
     shown = capsys.readouterr().err
     assert "ValueError: boom" in shown and KEY not in shown
 

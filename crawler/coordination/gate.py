@@ -13,13 +13,12 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import structlog
-
+from crawler import logs
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import RATE, RATE_LIMITED, RATE_SAID
 from crawler.pacing.limits import WINDOW_MARGIN, slack_requests
 
-log = structlog.get_logger("crawler.limits")
+log = logs.get_logger("crawler.limits")
 _DEFAULT_PAUSE = 1.0
 
 

@@ -14,12 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import structlog
-
+from crawler import logs
 from crawler.config import masked_url
 from crawler.errors import CoordinationError
 
-log = structlog.get_logger("crawler.coordination")
+log = logs.get_logger("crawler.coordination")
 _T = TypeVar("_T")
 # errors this soon after Redis answered again are the same outage's tail (pooled connections to
 # the old server, a restart still loading its append-only file): not said again

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 
+from crawler import logs
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
 from crawler.output.layout import Layout, fsync_dir, shard_owner, shard_sequence
 from crawler.output.shards import sha256_of
 
-log = structlog.get_logger("crawler.coordination")
+log = logs.get_logger("crawler.coordination")
 
 
 async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> list[str]:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 
+from crawler import logs
 from crawler.coordination.link import Link
 from crawler.coordination.orphans import adopt_orphans, install, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
@@ -38,7 +38,7 @@ from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
 from crawler.state.verdict import Verdict
 from crawler.targets import Target, TargetList
 
-log = structlog.get_logger("crawler.coordination")
+log = logs.get_logger("crawler.coordination")
 _WAIT_MS = (100, 500)  # with nothing to claim, how soon to look again: never a busy loop
 
 

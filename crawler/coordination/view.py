@@ -43,7 +43,7 @@ class RedisView:
         self.budget_stopped = (
             self._redis.hget(self._p + "meta", "budget_stopped") == "1" and not self.walking
         )
-        self._spent_out = self.budget_stopped or (
+        self.spent_out = self.budget_stopped or (
             budget is not None and budget.max_credits - spent < budget.credits_per_request
         )
 
@@ -94,10 +94,10 @@ class RedisView:
             rows += self._targets(product_id, region)
         held = self._redis.zrange(self._p + "leases", 0, -1)
         # walks a budget stop cut short were queued again, at the end
-        stopped = self._redis.lrange(self._p + "todo", -_SCANNED, -1) if self._spent_out else []
+        stopped = self._redis.lrange(self._p + "todo", -_SCANNED, -1) if self.spent_out else []
         listed = {(r["product_id"], r["region"]) for r in rows}
         # a budget the job spent shows its cut-short walks as stopped_budget (see __init__)
-        under_way = Status.BUDGET if self._spent_out else Status.PENDING
+        under_way = Status.BUDGET if self.spent_out else Status.PENDING
         for product_id in dict.fromkeys([*held, *reversed(stopped)]):
             if len(rows) >= limit:
                 break
@@ -125,9 +125,9 @@ class RedisView:
         ]
         for row in rows:
             row["missing"] = missing(row["verdict"], row["base_count"], row["seen"])
-        if self._spent_out:
+        if self.spent_out:  # a walk cut short (``rules.BUDGET_STOPPED``), not one never begun
             for row in rows:
-                if row["status"] == Status.PENDING:
+                if row["status"] == Status.PENDING and row["walk_pages"]:
                     row["status"] = str(Status.BUDGET)
         return rows
 

@@ -17,8 +17,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 import orjson
-import structlog
 
+from crawler import logs
 from crawler.api.endpoint import CursorEndpoint, Page
 from crawler.output.dedup import SeenSet
 from crawler.output.layout import Layout, shard_name
@@ -36,7 +36,7 @@ from crawler.state.events import (
 from crawler.state.verdict import missing
 from crawler.targets import Target
 
-log = structlog.get_logger("crawler.writer")
+log = logs.get_logger("crawler.writer")
 
 
 @dataclass(slots=True)

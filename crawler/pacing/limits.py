@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import structlog
 from aiolimiter import AsyncLimiter
 
+from crawler import logs
 from crawler.pacing.slowdown import HeldRate, Slowdown
 
 # aiolimiter admits a request when the bucket's level is at most max_rate - 1. With max_rate 1 the
@@ -32,7 +32,7 @@ _SLACK_SECONDS = 0.035
 WINDOW_MARGIN = 0.02
 _DEFAULT_PAUSE = 1.0  # seconds to pause on a 429 without Retry-After
 
-log = structlog.get_logger("crawler.limits")
+log = logs.get_logger("crawler.limits")
 
 
 def slack_requests(rate: float) -> float:

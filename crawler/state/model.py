@@ -76,6 +76,7 @@ class Sums:
     missing: int = 0  # reviews the short ones lack, summed
     said: int = 0  # review_count summed where the API gave one: the reviews it said exist
     said_records: int = 0  # reviews written for those targets
+    started: int = 0  # targets whose current walk has a page (the rest have not started it)
 
     def merge(self, other: Sums) -> None:
         for name in _SUMS_FIELDS:
@@ -97,6 +98,8 @@ class Sums:
         if t.review_count is not None:
             self.said += sign * t.review_count
             self.said_records += sign * t.records
+        if t.walk_pages:
+            self.started += sign
         if t.walk_expected is not None:
             self.expected_known += sign
             self.expected += sign * t.walk_expected

@@ -197,11 +197,14 @@ BUDGET_REOPENED = Rule((Status.BUDGET,), _reopen)
 
 
 def _stop(state: TargetState) -> bool:
+    if not state.walk_pages:  # never begun: nothing was cut short, it waits as it was
+        return False
     state.status = Status.BUDGET
     return True
 
 
-# a run the job's budget stopped: what it did not finish waits for a larger budget
+# a run the job's budget stopped: the walks it cut short wait for a larger budget (stopped_budget);
+# targets whose walk had not begun stay pending (shown as not_started)
 BUDGET_STOPPED = Rule((Status.PENDING,), _stop)
 
 

@@ -140,6 +140,7 @@ _SUMS = (
     + ", ".join(f"sum(verdict = '{v}')" for v in VERDICTS)
     + f", sum({MISSING_SQL}), sum(review_count), "
     "sum(CASE WHEN review_count IS NOT NULL THEN records ELSE 0 END)"
+    ", sum(walk_pages > 0)"
 )
 
 
