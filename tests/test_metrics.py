@@ -113,7 +113,7 @@ async def test_verdicts_match_the_feeds_and_metrics_scraped_during_the_run_match
     assert verdicts["short"] == sum(v == "short" for v, _ in expected.values())
     assert doc["totals"]["reviews_missing"] == sum(m for _, m in expected.values())
     said = sum(box.catalogue.review_count(p, r) for p, r, _ in TARGETS)
-    written = doc["totals"]["records"]
+    written = doc["totals"]["reviews"]
     assert doc["totals"]["reviews_said"] == said
     assert doc["totals"]["coverage"] == round(written / said, 4)
 
