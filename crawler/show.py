@@ -26,7 +26,7 @@ def _status_cell(row: dict[str, Any]) -> str:
 TARGET_COLUMNS: list[Column] = [
     Column("product_id", lambda row: str(row["product_id"]), priority=0),
     Column("region", lambda row: str(row["region"]), priority=0),
-    Column("status", _status_cell, priority=0, flexible=True, least=len("stopped_budget")),
+    Column("status", _status_cell, priority=0, flexible=True, least=len("done (short 9,999)")),
     with_priority(figure("reviews"), 10),
     with_priority(figure("pages"), 20),
     with_priority(figure("credits"), 30),
