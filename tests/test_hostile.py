@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import sys
 import zlib
@@ -14,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from crawler import load_job, logs
 from crawler.api.client import ApiClient
+from crawler.api.inflate import Inflater
 from crawler.api.redact import NOTHING, Redactor
+from crawler.errors import ServerError
 from crawler.output.layout import Layout
 from crawler.output.shards import read_lines
 from crawler.sandbox import Sandbox, SandboxOptions
@@ -511,3 +515,25 @@ async def test_the_body_cap_is_checked_at_load(tmp_path: Path):
         status, _, stderr = await run_crawler("plan", str(job))
         assert status == 2
         assert b"api.max_body_bytes: Input should be" in stderr, stderr.decode()
+
+
+def test_a_bomb_arriving_at_once_inflates_only_to_the_cap():
+    """aiohttp inflated each chunk whole as it came (a loaded machine read 250 KB of bomb at once:
+    256 MB held); the client's own inflater stops at the cap, in gzip, zlib and raw deflate."""
+    data = b"{" + b" " * (16 << 20) + b"}"  # 64 times the cap
+    raw = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bodies = {
+        "gzip": gzip.compress(data, 9),
+        "deflate": zlib.compress(data, 9),
+        "x-raw": raw.compress(data) + raw.flush(),
+    }
+    for name, body in bodies.items():
+        inflater = Inflater("deflate" if name == "x-raw" else name, CAP)
+        out = inflater.feed(body)
+        assert inflater.over, name
+        assert len(out) <= CAP + 1, name
+    small = Inflater("gzip", CAP)
+    assert small.feed(gzip.compress(b"ab") + gzip.compress(b"cd")) == b"abcd"  # two members
+    assert not small.over
+    with pytest.raises(ServerError):
+        Inflater("br", CAP)

@@ -25,6 +25,7 @@ from crawler.api.endpoint import (
     server_message,
     unreadable,
 )
+from crawler.api.inflate import Inflater
 from crawler.api.redact import Redactor
 from crawler.config import MAX_BODY_BYTES
 from crawler.errors import (
@@ -58,7 +59,12 @@ class ApiClient:
     ) -> None:
         """``observe(endpoint, outcome, seconds)`` hears of every answer (the run's metrics)."""
         self._base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json",
+            # only what ``Inflater`` inflates within the cap: aiohttp would inflate whole chunks
+            "Accept-Encoding": "gzip, deflate",
+        }
         # the key is always among the secrets blotted out of what the server says
         self._redact = redactor if redactor is not None else Redactor([api_key])
         self._max_body = max_body_bytes
@@ -70,7 +76,13 @@ class ApiClient:
     async def __aenter__(self) -> Self:
         connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, trust_env=False, raise_for_status=False
+            connector=connector,
+            timeout=self._timeout,
+            trust_env=False,
+            raise_for_status=False,
+            # aiohttp inflates each chunk whole as it arrives, before we read it: 64 KB of a gzip
+            # bomb is 64 MB held at once, more on a loaded machine; we inflate within the cap
+            auto_decompress=False,
         )
         return self
 
@@ -137,11 +149,14 @@ class ApiClient:
     async def _read(self, response: aiohttp.ClientResponse) -> bytes | None:
         """The body, decompressed; None once it passes the cap (the connection is dropped
         rather than drained: a body that large is not worth its bytes)."""
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        inflater = Inflater(encoding, self._max_body)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_any():
+        async for raw in response.content.iter_any():
+            chunk = inflater.feed(raw)
             size += len(chunk)
-            if size > self._max_body:
+            if size > self._max_body or inflater.over:
                 response.close()
                 return None
             chunks.append(chunk)
