@@ -326,6 +326,12 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
 
         print(orjson.dumps({"targets_total": len(job.targets), "estimate": doc}).decode())
         return
+    if job.sources:
+        count = sum(len(s.targets) for s in job.sources)
+        print(
+            f"{job.path}: {len(job.sources)} sources of {count:,} targets walked first; the "
+            "products they find are walked after (their number is unknown until then)"
+        )
     print(
         f"{job.path}: {len(job.targets):,} targets, none started; {job.budget.max_credits:,} "
         f"credits available. Each target costs at least one request "

@@ -30,7 +30,7 @@ from pydantic import (
 from crawler import declarations
 from crawler.declarations import REVIEWS, REVIEWS_PRESET, EndpointSpec, SourceSpec
 from crawler.errors import ConfigError
-from crawler.sources import Source, read_source
+from crawler.sources import Source, UnknownField, read_source
 from crawler.targets import (
     MAX_PAGES,
     REGION_INDEX,
@@ -380,7 +380,11 @@ def _sources(path: Path, text: str, model: _JobModel) -> tuple[Source, ...]:
                     f"{', '.join(sorted(given)) or 'no fields'}"
                 )
                 raise ConfigError(_located(path, loc, why, _line_index(text)))
-        sources.append(read_source(path, index, spec, needed, model.default_regions))
+        try:
+            sources.append(read_source(path, index, spec, needed, model.default_regions))
+        except UnknownField as exc:
+            loc = ("endpoints", spec.endpoint, "params")
+            raise ConfigError(_located(path, loc, str(exc), _line_index(text))) from None
     return tuple(sources)
 
 

@@ -58,13 +58,18 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
         view.budget_stopped or job.budget.max_credits - spent < job.budget.credits_per_request
     ):  # what one process stores at a budget stop, the workers of a coordinated job show so
         by_status["stopped_budget"] = by_status.get("stopped_budget", 0) + by_status.pop("pending")
+    estimate = planner.estimate(job, totals, ledger, unlisted=unlisted)
+    sources = view.sources() if job.sources else []
+    if sources:  # the stages of a discovery job: sources walked, products found, reviews left
+        estimate["stages"] = planner.stages(sources, estimate)
     return {
         "job": str(job.path),
         "output_dir": str(job.output.dir),
         "targets_total": totals.targets + unlisted,
         "targets_by_status": by_status,
         "totals": figures,
-        "estimate": planner.estimate(job, totals, ledger, unlisted=unlisted),
+        "estimate": estimate,
+        **({"sources": sources} if sources else {}),
         "refreshes": view.refreshes(),
         **({"run": run} if run else {}),
         "attention": [_row(r) for r in view.attention(ATTENTION)],

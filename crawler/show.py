@@ -35,6 +35,19 @@ def print_summary(job: Job, doc: dict[str, Any], view: StateView, *, every: bool
         f"pages {totals['pages']:,}; retries {totals['retries']:,}; 429s "
         f"{totals['rate_limited']:,}"
     )
+    for source in doc.get("sources", ()):
+        console.print(
+            f"source   {source['source']}: {source['targets_done'] or 0:,} of "
+            f"{source['targets']:,} targets done, {source['pages'] or 0:,} pages, "
+            f"{source['products_found'] or 0:,} products found, {source['items'] or 0:,} items, "
+            f"{source['credits'] or 0:,} credits"
+        )
+    if stages := estimate.get("stages"):
+        console.print(
+            f"stages   sources: {stages['source_pages_walked']:,} pages walked, "
+            f"{stages['source_targets_left']:,} targets left; {stages['products_found']:,} "
+            f"products found; reviews: {_pages(stages['review_pages_left'])} left"
+        )
     console.print(_estimate_line(job, estimate))
     for refresh in doc["refreshes"]:
         console.print(
@@ -107,6 +120,10 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
         figures = (f"{row.get(k) or 0:,}" for k in _COLUMNS)
         table.add_row(row["product_id"], row["region"], status, *figures)
     return table
+
+
+def _pages(pages: int | None) -> str:
+    return "unknown pages" if pages is None else f"about {pages:,} pages"
 
 
 def _duration(seconds: int) -> str:

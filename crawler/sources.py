@@ -19,6 +19,15 @@ MAX_SOURCE_TARGETS = 100_000  # a source's targets: sellers, categories (not pro
 MAX_ERRORS = 20
 
 
+class UnknownField(ValueError):
+    """An endpoint's parameters name a field the source's targets do not give."""
+
+    def __init__(self, field: str, given: list[str], where: str) -> None:
+        super().__init__(
+            f"unknown field {{{field}}}: {where} gives {', '.join(given) or 'no fields'}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class SourceTarget:
     """One walk of a source's endpoint: the source and the fields its parameters are filled from."""
@@ -80,7 +89,7 @@ def read_source(
             if spec.targets_file.is_absolute()
             else job_path.parent / spec.targets_file
         )
-        rows = _read_csv(file, errors)
+        rows = _read_csv(file, errors, needed)
     else:
         for i, row in enumerate(spec.targets):
             rows.append(
@@ -127,7 +136,7 @@ def _problem(
     return None
 
 
-def _read_csv(file: Path, errors: list[str]) -> list[tuple[dict[str, str], str]]:
+def _read_csv(file: Path, errors: list[str], needed: set[str]) -> list[tuple[dict[str, str], str]]:
     try:
         text = file.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -141,6 +150,8 @@ def _read_csv(file: Path, errors: list[str]) -> list[tuple[dict[str, str], str]]
     reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = [h.strip() for h in next(reader)]
+        if unknown := sorted(needed - set(header)):
+            raise UnknownField(unknown[0], header, f"the header of {file.name}")
         rows = []
         for number, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):

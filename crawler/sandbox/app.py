@@ -219,17 +219,17 @@ class Sandbox:
         return None, lambda: self.analytics_body(key, region, int(number), int(size)), 1
 
     def seller_body(self, seller_id: str, region: str, cursor: int) -> bytes:
-        page = listings.seller_page(seller_id, region, cursor)
+        page = listings.seller_page(seller_id, region, cursor, self.generation)
         data = {
             "products": [listings.product_item(p, region) for p in page.products],
             "has_more": page.has_more,
             "next_cursor": page.next_cursor,
-            "total": len(listings.listed("seller", seller_id, region)),
+            "total": len(listings.listed("seller", seller_id, region, self.generation)),
         }
         return orjson.dumps({"code": 0, "message": "success", "data": data, "requestId": "sbx"})
 
     def analytics_body(self, key: str, region: str, page_num: int, page_size: int) -> bytes:
-        products = listings.analytics_page(key, region, page_num, page_size)
+        products = listings.analytics_page(key, region, page_num, page_size, self.generation)
         data = [listings.product_item(p, region) for p in products]
         return orjson.dumps({"code": 0, "message": "success", "data": data, "requestId": "sbx"})
 
@@ -237,9 +237,9 @@ class Sandbox:
         """Every product a list serves (what a complete discovery must find): ``path`` one of
         the two list endpoints, ``params`` its other parameters (seller_id, category_id...)."""
         if path == listings.SHOP_PRODUCTS:
-            return list(listings.listed("seller", params["seller_id"], region))
+            return list(listings.listed("seller", params["seller_id"], region, self.generation))
         key = ",".join(f"{k}={v}" for k, v in sorted({**params, "region": region}.items()))
-        return list(listings.listed("analytics", key, region))
+        return list(listings.listed("analytics", key, region, self.generation))
 
     def _throttle(self, book: KeyLedger) -> float:
         """Seconds left in the key's throttle window, 0 outside it. The first request past

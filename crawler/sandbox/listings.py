@@ -26,10 +26,13 @@ def _h(*parts: object) -> int:
 
 
 @lru_cache(maxsize=1024)
-def listed(kind: str, key: str, region: str) -> tuple[str, ...]:
-    """The products a list holds, in its order: 2 to 11 of the pool, each with reviews."""
+def listed(kind: str, key: str, region: str, generation: int = 0) -> tuple[str, ...]:
+    """The products a list holds, in its order: 2 to 11 of the pool, each with reviews; each
+    generation adds one to about half the lists (a seller's new product)."""
     catalogue = Catalogue()
     wanted = 2 + _h("size", kind, key, region) % 10
+    if _h("grows", kind, key, region) % 2 == 0:
+        wanted += generation
     found: list[str] = []
     for i in range(POOL * 4):
         product = str(POOL_START + _h("pick", kind, key, region, i) % POOL)
@@ -47,17 +50,19 @@ class ListPage:
     next_cursor: str | None
 
 
-def seller_page(seller_id: str, region: str, cursor: int) -> ListPage:
+def seller_page(seller_id: str, region: str, cursor: int, generation: int = 0) -> ListPage:
     """The listing's page at ``cursor`` (the offset of its first product, as a string)."""
-    products = listed("seller", seller_id, region)
+    products = listed("seller", seller_id, region, generation)
     chunk = list(products[cursor : cursor + SELLER_PAGE])
     more = cursor + SELLER_PAGE < len(products)
     return ListPage(chunk, more, str(cursor + SELLER_PAGE) if more else None)
 
 
-def analytics_page(key: str, region: str, page_num: int, page_size: int) -> list[str]:
+def analytics_page(
+    key: str, region: str, page_num: int, page_size: int, generation: int = 0
+) -> list[str]:
     """Page ``page_num`` (from 1) of ``page_size`` products; past the end, empty."""
-    products = listed("analytics", key, region)
+    products = listed("analytics", key, region, generation)
     start = (page_num - 1) * page_size
     return list(products[start : start + page_size])
 

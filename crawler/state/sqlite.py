@@ -624,6 +624,12 @@ class SqliteStore:
             )
             new = db.total_changes - before
             added += new
+            # one the job file lists is the source's too: it stays when the file drops it
+            db.executemany(
+                "UPDATE targets SET found_by = ? WHERE product_id = ? AND region = ? "
+                "AND found_by IS NULL AND active",
+                ((source, p, r) for p, r in found),
+            )
             db.execute(
                 "UPDATE source_targets SET found = found + ? WHERE id = ?",
                 (new, page.change.target_id),
