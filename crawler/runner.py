@@ -66,6 +66,7 @@ class _Run:
     hurry: asyncio.Event
     writer: Writer
     sources: dict[str, Walker] = field(default_factory=dict)  # a walker per source
+    sources_failed: int = 0  # source walks of this run that ended failed
     fatal: RunStopped | None = None
     signal: int = signal.SIGINT  # the one that stopped the run, when one did
 
@@ -338,7 +339,9 @@ async def _worker(run: _Run) -> None:
         target = claimed.target
         walker = run.sources[target.source] if isinstance(target, SourceTarget) else run.walker
         try:
-            await walker.walk(claimed)
+            status = await walker.walk(claimed)
+            if walker is not run.walker and status is Status.FAILED:
+                run.sources_failed += 1
         except RunStopped as exc:
             if run.fatal is None:
                 run.fatal = exc
@@ -471,6 +474,6 @@ def _exit_status(run: _Run) -> int:
     totals = run.store.totals
     if run.door.reason == "budget" or totals.count(Status.BUDGET):
         return EXIT_BUDGET
-    if totals.count(Status.FAILED):
+    if totals.count(Status.FAILED) or run.sources_failed:
         return EXIT_FAILED_TARGETS
     return EXIT_OK

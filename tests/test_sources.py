@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,25 @@ async def test_a_discovery_job_walks_each_found_product_once(tmp_path, sandbox):
 
 
 PRODUCT_B = "1729679758111249333"
+
+
+async def test_a_source_cursor_that_does_not_move_fails_that_walk(tmp_path, sandbox):
+    async with sandbox(stuck=frozenset({"7002"})) as (url, _):
+        SELLERS.append({"seller_id": "7002", "region": "US"})
+        try:
+            job = load_job(_job(tmp_path, url, targets=[]))
+        finally:
+            SELLERS.pop()
+        result = await run_job(job, environ=ENV)
+        assert result.exit_status == 1  # a failed walk, the rest done
+        sources = {s["source"]: s for s in result.report["sources"]}
+        assert sources["shop_products"]["failed"] == 1
+        assert sources["shop_products"]["targets_done"] == 2
+        with sqlite3.connect(Layout(job.output.dir).state_db) as db:
+            (reason,) = [
+                r for (r,) in db.execute("SELECT reason FROM source_targets WHERE reason NOT NULL")
+            ]
+        assert "already walked in this walk (the same page)" in reason
 
 
 def _listing_requests(box: Sandbox) -> int:

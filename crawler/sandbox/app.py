@@ -48,7 +48,8 @@ class SandboxOptions:
     latency: tuple[float, float] = (0.0, 0.0)  # seconds, uniform
     seed: int = 0
     endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
-    stuck: frozenset[str] = frozenset()  # product ids whose page 2 gives its own cursor again
+    # product ids whose page 2 gives its own cursor again; seller ids whose listing does so
+    stuck: frozenset[str] = frozenset()
     cycling: frozenset[str] = frozenset()  # product ids whose page 3 points back to page 2
     generation: int = 0  # the catalogue's generation at start; POST /_sandbox/grow adds to it
     shrink: bool = False  # each generation also removes a review or two from a few targets
@@ -220,10 +221,11 @@ class Sandbox:
 
     def seller_body(self, seller_id: str, region: str, cursor: int) -> bytes:
         page = listings.seller_page(seller_id, region, cursor, self.generation)
+        stuck = seller_id in self.options.stuck and cursor > 0  # gives its own cursor again
         data = {
             "products": [listings.product_item(p, region) for p in page.products],
-            "has_more": page.has_more,
-            "next_cursor": page.next_cursor,
+            "has_more": page.has_more or stuck,
+            "next_cursor": str(cursor) if stuck else page.next_cursor,
             "total": len(listings.listed("seller", seller_id, region, self.generation)),
         }
         return orjson.dumps({"code": 0, "message": "success", "data": data, "requestId": "sbx"})
