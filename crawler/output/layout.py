@@ -61,13 +61,16 @@ class Layout:
         """An endpoint's series' seen files: its item ids, as the reviews' are kept."""
         return self.state_dir / f"seen-{series}.u64", self.state_dir / f"seen-{series}-other.txt"
 
-    def series_files(self, series: str) -> list[Path]:
+    def series_files(self, series: str | None) -> list[Path]:
+        """An endpoint's series' shard files (None: every endpoint's but the reviews')."""
         if not self.shards_dir.is_dir() or series == "reviews":
             return []
         return sorted(
             p
             for p in self.shards_dir.iterdir()
-            if (m := SERIES_PATTERN.fullmatch(p.name)) and m["series"] == series
+            if (m := SERIES_PATTERN.fullmatch(p.name))
+            and m["series"] != "reviews"
+            and (series is None or m["series"] == series)
         )
 
     @property

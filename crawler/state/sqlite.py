@@ -737,6 +737,10 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{layout.root}: holds a coordinated job's shards: its state is in Redis (run it "
             "with --redis URL), or use an empty output.dir"
         )
+    if created and not layout.shard_files() and layout.series_files(None):
+        raise StateError(
+            f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
+        )
     if created and layout.shard_files():  # before any state exists: never theirs to cut
         advice = (
             "holds a coordinated job's shards: its state is in Redis (run it with --redis URL), "
