@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo demo-refresh test lint bench clean lock
+.PHONY: demo demo-refresh demo-discovery test lint bench clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/crawler run configs/demo.yaml
 	$(BIN)/crawler status configs/demo.yaml
+
+# sources: sellers' listings and a category list find the products, then their reviews are walked
+demo-discovery: $(STAMP)
+	$(BIN)/crawler run --fresh configs/discovery.yaml
+	$(BIN)/crawler status configs/discovery.yaml
 
 # a refresh for real: the sandbox in its own process grows between the harvest and the refresh
 demo-refresh: $(STAMP)

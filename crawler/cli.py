@@ -403,6 +403,15 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
         return
     from crawler.screen import plural, prose, width_of  # noqa: PLC0415
 
+    width = width_of(sys.stdout)
+    if job.sources:
+        count = sum(len(s.targets) for s in job.sources)
+        text = (
+            f"{plural(len(job.sources), 'source')} of {count:,} targets walked first; the "
+            "products they find are walked after (their number is unknown until then)"
+        )
+        for line in prose(text, width, lead=f"{job.path}: "):
+            print(line)
     cost = job.budget.credits_per_request
     text = (
         f"{plural(len(job.targets), 'target')}, none started; {job.budget.max_credits:,} "
@@ -411,7 +420,7 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
         "`crawler plan --probe` fetches page 1 of each target (kept as part of the crawl) to "
         "estimate the rest."
     )
-    for line in prose(text, width_of(sys.stdout), lead=f"{job.path}: "):
+    for line in prose(text, width, lead=f"{job.path}: "):
         print(line)
 
 

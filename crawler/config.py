@@ -10,6 +10,7 @@ import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -26,7 +27,10 @@ from pydantic import (
     model_validator,
 )
 
+from crawler import declarations
+from crawler.declarations import REVIEWS, REVIEWS_PRESET, EndpointSpec, SourceSpec
 from crawler.errors import ConfigError
+from crawler.sources import Source, UnknownField, read_source
 from crawler.targets import (
     MAX_PAGES,
     REGION_INDEX,
@@ -209,6 +213,8 @@ class _JobModel(_Model):
     refresh: Literal["early_stop", "full"] = "early_stop"
     coordination: CoordinationSettings | None = None
     metrics: MetricsSettings | None = None
+    endpoints: dict[str, EndpointSpec] = Field(default_factory=dict)
+    sources: tuple[SourceSpec, ...] = ()
 
     @field_validator("default_regions")
     @classmethod
@@ -225,6 +231,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "under coordination": CoordinationSettings,
     "under metrics": MetricsSettings,
     "in each target": TargetSpec,
+    "in each endpoint": declarations.EndpointSpec,
+    "in each source": declarations.SourceSpec,
     "at the top level": _JobModel,
 }
 
@@ -241,6 +249,20 @@ class Job:
     refresh: str = "early_stop"  # what --refresh walks of a changed target: see README
     coordination: CoordinationSettings | None = None
     metrics: MetricsSettings | None = None
+    # every endpoint the job walks, ``reviews`` among them (the preset unless declared)
+    endpoints: Mapping[str, EndpointSpec] = dataclass_field(default_factory=dict)
+    sources: tuple[Source, ...] = ()
+
+    @property
+    def reviews(self) -> EndpointSpec:
+        """The reviews endpoint: the job's own declaration, else the preset at the budget's
+        ``credits_per_request``."""
+        declared = self.endpoints.get(REVIEWS)
+        if declared is not None:
+            return declared
+        return REVIEWS_PRESET.model_copy(
+            update={"credits_per_request": self.budget.credits_per_request}
+        )
 
     @property
     def name(self) -> str:
@@ -352,11 +374,55 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         raise ConfigError("\n".join(_describe(path, e, lines) for e in exc.errors())) from None
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
     output = model.output.model_copy(update={"dir": out_dir})
-    targets = _collect(path, text, model)
+    sources = _sources(path, text, model)
+    targets = _collect(path, text, model, sourced=bool(sources))
     return Job(
-        path, model.api, model.budget, output, targets, model.refresh, model.coordination,
+        path,
+        model.api,
+        model.budget,
+        output,
+        targets,
+        model.refresh,
+        model.coordination,
         model.metrics,
-    )  # fmt: skip
+        dict(model.endpoints),
+        sources,
+    )
+
+
+def _sources(path: Path, text: str, model: _JobModel) -> tuple[Source, ...]:
+    """The declared sources, checked against the endpoints and read (their targets)."""
+    found = declarations.problems(model.endpoints, model.sources)
+    if found:
+        lines = _line_index(text)
+        raise ConfigError("\n".join(_located(path, loc, why, lines) for loc, why in found))
+    sources = []
+    for index, spec in enumerate(model.sources):
+        endpoint = model.endpoints[spec.endpoint]
+        needed = endpoint.fields()
+        if spec.targets:
+            given = set().union(*(row.keys() for row in spec.targets))
+            if unknown := sorted(needed - given):
+                loc = ("endpoints", spec.endpoint, "params")
+                why = (
+                    f"unknown field {{{unknown[0]}}}: the targets of sources[{index}] give "
+                    f"{', '.join(sorted(given)) or 'no fields'}"
+                )
+                raise ConfigError(_located(path, loc, why, _line_index(text)))
+        try:
+            sources.append(read_source(path, index, spec, needed, model.default_regions))
+        except UnknownField as exc:
+            loc = ("endpoints", spec.endpoint, "params")
+            raise ConfigError(_located(path, loc, str(exc), _line_index(text))) from None
+    return tuple(sources)
+
+
+def _located(
+    path: Path, loc: tuple[str | int, ...], why: str, lines: dict[tuple[str | int, ...], int]
+) -> str:
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return f"{path}{f':{line}' if line else ''}: {field}: {why}"
 
 
 class _Refused(yaml.constructor.ConstructorError):
@@ -457,7 +523,7 @@ def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
     )
 
 
-def _collect(path: Path, text: str, model: _JobModel) -> TargetList:
+def _collect(path: Path, text: str, model: _JobModel, *, sourced: bool = False) -> TargetList:
     """Inline targets, then the targets file's; every problem found, up to a cap."""
     into = Collector()
     defaults = model.default_regions
@@ -478,7 +544,7 @@ def _collect(path: Path, text: str, model: _JobModel) -> TargetList:
         read_targets_file(located, defaults, into, shown=str(located))
     if into.bad:
         raise ConfigError("\n".join(_with_lines(path, text, into.summary())))
-    if not into.targets:
+    if not into.targets and not sourced:
         line = _line_index(text).get(("targets",))
         raise ConfigError(
             f"{path}{f':{line}' if line else ''}: targets: no targets; list at least one "
@@ -584,13 +650,16 @@ def _meant(loc: tuple[Any, ...]) -> str:
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The settings class of the mapping at ``loc`` in the job file (None: not one)."""
     model: type[BaseModel] | None = _JobModel
+    keyed = False  # the part is a key of a mapping of settings (an endpoint's name)
     for part in loc:
-        if isinstance(part, int):  # an item of a list of targets
+        if isinstance(part, int) or keyed:  # an item of a list of targets
+            keyed = False
             continue
         field = model.model_fields.get(part) if model is not None else None
         if field is None:
             return None
         model = _inner_model(field.annotation)
+        keyed = getattr(field.annotation, "__origin__", None) is dict
     return model
 
 

@@ -45,3 +45,14 @@ def estimate(job: Job, totals: Totals, ledger: Ledger, *, unlisted: int = 0) -> 
         "seconds": None if pages is None else math.ceil(pages / job.api.requests_per_second),
         "estimate": "measured" if not unknown else ("typical" if pages is not None else None),
     }
+
+
+def stages(sources: list[dict[str, Any]], estimate: dict[str, Any]) -> dict[str, Any]:
+    """A discovery job's stages: the sources' pages walked and targets left (their length is
+    unknown until walked), the products they found, the review pages left of those."""
+    return {
+        "source_pages_walked": sum(s["pages"] or 0 for s in sources),
+        "source_targets_left": sum(s["targets"] - (s["targets_done"] or 0) for s in sources),
+        "products_found": sum(s["products_found"] or 0 for s in sources),
+        "review_pages_left": estimate["pages_left"],
+    }

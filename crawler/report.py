@@ -89,6 +89,10 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
     figures["shards"] = len(shards) + (view.job["open_shard"] is not None)
     figures.update(completeness(totals, figures["credits_charged"]))
     spent = figures["budget_spent"] = spent_out(job, view)  # what is left buys no request
+    estimate = planner.estimate(job, totals, ledger, unlisted=unlisted)
+    sources = view.sources() if job.sources else []
+    if sources:  # the stages of a discovery job: sources walked, products found, reviews left
+        estimate["stages"] = planner.stages(sources, estimate)
     return {
         "job": str(job.path),
         "output_dir": str(job.output.dir),
@@ -97,7 +101,8 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
         # finished targets: did the feed give all the count said (``crawler.state.verdict``)
         "targets_by_verdict": {str(v): int(totals.total(v)) for v in VERDICTS},
         "totals": figures,
-        "estimate": planner.estimate(job, totals, ledger, unlisted=unlisted),
+        "estimate": estimate,
+        **({"sources": sources} if sources else {}),
         "refreshes": view.refreshes(),
         **({"run": run} if run else {}),
         "attention": [_row(r, spent_out=spent) for r in view.attention(ATTENTION)],

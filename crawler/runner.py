@@ -7,15 +7,16 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from crawler import logs
 from crawler.api.client import ApiClient
-from crawler.api.endpoint import REVIEWS
+from crawler.api.declared import endpoint_of
 from crawler.config import Job
+from crawler.declarations import REVIEWS
 from crawler.errors import (
     AuthError,
     ComeBackLater,
@@ -27,12 +28,14 @@ from crawler.errors import (
 from crawler.output.dedup import SeenLog, SeenSet
 from crawler.output.layout import Layout, write_atomically
 from crawler.output.recovery import recover
+from crawler.output.series import Series, SourceSink, recover_series
 from crawler.output.writer import Writer
 from crawler.pacing.budget import Budget
 from crawler.pacing.limits import Gate, RateGate
 from crawler.pacing.retry import RetryPolicy
 from crawler.planner import pages_left
 from crawler.progress import Figures, Progress
+from crawler.sources import SourceTarget
 from crawler.state import StateStore, StateView
 from crawler.state.events import WALKABLE, Status
 from crawler.state.sqlite import SqliteStore, SqliteView
@@ -64,6 +67,9 @@ class _Run:
     walker: Walker
     door: Door
     hurry: asyncio.Event
+    writer: Writer
+    sources: dict[str, Walker] = field(default_factory=dict)  # a walker per source
+    sources_failed: int = 0  # source walks of this run that ended failed
     fatal: RunStopped | None = None
     signal: int = signal.SIGINT  # the one that stopped the run, when one did
 
@@ -92,6 +98,11 @@ async def run_job(
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
+    if job.sources and job.coordination is not None:
+        raise ConfigError(
+            f"{job.path}: sources: not run in the coordinated mode yet; run a job with sources "
+            "as one process (without coordination or --redis)"
+        )
     layout = Layout(job.output.dir)
     output = {
         "shard_max_records": job.output.shard_max_records,
@@ -178,7 +189,10 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
         layout.shards_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError.from_os(exc, layout.shards_dir) from None
+    for name in _series_names(job):
+        found.bytes_cut += recover_series(layout, store.series(name))
     await store.sync_targets(job.targets)
+    await store.sync_sources(job.sources)
     refreshing = await store.begin_run(
         refresh=options.refresh, mode=job.refresh, probe=options.max_pages is not None
     )
@@ -283,18 +297,30 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
 ) -> _Run:
     door = Door()
     store = parts.store
+    layout = Layout(job.output.dir)
+    series = {
+        name: Series(
+            layout,
+            store.series(name),
+            compression=job.output.compression,
+            shard_max_records=job.output.shard_max_records,
+        )
+        for name in _series_names(job)
+    }
+    reviews = endpoint_of(REVIEWS, job.reviews)
     writer = Writer(
-        Layout(job.output.dir),
+        layout,
         store,
         seen,
-        REVIEWS,
+        reviews,
         compression=job.output.compression,
         shard_max_records=job.output.shard_max_records,
         commit_every_pages=job.output.commit_every_pages,
         queue_size=max(16, 2 * job.api.concurrency),
+        series=series,
     )
     walker = Walker(
-        endpoint=REVIEWS,
+        endpoint=reviews,
         client=client,
         gate=parts.gate(job.api.requests_per_second),
         budget=Budget(job.budget, store, lease_requests=job.api.concurrency),
@@ -305,7 +331,23 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
         refresh_mode=job.refresh,
         max_pages=max_pages,
     )
-    return _Run(job, store, walker, door, asyncio.Event())
+    # a source walks as a review target does, under the same gate, budget and door; every
+    # page of it again on a refresh (new products may be anywhere in a listing)
+    sources = {
+        source.name: replace(
+            walker,
+            endpoint=endpoint_of(source.endpoint, job.endpoints[source.endpoint]),
+            writer=SourceSink(writer, series[source.endpoint], source),
+            refresh_mode="full",
+        )
+        for source in job.sources
+    }
+    return _Run(job, store, walker, door, asyncio.Event(), writer, sources)
+
+
+def _series_names(job: Job) -> list[str]:
+    """The endpoints whose items get a shard series: those sources walk."""
+    return list(dict.fromkeys(source.endpoint for source in job.sources))
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -314,10 +356,13 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
 
 
 async def _crawl(run: _Run, *, live_progress: bool) -> Progress:
-    workers_count = min(run.job.api.concurrency, max(1, run.store.totals.count(*WALKABLE)))
+    walkable = run.store.totals.count(*WALKABLE)
+    workers_count = min(
+        run.job.api.concurrency, max(1, walkable, run.job.api.concurrency * bool(run.sources))
+    )
     progress = Progress(lambda: _figures(run), live=live_progress)
     async with asyncio.TaskGroup() as group:
-        writer = run.walker.writer
+        writer = run.writer
         writer_task = group.create_task(writer.run())
         progress_task = group.create_task(progress.run())
         workers = [group.create_task(_worker(run)) for _ in range(workers_count)]
@@ -332,9 +377,22 @@ async def _crawl(run: _Run, *, live_progress: bool) -> Progress:
 
 
 async def _worker(run: _Run) -> None:
-    while run.door.open and (claimed := await run.store.claim()) is not None:
+    while run.door.open:
+        claimed = await run.store.claim()
+        if claimed is None:
+            if not run.store.finding:
+                return
+            # a source walk is under way: the targets its next commit finds are walked too
+            run.store.found.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.store.found.wait(), 0.5)
+            continue
+        target = claimed.target
+        walker = run.sources[target.source] if isinstance(target, SourceTarget) else run.walker
         try:
-            await run.walker.walk(claimed)
+            status = await walker.walk(claimed)
+            if walker is not run.walker and status is Status.FAILED:
+                run.sources_failed += 1
         except RunStopped as exc:
             if run.fatal is None:
                 run.fatal = exc
@@ -419,7 +477,7 @@ def _snapshot(run: _Run) -> Any:
     from crawler.metrics import Snapshot  # noqa: PLC0415 -- only with metrics on
 
     totals, walker = run.store.totals, run.walker
-    committed, (queued, capacity) = walker.writer.committed, walker.writer.queued
+    committed, (queued, capacity) = run.writer.committed, run.writer.queued
     completeness = report.completeness(totals, walker.budget.spent)
     return Snapshot(
         pages=committed.pages,
@@ -498,6 +556,6 @@ def _exit_status(run: _Run) -> int:
     totals = run.store.totals
     if run.door.reason == "budget" or totals.count(Status.BUDGET):
         return EXIT_BUDGET
-    if totals.count(Status.FAILED):
+    if totals.count(Status.FAILED) or run.sources_failed:
         return EXIT_FAILED_TARGETS
     return EXIT_OK

@@ -69,6 +69,33 @@ def print_summary(
         )
     )
     say(_completeness_lines(doc))
+    for source in doc.get("sources", ()):
+        say(
+            lines(
+                [
+                    f"{source['targets_done'] or 0:,} of {source['targets']:,} targets done",
+                    plural(source["pages"] or 0, "page"),
+                    f"{source['products_found'] or 0:,} products found",
+                    plural(source["items"] or 0, "item"),
+                    plural(source["credits"] or 0, "credit"),
+                ],
+                width,
+                lead=f"source   {source['source']}: ",
+            )
+        )
+    if stages := estimate.get("stages"):
+        say(
+            lines(
+                [
+                    f"sources {stages['source_pages_walked']:,} pages walked",
+                    f"{stages['source_targets_left']:,} source targets left",
+                    f"{stages['products_found']:,} products found",
+                    f"reviews {_pages(stages['review_pages_left'])} left",
+                ],
+                width,
+                lead="stages   ",
+            )
+        )
     say(lines(_estimate_parts(job, estimate), width, lead="left     "))
     for refresh in doc["refreshes"]:
         say(
@@ -157,6 +184,10 @@ def _estimate_parts(job: Job, estimate: dict[str, Any]) -> list[str]:
         f"{estimate['credits_available']:,} available (budget covers it: {covers})",
         f"about {_duration(estimate['seconds'])} at {job.api.requests_per_second:g}/s",
     ]
+
+
+def _pages(pages: int | None) -> str:
+    return "unknown pages" if pages is None else f"about {pages:,} pages"
 
 
 def _duration(seconds: int) -> str:

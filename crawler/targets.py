@@ -58,6 +58,11 @@ class Target:
     def key(self) -> str:
         return f"{self.product_id}:{self.region}"
 
+    def value(self, name: str) -> str:
+        """A field for an endpoint's parameters (``product_id``, ``region``)."""
+        value: str = getattr(self, name)
+        return value
+
 
 class TargetList:
     """Targets in columns, in the order they were listed; iterating yields ``Target``s."""

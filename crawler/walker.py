@@ -9,13 +9,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from crawler import logs
 from crawler.api.client import ApiClient
 from crawler.api.endpoint import Cursor, CursorEndpoint, Page
 from crawler.errors import BudgetExhausted, RateLimited, RetryableError, TargetError
-from crawler.output.writer import Writer
+from crawler.output.writer import Rendered
 from crawler.pacing.budget import Budget
 from crawler.pacing.limits import Gate
 from crawler.pacing.retry import RetryPolicy
@@ -42,6 +42,18 @@ class Door:
         if self.reason is None:
             self.reason = reason
             self.closed.set()
+
+
+class Sink(Protocol):
+    """Where a walker's pages go: the writer for reviews, a source's sink for its items."""
+
+    async def render(
+        self, target: Any, page: Page, fetched_at: str, *, first_page: bool = False
+    ) -> Rendered: ...
+
+    async def put(
+        self, change: PageCommitted | TargetFailed, target: Any, rendered: Rendered | None
+    ) -> None: ...
 
 
 @dataclass
@@ -100,7 +112,7 @@ class Walker:
     budget: Budget
     policy: RetryPolicy
     door: Door
-    writer: Writer
+    writer: Sink
     counters: RunCounters
     refresh_mode: str = "early_stop"
     max_pages: int | None = None  # this run only: plan --probe walks one page, leaves it pending
@@ -232,7 +244,7 @@ class Walker:
         cost = _Cost()
         while True:
             try:
-                credits = await self.budget.reserve(walk.credits)
+                credits = await self.budget.reserve(walk.credits, self.endpoint.credits_per_request)
             except BudgetExhausted as exc:
                 if exc.job_wide:
                     self.door.close("budget")

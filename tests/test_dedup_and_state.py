@@ -264,9 +264,11 @@ async def test_a_version_3_state_gets_its_finished_targets_judged(tmp_path: Path
     )
     await store.close()
     db = sqlite3.connect(layout.state_db, isolation_level=None)  # as version 3 kept it
-    for column in ("walk_shown", "seen", "verdict"):
+    for column in ("walk_shown", "seen", "verdict", "found_by"):
         db.execute(f"ALTER TABLE targets DROP COLUMN {column}")
     db.execute("ALTER TABLE refreshes DROP COLUMN short")
+    for table in ("source_targets", "series", "series_shards"):  # version 5's
+        db.execute(f"DROP TABLE {table}")
     db.execute("UPDATE job SET version = 3")
     db.close()
     store = await SqliteStore.open(layout, OUTPUT)
@@ -276,6 +278,6 @@ async def test_a_version_3_state_gets_its_finished_targets_judged(tmp_path: Path
     try:  # judged from its items (63, 103: a repeat counted twice where no record says which)
         rows = list(view.rows(("verdict", "missing")))
         assert rows == [("short", 37), ("complete", 0)]
-        assert view.job["version"] == 4
+        assert view.job["version"] == 5  # and on through version 4 to 5 (sources)
     finally:
         view.close()

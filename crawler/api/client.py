@@ -21,6 +21,7 @@ from crawler.api.endpoint import (
     UNREADABLE,
     Cursor,
     CursorEndpoint,
+    Fields,
     Page,
     server_message,
     unreadable,
@@ -37,7 +38,6 @@ from crawler.errors import (
     TargetError,
     WrongEndpoint,
 )
-from crawler.targets import Target
 
 
 class ApiClient:
@@ -99,7 +99,7 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient({self._base_url!r})"  # never the headers: they hold the key
 
-    async def fetch(self, endpoint: CursorEndpoint, target: Target, cursor: Cursor) -> Page:
+    async def fetch(self, endpoint: CursorEndpoint, target: Fields, cursor: Cursor) -> Page:
         """One request. Raises a RetryableError, TargetError or RunStopped subclass on failure."""
         if self._observe is None:
             return await self._fetch(endpoint, target, cursor)
@@ -112,7 +112,7 @@ class ApiClient:
         self._observe(endpoint.name, "ok", time.monotonic() - started)
         return page
 
-    async def _fetch(self, endpoint: CursorEndpoint, target: Target, cursor: Cursor) -> Page:
+    async def _fetch(self, endpoint: CursorEndpoint, target: Fields, cursor: Cursor) -> Page:
         if self._session is None:
             raise RuntimeError("ApiClient used outside 'async with'")
         url = self._base_url + endpoint.path
@@ -135,7 +135,7 @@ class ApiClient:
                     f"body over api.max_body_bytes ({self._max_body:,} bytes): not read further",
                     status=200,
                 )
-            return self._page(endpoint, body)
+            return self._page(endpoint, body, cursor)
         # an error's status says what to do; a body too large to read only loses its message
         raise _error(
             status,
@@ -162,13 +162,13 @@ class ApiClient:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _page(self, endpoint: CursorEndpoint, body: bytes) -> Page:
+    def _page(self, endpoint: CursorEndpoint, body: bytes, cursor: Cursor) -> Page:
         try:
-            page = endpoint.decode(body, self._redact)
+            page = endpoint.decode(body, self._redact, cursor)
         except UNREADABLE as exc:  # a decoder's own slip is still one bad answer, not a crash
             raise ServerError(unreadable(exc), status=200) from None
-        cursor = page.next_cursor
-        if isinstance(cursor, str) and self._redact.finds(cursor):
+        after = page.next_cursor
+        if isinstance(after, str) and self._redact.finds(after):
             # it would be saved with the page and told when the walk gets stuck
             raise ServerError("next_cursor holds the API key: refused", status=200)
         return page

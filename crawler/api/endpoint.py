@@ -21,7 +21,6 @@ import orjson
 
 from crawler.api.redact import NOTHING, Redactor
 from crawler.errors import ServerError
-from crawler.targets import Target
 
 Cursor = int | str
 
@@ -48,26 +47,60 @@ class Page:
 
 
 class Decode(Protocol):
-    """An answer's bytes -> Page; ServerError for anything else, its words passed through
-    ``redact`` where they quote the server."""
+    """An answer's bytes (asked for at ``cursor``) -> Page; ServerError for anything else, its
+    words passed through ``redact`` where they quote the server."""
 
-    def __call__(self, body: bytes, redact: Redactor = ...) -> Page: ...
+    def __call__(self, body: bytes, redact: Redactor = ..., cursor: Cursor = ...) -> Page: ...
+
+
+class Fields(Protocol):
+    """What an endpoint's parameters are filled from: a review target, a source's target."""
+
+    def value(self, name: str) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
 class CursorEndpoint:
+    """A paged endpoint: ``templates`` (parameter -> ``"{field}"`` template) filled from the
+    walked target, the cursor (or page number) in ``cursor_param``, ``fixed`` parameters as
+    they are (a page size)."""
+
     name: str
     path: str
     cursor_param: str
     first_cursor: Cursor
     decode: Decode
+    templates: tuple[tuple[str, str], ...] = (
+        ("product_id", "{product_id}"),
+        ("region", "{region}"),
+    )
+    fixed: tuple[tuple[str, str], ...] = ()
+    credits_per_request: int = 2
 
-    def params(self, target: Target, cursor: Cursor) -> dict[str, str]:
-        return {
-            "product_id": target.product_id,
-            "region": target.region,
-            self.cursor_param: str(cursor),
+    def params(self, target: Fields, cursor: Cursor) -> dict[str, str]:
+        value = target.value
+        params = {
+            name: value(t[1:-1]) if _whole(t) else _filled(t, value) for name, t in self.templates
         }
+        params.update(self.fixed)
+        params[self.cursor_param] = str(cursor)
+        return params
+
+
+def _whole(template: str) -> bool:
+    """A template that is one field and nothing else (most are): no formatting needed."""
+    return template.startswith("{") and template.endswith("}") and template.count("{") == 1
+
+
+def _filled(template: str, value: Any) -> str:
+    import string  # noqa: PLC0415 -- only a template with text around its fields needs it
+
+    out = []
+    for text, field, _, _ in string.Formatter().parse(template):
+        out.append(text)
+        if field is not None:
+            out.append(value(field))
+    return "".join(out)
 
 
 # -- the reviews endpoint: only the fields the crawler reads are declared; msgspec skips the rest
@@ -106,7 +139,7 @@ _any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
 
 
-def decode_reviews(body: bytes, redact: Redactor = NOTHING) -> Page:
+def decode_reviews(body: bytes, redact: Redactor = NOTHING, cursor: Cursor = 0) -> Page:
     """A reviews answer -> Page; anything that does not fit the contract is a server fault."""
     try:
         return _decode(body, redact)
@@ -149,19 +182,23 @@ def _decode(body: bytes, redact: Redactor) -> Page:
         count = None  # not a count: unknown, as if not sent
     raws = data.review_items
     ids = [_id_of(raw) for raw in raws]  # before any repair: an id is read as sent, or refused
+    rating: bytes | msgspec.Raw | None = None
+    if data.product_rating:
+        rating = as_lines(body, [data.product_rating])[0]
+    return Page(as_lines(body, raws), ids, cursor, data.has_more, count, rating)
+
+
+def as_lines(body: bytes, raws: list[msgspec.Raw]) -> list[bytes | msgspec.Raw]:
+    """A page's items as record lines take them: as sent, unless the page needs a repair."""
     # a line break inside an item would split its record line: re-encode such items compactly
     # (only an API that pretty-prints sends any; one look at the whole body rules it out)
     spread = b"\n" in body or b"\r" in body
     items: list[bytes | msgspec.Raw] = [*raws]
     if not _is_utf8(body):  # never on a well-formed answer: JSON is UTF-8 (RFC 8259)
         items = [_repaired(item) for item in items]
-    rating: bytes | msgspec.Raw | None = data.product_rating or None
-    if rating is not None and not _is_utf8(body):
-        rating = _repaired(rating)
     if spread:
         items = [_one_line(item) for item in items]
-        rating = None if rating is None else _one_line(rating)
-    return Page(items, ids, cursor, data.has_more, count, rating)
+    return items
 
 
 def _is_utf8(body: bytes) -> bool:
@@ -219,14 +256,17 @@ def _one_line(raw: bytes | msgspec.Raw) -> bytes:
     return _encode.encode(_any.decode(data))
 
 
-def _unfit(body: bytes, redact: Redactor) -> str:
+def _unfit(body: bytes, redact: Redactor, fields: str = "data, review_items, has_more") -> str:
     """Why an answer with status 200 is not a page, for the retry log."""
     status = _envelope_status(body)
     if status is None:
         return "truncated or non-JSON body"
     if status.code != 0:
         return f"API code {redact(repr(status.code), 40)}: {redact(status.message or '')}"
-    return "answer does not fit the contract (data, review_items, has_more)"
+    return f"answer does not fit the contract ({fields})"
+
+
+unfit = _unfit
 
 
 def server_message(body: bytes) -> object:
@@ -257,3 +297,4 @@ REVIEWS = CursorEndpoint(
     first_cursor=1,
     decode=decode_reviews,
 )
+MAX_ID = _INT_MAX

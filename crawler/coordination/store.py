@@ -32,9 +32,10 @@ from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, CoordinationError, LeaseLost, OutputError, StateError
 from crawler.output.layout import Layout, shard_owner, shard_sequence, write_atomically
+from crawler.sources import Source
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
-from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
+from crawler.state.model import Claimed, Ledger, SeriesState, ShardInfo, TargetState, Totals
 from crawler.state.verdict import Verdict
 from crawler.targets import Target, TargetList
 
@@ -79,6 +80,7 @@ class RedisStore:
         self.link = link
         self.worker = worker
         self.seen = ProductSeen()
+        self.found = asyncio.Event()  # sources are not run coordinated yet: never set
         self.totals = Totals()
         self.ledger = Ledger()
         self.refresh = 0
@@ -532,6 +534,19 @@ class RedisStore:
     def holds(self, target_id: int) -> bool:
         held = self._live.get(target_id)
         return held is not None and not held[2].lost
+
+    # sources are not run coordinated yet (run_job refuses a coordinated job with sources)
+
+    @property
+    def finding(self) -> bool:
+        return False
+
+    def series(self, name: str) -> SeriesState:
+        return SeriesState(name)
+
+    async def sync_sources(self, sources: tuple[Source, ...]) -> None:
+        if sources:
+            raise ConfigError("sources: not run in the coordinated mode yet")
 
     async def _release_product(self, lease: Lease, *, requeue: bool) -> None:
         if not lease.lost:

@@ -81,6 +81,9 @@ class RedisView:
             )
         return out
 
+    def sources(self) -> list[dict[str, Any]]:
+        return []  # sources are not run coordinated yet
+
     def last_run(self) -> dict[str, Any] | None:
         run = self._redis.lindex(self._p + "runs", 0)
         return orjson.loads(run) if run else None

@@ -15,6 +15,8 @@ from crawler.errors import OutputError
 # coordinated job (each worker its own series)
 SHARD_PATTERN = re.compile(r"reviews-(?:(?P<worker>.+)-)?(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?")
 SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+# an endpoint's own series: shop_products-000001.jsonl (an endpoint's name has no '-')
+SERIES_PATTERN = re.compile(r"(?P<series>[a-z][a-z0-9_]*)-(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,22 @@ class Layout:
     def seen_other(self) -> Path:
         return self.state_dir / "seen-other.txt"
 
+    def series_seen(self, series: str) -> tuple[Path, Path]:
+        """An endpoint's series' seen files: its item ids, as the reviews' are kept."""
+        return self.state_dir / f"seen-{series}.u64", self.state_dir / f"seen-{series}-other.txt"
+
+    def series_files(self, series: str | None) -> list[Path]:
+        """An endpoint's series' shard files (None: every endpoint's but the reviews')."""
+        if not self.shards_dir.is_dir() or series == "reviews":
+            return []
+        return sorted(
+            p
+            for p in self.shards_dir.iterdir()
+            if (m := SERIES_PATTERN.fullmatch(p.name))
+            and m["series"] != "reviews"
+            and (series is None or m["series"] == series)
+        )
+
     @property
     def shards_dir(self) -> Path:
         return self.root / "shards"
@@ -80,6 +98,13 @@ class Layout:
         removed: list[Path] = []
         written = (self.manifest, self.report)
         candidates = [*self.shard_files(), *written, self.seen_ids, self.seen_other]
+        if self.shards_dir.is_dir():  # the endpoints' own series
+            candidates += sorted(
+                p for p in self.shards_dir.iterdir() if SERIES_PATTERN.fullmatch(p.name)
+            )
+        if self.state_dir.is_dir():
+            candidates += sorted(self.state_dir.glob("seen-*.u64"))
+            candidates += sorted(self.state_dir.glob("seen-*-other.txt"))
         candidates += [self.coordinated]
         candidates += [
             self.state_db.with_name(self.state_db.name + s) for s in ("", "-wal", "-shm")

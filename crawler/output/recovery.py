@@ -53,14 +53,14 @@ def recover(
         _unlink(path)  # created by a batch whose commit never came
         found.removed.append(path)
     if open_shard is not None:
-        found.bytes_cut += _cut(layout.shard(open_shard.file), position.shard_bytes)
+        found.bytes_cut += truncate(layout.shard(open_shard.file), position.shard_bytes)
     if owner is None:
-        found.bytes_cut += _cut(layout.seen_ids, position.seen * 8)
-        found.bytes_cut += _cut(layout.seen_other, position.seen_other)
+        found.bytes_cut += truncate(layout.seen_ids, position.seen * 8)
+        found.bytes_cut += truncate(layout.seen_other, position.seen_other)
     return found
 
 
-def _cut(path: Path, length: int) -> int:
+def truncate(path: Path, length: int) -> int:
     """Truncate ``path`` to ``length``; the bytes cut."""
     try:
         size = path.stat().st_size

@@ -22,13 +22,16 @@ from crawler import logs
 from crawler.api.endpoint import CursorEndpoint, Page
 from crawler.output.dedup import SeenSet
 from crawler.output.layout import Layout, shard_name
+from crawler.output.series import Series, SeriesPlan
 from crawler.output.shards import OpenShard, compressor, write_manifest
 from crawler.state import ShardInfo, StateStore, TargetState
 from crawler.state.events import (
     Commit,
     PageCommitted,
+    SeriesShard,
     ShardOpened,
     ShardSealed,
+    SourcePage,
     Status,
     TargetFailed,
     WriterPosition,
@@ -48,12 +51,13 @@ class Rendered:
     other_ids: bytes
     new: int
     duplicates: int
+    found: list[tuple[str, str]] | None = None  # a source page's: the targets it names
 
 
 @dataclass(slots=True)
 class _Work:
-    change: PageCommitted | TargetFailed
-    target: Target
+    change: PageCommitted | TargetFailed | SourcePage
+    target: Target | None
     rendered: Rendered | None
 
 
@@ -78,6 +82,8 @@ class _Prepared:
     other_ids: list[bytes] = field(default_factory=list)
     changes: list[PageCommitted | TargetFailed] = field(default_factory=list)
     targets: dict[int, Target] = field(default_factory=dict)
+    sources: list[SourcePage] = field(default_factory=list)
+    series: dict[str, SeriesPlan] = field(default_factory=dict)
 
 
 class Writer:
@@ -94,6 +100,7 @@ class Writer:
         shard_max_records: int,
         commit_every_pages: int = 1,
         queue_size: int = 64,
+        series: dict[str, Series] | None = None,
     ) -> None:
         self._layout = layout
         self._store = store
@@ -115,6 +122,19 @@ class Writer:
         self._plan_shard = self._shard
         self._plan_records = self._shard.records if self._shard else 0
         self._next_shard = store.next_shard
+        self._series = series or {}  # the source endpoints' own shard series, by name
+
+    async def loaded(self) -> None:
+        """Returns once the seen-set is loaded (pages may be rendered)."""
+        await self._loaded.wait()
+
+    async def put_source(self, page: SourcePage, rendered: Rendered | None) -> None:
+        """Hand over a source page with its items and the targets it found, for one commit."""
+        if rendered is not None and isinstance(page.change, PageCommitted):
+            page.change.ids, page.change.other_ids = rendered.ids, rendered.other_ids
+        if self._gone:
+            raise asyncio.CancelledError
+        await self._queue.put(_Work(page, None, rendered))
 
     async def render(
         self, target: Target, page: Page, fetched_at: str, *, first_page: bool = False
@@ -207,8 +227,11 @@ class Writer:
 
     async def _commit_loop(self) -> None:
         while (prepared := await self._prepared.get()) is not None:
-            opened_sealed = await asyncio.to_thread(self._write_files, prepared)
+            opened_sealed, series = await asyncio.to_thread(self._write_files, prepared)
             batch = Commit(prepared.changes, opened_sealed, self._position())
+            if prepared.sources or series:
+                batch.sources, batch.series_shards = prepared.sources, series
+                batch.series_positions = {n: s.position() for n, s in self._series.items()}
             finished = await self._store.commit(batch)
             self._count(prepared.changes)
             if any(isinstance(e, ShardSealed) for e in opened_sealed):
@@ -252,11 +275,24 @@ class Writer:
             batch.append(item)
 
     def _prepare(self, batch: list[_Work]) -> _Prepared:
+        sourced = [work for work in batch if isinstance(work.change, SourcePage)]
+        if sourced:
+            batch = [work for work in batch if not isinstance(work.change, SourcePage)]
         # a target this process no longer holds (its lease moved on) is another's to commit
-        batch = [work for work in batch if self._store.holds(work.change.target_id)]
+        batch = [work for work in batch if self._store.holds(work.change.target_id)]  # type: ignore[union-attr]  # source pages are out
         lines = [line for work in batch if work.rendered for line in work.rendered.lines]
         prepared = _Prepared(self._plan(lines))
+        for work in sourced:
+            page = work.change
+            assert isinstance(page, SourcePage)  # noqa: S101 -- sorted above
+            prepared.sources.append(page)
+            if work.rendered is not None:
+                plan = prepared.series.setdefault(page.series, SeriesPlan())
+                self._series[page.series].plan(work.rendered.lines, plan)
+                plan.ids.append(work.rendered.ids)
+                plan.other_ids.append(work.rendered.other_ids)
         for work in batch:
+            assert not isinstance(work.change, SourcePage) and work.target is not None  # noqa: S101
             if work.rendered is not None:
                 prepared.ids.append(work.rendered.ids)
                 prepared.other_ids.append(work.rendered.other_ids)
@@ -282,11 +318,14 @@ class Writer:
             start += len(segment)
         return ops
 
-    def _write_files(self, prepared: _Prepared) -> list[ShardOpened | ShardSealed]:
+    def _write_files(
+        self, prepared: _Prepared
+    ) -> tuple[list[ShardOpened | ShardSealed], list[SeriesShard]]:
         """Off the loop: write and fsync the batch's segments and ids; seal full shards.
 
         Returns the shard events in the order they happened: each seal before the next open.
         """
+        series = [e for n, plan in prepared.series.items() for e in self._series[n].write(plan)]
         events: list[ShardOpened | ShardSealed] = []
         for op in prepared.ops:
             if isinstance(op, ShardOpened):
@@ -299,7 +338,7 @@ class Writer:
                 events.append(shard.seal())
                 self._shard = None
         self._seen.write(b"".join(prepared.ids), b"".join(prepared.other_ids))
-        return events
+        return events, series
 
     def _position(self) -> WriterPosition:
         shard = self._shard
@@ -332,6 +371,17 @@ class Writer:
             await self._store.commit(Commit(shards=[sealed], position=self._position()))
         elif shard is not None:
             shard.close()
+        sealed_series = []
+        for name, series in self._series.items():
+            if (seal := await asyncio.to_thread(series.finish)) is not None:
+                sealed_series.append(SeriesShard(name, seal))
+        if sealed_series:
+            positions = {n: s.position() for n, s in self._series.items()}
+            batch = Commit(position=self._position(), series_shards=sealed_series)
+            batch.series_positions = positions
+            await self._store.commit(batch)
+        for series in self._series.values():
+            series.close()
         await self._write_manifest()
         self._seen.close()
 

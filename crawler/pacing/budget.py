@@ -56,10 +56,12 @@ class Budget:
         """The size of the next lease, in credits."""
         return self._block
 
-    async def reserve(self, target_spent: int) -> int:
-        """One request's credits, for a target that has spent ``target_spent`` so far; raises
-        BudgetExhausted instead when a ceiling would be passed."""
-        cost = self._settings.credits_per_request
+    async def reserve(self, target_spent: int, cost: int | None = None) -> int:
+        """One request's credits (``cost``: its endpoint's, by default the reviews'), for a
+        target that has spent ``target_spent`` so far; raises BudgetExhausted instead when a
+        ceiling would be passed."""
+        if cost is None:
+            cost = self._settings.credits_per_request
         cap = self._settings.max_credits_per_target
         if cap is not None and target_spent + cost > cap:
             raise BudgetExhausted(

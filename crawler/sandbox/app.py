@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from crawler.api.endpoint import REVIEWS
+from crawler.sandbox import listings
 from crawler.sandbox.catalogue import Catalogue
 from crawler.targets import REGIONS
 
@@ -47,7 +48,8 @@ class SandboxOptions:
     latency: tuple[float, float] = (0.0, 0.0)  # seconds, uniform
     seed: int = 0
     endless: frozenset[str] = frozenset()  # product ids whose feed says has_more forever
-    stuck: frozenset[str] = frozenset()  # product ids whose page 2 gives its own cursor again
+    # product ids whose page 2 gives its own cursor again; seller ids whose listing does so
+    stuck: frozenset[str] = frozenset()
     cycling: frozenset[str] = frozenset()  # product ids whose page 3 points back to page 2
     generation: int = 0  # the catalogue's generation at start; POST /_sandbox/grow adds to it
     shrink: bool = False  # each generation also removes a review or two from a few targets
@@ -118,6 +120,8 @@ class Sandbox:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(REVIEWS.path, self.reviews)
+        app.router.add_get(listings.SHOP_PRODUCTS, self.shop_products)
+        app.router.add_get(listings.ANALYTICS, self.analytics)
         app.router.add_get("/_sandbox/ids", self.ids)
         app.router.add_get("/_sandbox/ledger", self.ledger)
         app.router.add_get("/_sandbox/changes", self.changes)
@@ -134,6 +138,17 @@ class Sandbox:
         return self.generation
 
     async def reviews(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _REVIEWS)
+
+    async def shop_products(self, request: web.Request) -> web.StreamResponse:
+        """A seller's listing: cursor-paged (a string offset), 2 credits a page."""
+        return await self._serve(request, _SELLER)
+
+    async def analytics(self, request: web.Request) -> web.StreamResponse:
+        """An Analytics list: ``page_num``/``page_size``, ``data`` a bare array, 1 credit."""
+        return await self._serve(request, _ANALYTICS)
+
+    async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         opts = self.options
         if opts.answer_status is not None:
@@ -149,8 +164,8 @@ class Sandbox:
             retry = {"Retry-After": str(math.ceil(left))}
             return self._count(book, _error(503, 50300, "down for maintenance", retry))
         query = request.query
-        book.targets[f"{query.get('product_id')}:{query.get('region')}"] += 1
-        return self._count(book, await self._answer(request, key, book))
+        book.targets[_counted_as(kind, query)] += 1
+        return self._count(book, await self._answer(request, key, book, kind))
 
     def _book(self, key: str) -> KeyLedger:
         book = self.ledgers.setdefault(key_fingerprint(key), KeyLedger(tokens=self._burst))
@@ -162,17 +177,18 @@ class Sandbox:
         book.statuses[str(response.status)] += 1
         return response
 
-    async def _answer(self, request: web.Request, key: str, book: KeyLedger) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, key: str, book: KeyLedger, kind: str
+    ) -> web.StreamResponse:
         opts = self.options
         if key in opts.forbidden_keys:
             return _error(403, 40300, "this key is not allowed on this endpoint")
         wait = self._throttle(book) or self._take_token(book)
         if wait > 0:
             return _error(429, 42900, "rate limited", {"Retry-After": self._retry_after(wait)})
-        problem, params = _check(request.query)
+        problem, body, cost = self._asked(kind, request.query)
         if problem:
             return _error(400, 40000, problem)
-        cost = 2
         if opts.credits is not None and book.charged + cost > opts.credits:
             return _error(402, 40200, "insufficient credits")
         if opts.latency[1] > 0:
@@ -180,9 +196,57 @@ class Sandbox:
         if opts.fault_rate and self._rng.random() < opts.fault_rate:
             if opts.charge_failures:
                 book.charged += cost
-            return await self._fault(request, self._rng.choice(opts.faults), params)
+            return await self._fault(request, self._rng.choice(opts.faults), body)
         book.charged += cost
-        return web.Response(body=self.page_body(*params), content_type="application/json")
+        return web.Response(body=body(), content_type="application/json")
+
+    def _asked(self, kind: str, query: Any) -> tuple[str | None, Callable[[], bytes], int]:
+        """(what is wrong with the request, or None; its answer's body; its cost)."""
+        if kind == _REVIEWS:
+            problem, params = _check(query)
+            return problem, lambda: self.page_body(*params), 2
+        return self._listing_asked(kind, query)
+
+    def _listing_asked(self, kind: str, query: Any) -> tuple[str | None, Callable[[], bytes], int]:
+        region = query.get("region", "")
+        if region not in REGIONS:
+            return f"invalid region '{region}'", bytes, 0
+        if kind == _SELLER:
+            seller, cursor = query.get("seller_id", ""), query.get("cursor", "0")
+            if not (seller.isdigit() and 1 <= len(seller) <= 20):
+                return f"invalid seller_id '{seller}'", bytes, 0
+            if not cursor.isdigit():
+                return f"invalid cursor '{cursor}'", bytes, 0
+            return None, lambda: self.seller_body(seller, region, int(cursor)), 2
+        number, size = query.get("page_num", ""), query.get("page_size", "")
+        if not (number.isdigit() and int(number) >= 1 and size.isdigit() and 1 <= int(size) <= 50):
+            return f"invalid page_num '{number}' or page_size '{size}' (1 to 50)", bytes, 0
+        key = ",".join(f"{k}={v}" for k, v in sorted(query.items()) if k not in _PAGING)
+        return None, lambda: self.analytics_body(key, region, int(number), int(size)), 1
+
+    def seller_body(self, seller_id: str, region: str, cursor: int) -> bytes:
+        page = listings.seller_page(seller_id, region, cursor, self.generation)
+        stuck = seller_id in self.options.stuck and cursor > 0  # gives its own cursor again
+        data = {
+            "products": [listings.product_item(p, region) for p in page.products],
+            "has_more": page.has_more or stuck,
+            "next_cursor": str(cursor) if stuck else page.next_cursor,
+            "total": len(listings.listed("seller", seller_id, region, self.generation)),
+        }
+        return orjson.dumps({"code": 0, "message": "success", "data": data, "requestId": "sbx"})
+
+    def analytics_body(self, key: str, region: str, page_num: int, page_size: int) -> bytes:
+        products = listings.analytics_page(key, region, page_num, page_size, self.generation)
+        data = [listings.product_item(p, region) for p in products]
+        return orjson.dumps({"code": 0, "message": "success", "data": data, "requestId": "sbx"})
+
+    def listed(self, path: str, region: str, **params: str) -> list[str]:
+        """Every product a list serves (what a complete discovery must find): ``path`` one of
+        the two list endpoints, ``params`` its other parameters (seller_id, category_id...)."""
+        if path == listings.SHOP_PRODUCTS:
+            return list(listings.listed("seller", params["seller_id"], region, self.generation))
+        key = ",".join(f"{k}={v}" for k, v in sorted({**params, "region": region}.items()))
+        return list(listings.listed("analytics", key, region, self.generation))
 
     def _throttle(self, book: KeyLedger) -> float:
         """Seconds left in the key's throttle window, 0 outside it. The first request past
@@ -260,7 +324,7 @@ class Sandbox:
         return item
 
     async def _fault(
-        self, request: web.Request, kind: str, params: tuple[str, str, int]
+        self, request: web.Request, kind: str, answer: Callable[[], bytes]
     ) -> web.StreamResponse:
         if kind == "500":
             return _error(500, 50000, "internal server error")
@@ -268,8 +332,8 @@ class Sandbox:
             return _error(200, 50001, "temporary failure, retry later")
         if kind == "slow":
             await asyncio.sleep(self.options.slow_seconds)
-            return web.Response(body=self.page_body(*params), content_type="application/json")
-        body = self.page_body(*params)
+            return web.Response(body=answer(), content_type="application/json")
+        body = answer()
         if kind == "truncate":
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
         # reset: promise a whole body, send part of it, and drop the connection
@@ -322,6 +386,19 @@ class Sandbox:
     async def ledger(self, request: web.Request) -> web.Response:
         keys = {fp: book.as_json() for fp, book in self.ledgers.items()}
         return web.json_response({"keys": keys})
+
+
+_REVIEWS, _SELLER, _ANALYTICS = "reviews", "seller", "analytics"
+_PAGING = ("page_num", "page_size")
+
+
+def _counted_as(kind: str, query: Any) -> str:
+    """How the ledger counts a request: by target (``product:REGION``, ``seller:ID:REGION``...)."""
+    if kind == _REVIEWS:
+        return f"{query.get('product_id')}:{query.get('region')}"
+    if kind == _SELLER:
+        return f"seller:{query.get('seller_id')}:{query.get('region')}"
+    return "analytics:" + ",".join(f"{k}={v}" for k, v in sorted(query.items()) if k not in _PAGING)
 
 
 def _bearer(header: str) -> str | None:

@@ -98,7 +98,28 @@ class WriterPosition:
 
 
 @dataclass(slots=True)
+class SourcePage:
+    """A source target's page (or failure), with the review targets its items yield: committed
+    with them, so a found product is never lost nor walked twice."""
+
+    change: PageCommitted | TargetFailed  # target_id: the source target's id
+    series: str  # the endpoint whose shard series its items went to
+    found: list[tuple[str, str]] = field(default_factory=list)  # (product_id, region)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesShard:
+    """A shard event of an endpoint's own series (``shop_products-000001.jsonl``)."""
+
+    series: str
+    event: ShardOpened | ShardSealed
+
+
+@dataclass(slots=True)
 class Commit:
     changes: list[PageCommitted | TargetFailed] = field(default_factory=list)
     shards: list[ShardOpened | ShardSealed] = field(default_factory=list)
     position: WriterPosition = WriterPosition()
+    sources: list[SourcePage] = field(default_factory=list)
+    series_shards: list[SeriesShard] = field(default_factory=list)
+    series_positions: dict[str, WriterPosition] = field(default_factory=dict)

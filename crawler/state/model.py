@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
-from crawler.state.events import Cursor, Finish, Status
+from crawler.state.events import Cursor, Finish, Status, WriterPosition
 from crawler.state.verdict import Verdict, missing
 from crawler.targets import Target
 
@@ -163,3 +163,15 @@ class Ledger:
     leased: int = 0
     credits: int = 0
     forfeited: int = 0  # leased by processes that died holding them: maybe never sent
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesState:
+    """An endpoint's own shard series, as committed: its open shard, the writer's position in
+    it and in its seen files, its sealed shards."""
+
+    name: str
+    position: WriterPosition = WriterPosition()  # noqa: RUF009 -- frozen: one shared is fine
+    open_shard: ShardInfo | None = None
+    next_shard: int = 1
+    sealed: tuple[ShardInfo, ...] = ()

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from crawler.state.events import WALKABLE, Finish, PageCommitted, Status, TargetFailed
+from crawler.state.events import (
+    WALKABLE,
+    Finish,
+    PageCommitted,
+    SourcePage,
+    Status,
+    TargetFailed,
+)
 from crawler.state.model import Ledger, TargetState, Totals
 from crawler.state.verdict import Verdict, judged, seen_after
 
@@ -138,6 +145,20 @@ def committed(states: dict[int, TargetState], changes: list[PageCommitted | Targ
 def _applying(change: PageCommitted | TargetFailed, state: TargetState) -> bool:
     applied(state, change)
     return True
+
+
+def source_committed(states: dict[int, TargetState], pages: list[SourcePage]) -> None:
+    """A batch's source pages applied to their source targets' states: a source target walks
+    as a review target does (cursor, pages, credits, status)."""
+    for page in pages:
+        applied(states[page.change.target_id], page.change)
+
+
+def found(page: SourcePage) -> list[tuple[str, str]]:
+    """The review targets a source page adds to the job: each (product, region) once, pending
+    from page 1 (a new target's state is ``TargetState``'s defaults). One the job has already
+    (listed, or found by another source or page) is left as it is: walked once."""
+    return list(dict.fromkeys(page.found))
 
 
 REFRESH_FIGURES = (

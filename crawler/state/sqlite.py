@@ -18,6 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ import orjson
 
 from crawler.errors import OutputError, StateError
 from crawler.output.layout import Layout, hold, shard_owner
+from crawler.sources import Source, SourceTarget
 from crawler.state import rules
 from crawler.state.events import (
     WALKABLE,
@@ -35,15 +37,79 @@ from crawler.state.events import (
     Status,
     WriterPosition,
 )
-from crawler.state.model import COLUMNS, Claimed, Ledger, ShardInfo, Sums, TargetState, Totals
+from crawler.state.model import (
+    COLUMNS,
+    Claimed,
+    Ledger,
+    SeriesState,
+    ShardInfo,
+    Sums,
+    TargetState,
+    Totals,
+)
 from crawler.state.verdict import MISSING_SQL, VERDICTS, Verdict
 from crawler.targets import Target, TargetList
 
-VERSION = 4
+VERSION = 5
 _CLAIM_BATCH = 256  # rows read per query while handing out targets
 _T = TypeVar("_T")
 
-SCHEMA = """
+# version 5: sources (their targets' walks: a target's columns, ``COLUMNS``), the endpoints' own shard series, found targets
+SOURCES_SCHEMA = """
+CREATE TABLE source_targets (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    max_pages INTEGER,
+    active INTEGER NOT NULL DEFAULT 1,
+    found INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'pending',
+    finish TEXT,
+    cursor,
+    walk INTEGER NOT NULL DEFAULT 0,
+    walk_pages INTEGER NOT NULL DEFAULT 0,
+    walk_new INTEGER NOT NULL DEFAULT 0,
+    walk_goal INTEGER,
+    walk_credits INTEGER NOT NULL DEFAULT 0,
+    walk_expected INTEGER,
+    walk_count INTEGER,
+    base_count INTEGER,
+    pages INTEGER NOT NULL DEFAULT 0,
+    items INTEGER NOT NULL DEFAULT 0,
+    records INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    credits INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    review_count INTEGER,
+    reason TEXT,
+    walk_shown INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER,
+    verdict TEXT,
+    UNIQUE (source, key)
+);
+CREATE TABLE series (
+    name TEXT PRIMARY KEY,
+    next_shard INTEGER NOT NULL DEFAULT 1,
+    open_shard TEXT,
+    shard_bytes INTEGER NOT NULL DEFAULT 0,
+    shard_records INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL DEFAULT 0,
+    seen_other INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE series_shards (
+    seq INTEGER PRIMARY KEY,
+    series TEXT NOT NULL,
+    file TEXT NOT NULL UNIQUE,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE job (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL,
@@ -92,6 +158,7 @@ CREATE TABLE targets (
     walk_shown INTEGER NOT NULL DEFAULT 0,
     seen INTEGER,
     verdict TEXT,
+    found_by TEXT,
     UNIQUE (product_id, region)
 );
 CREATE TABLE shards (
@@ -129,9 +196,12 @@ CREATE TABLE refreshes (
     by_plan INTEGER NOT NULL DEFAULT 0
 );
 """
+    + SOURCES_SCHEMA
+)
 
 _STATE_COLUMNS = ", ".join(COLUMNS)
 _UPDATE_TARGET = f"UPDATE targets SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?"  # noqa: S608 -- column names are ours
+_UPDATE_SOURCE = _UPDATE_TARGET.replace("UPDATE targets", "UPDATE source_targets", 1)
 _row_of: Callable[[TargetState], tuple[Any, ...]] = operator.attrgetter(*COLUMNS[1:], "id")
 _SUMS = (
     "count(*), sum(pages), sum(items), sum(records), sum(duplicates), sum(credits), "
@@ -185,6 +255,12 @@ class SqliteStore:
         self._after = 0  # the last target id handed out
         self._drained = False
         self._run_id: int | None = None
+        self._sources: dict[str, Source] = {}
+        self._source_queue: deque[Claimed] | None = None  # read at the first claim
+        self._live_sources: dict[int, TargetState] = {}
+        self.found = asyncio.Event()  # set at each commit of a source page
+        self._loading = asyncio.Lock()
+        self._series = _series_of(db)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -239,6 +315,15 @@ class SqliteStore:
     def holds(self, target_id: int) -> bool:
         return True  # one process: nobody can take a target over
 
+    def series(self, name: str) -> SeriesState:
+        """An endpoint's shard series as committed (a new one: empty)."""
+        return self._series.get(name) or SeriesState(name)
+
+    @property
+    def finding(self) -> bool:
+        """A source walk is under way: its pages may still add targets to walk."""
+        return bool(self._live_sources) or bool(self._source_queue)
+
     # -- the run's life ------------------------------------------------------------------------
 
     async def sync_targets(self, targets: TargetList) -> bool:
@@ -256,7 +341,8 @@ class SqliteStore:
         with self._transaction():
             # a target no longer in the job file is kept (with what it harvested) but inactive:
             # never walked, never counted, until the file lists it again
-            self._db.execute("UPDATE targets SET active = 0 WHERE active")
+            # a target a source found stays: the job file never listed it
+            self._db.execute("UPDATE targets SET active = 0 WHERE active AND found_by IS NULL")
             self._db.executemany(
                 "INSERT INTO targets (product_id, region, max_pages) VALUES (?, ?, ?) "
                 "ON CONFLICT (product_id, region) DO UPDATE SET active = 1, "
@@ -271,12 +357,16 @@ class SqliteStore:
             self._db.execute("UPDATE job SET targets_digest = ?", (digest,))
 
     def _update_where(
-        self, where: str, change: Callable[[TargetState, int | None], bool], *args: Any
+        self,
+        where: str,
+        change: Callable[[TargetState, int | None], bool],
+        *args: Any,
+        table: str = "targets",
     ) -> int:
         """Apply ``change`` to the state of every target matching ``where`` (inside a
-        transaction); the number changed."""
+        transaction); the number changed. Source targets are in no total nor refresh."""
         rows = self._db.execute(
-            f"SELECT max_pages, {_STATE_COLUMNS} FROM targets WHERE {where}",  # noqa: S608 -- ours
+            f"SELECT max_pages, {_STATE_COLUMNS} FROM {table} WHERE {where}",  # noqa: S608 -- ours
             args,
         ).fetchall()
         changed: list[TargetState] = []
@@ -289,6 +379,9 @@ class SqliteStore:
 
             if rules.changed(state, rule, delta):
                 changed.append(state)
+        if table != "targets":
+            self._db.executemany(_UPDATE_SOURCE, map(_row_of, changed))
+            return len(changed)
         self._db.executemany(_UPDATE_TARGET, map(_row_of, changed))
         self._count_refreshes(delta)
         return len(changed)
@@ -304,11 +397,27 @@ class SqliteStore:
                 )
 
     def _apply(self, rule: rules.Rule) -> int:
-        """A rule over every active target of the statuses it changes."""
+        """A rule over every active target of the statuses it changes, sources' too."""
         marks = ", ".join("?" * len(rule.statuses))
-        return self._update_where(
-            f"active AND status IN ({marks})", lambda state, _cap: rule(state), *rule.statuses
+        where = f"active AND status IN ({marks})"
+        self._update_where(
+            where, lambda state, _cap: rule(state), *rule.statuses, table="source_targets"
         )
+        return self._update_where(where, lambda state, _cap: rule(state), *rule.statuses)
+
+    async def sync_sources(self, sources: tuple[Source, ...]) -> None:
+        """Make the job's sources' targets the active ones (a few hundred rows: every run)."""
+        self._sources = {s.name: s for s in sources}
+        await self._run(self._sync_sources, sources)
+
+    def _sync_sources(self, sources: tuple[Source, ...]) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE source_targets SET active = 0 WHERE active")
+            self._db.executemany(
+                "INSERT INTO source_targets (source, key) VALUES (?, ?) "
+                "ON CONFLICT (source, key) DO UPDATE SET active = 1",
+                ((s.name, t.key) for s in sources for t in s.targets),
+            )
 
     async def begin_run(self, *, refresh: bool, mode: str, probe: bool = False) -> int:
         """Count a new run; with ``refresh``, start a refresh unless one is still under way.
@@ -354,8 +463,9 @@ class SqliteStore:
             return False
         row = self._db.execute(
             "SELECT 1 FROM targets WHERE active AND walk = ? AND status IN ('pending', "
-            "'stopped_budget') LIMIT 1",
-            (refresh,),
+            "'stopped_budget') UNION ALL SELECT 1 FROM source_targets WHERE active AND walk = ? "
+            "AND status IN ('pending', 'stopped_budget') LIMIT 1",
+            (refresh, refresh),
         ).fetchone()
         return row is not None
 
@@ -381,7 +491,16 @@ class SqliteStore:
     # -- targets -------------------------------------------------------------------------------
 
     async def claim(self) -> Claimed | None:
-        """The next walkable active target, in the order targets were first listed."""
+        """The next walkable active target, sources' first (what they find is walked next),
+        then in the order targets were first listed (found ones after)."""
+        if self._source_queue is None:
+            async with self._loading:  # every worker claims at once at the start: read once
+                if self._source_queue is None:
+                    self._source_queue = deque(await self._run(self._source_batch))
+        if self._source_queue:
+            claimed = self._source_queue.popleft()
+            self._live_sources[claimed.saved.id] = claimed.saved
+            return claimed
         if not self._queue and not self._drained:
             self._queue.extend(await self._run(self._next_batch))
             self._drained = not self._queue
@@ -400,6 +519,19 @@ class SqliteStore:
         if rows:
             self._after = rows[-1][3]
         return [Claimed(Target(r[0], r[1], r[2]), state_of(r[3:])) for r in rows]
+
+    def _source_batch(self) -> list[Claimed]:
+        rows = self._db.execute(
+            f"SELECT source, key, {_STATE_COLUMNS} FROM source_targets "  # noqa: S608 -- ours
+            "WHERE active AND status IN (?, ?, ?) ORDER BY id",
+            WALKABLE,
+        ).fetchall()
+        claimed = []
+        for source, key, *state in rows:
+            if source in self._sources:
+                target = SourceTarget(source, tuple(sorted(orjson.loads(key).items())))
+                claimed.append(Claimed(target, state_of(tuple(state))))  # type: ignore[arg-type]  # a source target walks as a Target does (Fields)
+        return claimed
 
     # -- credits -------------------------------------------------------------------------------
 
@@ -428,10 +560,16 @@ class SqliteStore:
         """Apply a batch; returns the targets it brought to a final status."""
         changed = {c.target_id: self._live[c.target_id] for c in batch.changes}
         delta = rules.committed(changed, batch.changes)
+        sources = {
+            p.change.target_id: self._live_sources[p.change.target_id] for p in batch.sources
+        }
+        rules.source_committed(sources, batch.sources)
+        self.ledger.credits += sum(p.change.credits for p in batch.sources)
         for status, sums in delta.totals.by_status.items():
             self.totals.by_status[status].merge(sums)
         self.ledger.credits += delta.credits
-        await self._run(self._write, list(changed.values()), batch, delta)
+        added = await self._run(self._write, list(changed.values()), batch, delta, sources)
+        self._sources_committed(batch, sources, added)
         for event in batch.shards:
             if isinstance(event, ShardOpened):
                 self._open_shard = ShardInfo(event.file)
@@ -448,9 +586,106 @@ class SqliteStore:
                 self._live.pop(change.target_id, None)
         return finished
 
-    def _write(self, targets: list[TargetState], batch: Commit, delta: rules.Delta) -> None:
+    def _sources_committed(
+        self, batch: Commit, sources: dict[int, TargetState], added: int
+    ) -> None:
+        """What a commit of source pages changes of this store's memory."""
+        if added:  # found targets, pending: counted, and claimed by this run
+            for _ in range(added):
+                self.totals.add(TargetState(0))
+            self._drained = False
+        for shard in batch.series_shards:
+            self._series_moved(shard.series, shard.event)
+        for name, position in batch.series_positions.items():
+            self._series[name] = replace(self.series(name), position=position)
+        last = {
+            p.change.target_id
+            for p in batch.sources
+            if isinstance(p.change, PageCommitted) and p.change.last
+        }
+        for state in sources.values():
+            if state.status in rules.FINAL or state.id in last:
+                self._live_sources.pop(state.id, None)
+        if batch.sources:
+            self.found.set()
+
+    def _series_moved(self, name: str, event: ShardOpened | Any) -> None:
+        series = self.series(name)
+        if isinstance(event, ShardOpened):
+            series = replace(
+                series, open_shard=ShardInfo(event.file), next_shard=series.next_shard + 1
+            )
+        else:
+            sealed = ShardInfo(event.file, event.records, event.bytes, event.sha256)
+            series = replace(series, open_shard=None, sealed=(*series.sealed, sealed))
+        self._series[name] = series
+
+    def _write_sources(self, batch: Commit, sources: dict[int, TargetState]) -> int:
+        """The source pages' targets, their found targets, the series' shards and positions
+        (in the commit's transaction); the targets added."""
+        db = self._db
+        added = 0
+        for page in batch.sources:
+            found = rules.found(page)
+            source = self._db.execute(
+                "SELECT source FROM source_targets WHERE id = ?", (page.change.target_id,)
+            ).fetchone()[0]
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO targets (product_id, region, found_by) VALUES (?, ?, ?)",
+                ((p, r, source) for p, r in found),
+            )
+            new = db.total_changes - before
+            added += new
+            # one the job file lists is the source's too: it stays when the file drops it
+            db.executemany(
+                "UPDATE targets SET found_by = ? WHERE product_id = ? AND region = ? "
+                "AND found_by IS NULL AND active",
+                ((source, p, r) for p, r in found),
+            )
+            db.execute(
+                "UPDATE source_targets SET found = found + ? WHERE id = ?",
+                (new, page.change.target_id),
+            )
+        db.executemany(_UPDATE_SOURCE, map(_row_of, sources.values()))
+        for shard in batch.series_shards:
+            db.execute("INSERT OR IGNORE INTO series (name) VALUES (?)", (shard.series,))
+            done = shard.event
+            if isinstance(done, ShardOpened):
+                db.execute(
+                    "UPDATE series SET open_shard = ?, next_shard = next_shard + 1 WHERE name = ?",
+                    (done.file, shard.series),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO series_shards (series, file, records, bytes, sha256) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (shard.series, done.file, done.records, done.bytes, done.sha256),
+                )
+                db.execute("UPDATE series SET open_shard = NULL WHERE name = ?", (shard.series,))
+        for name, p in batch.series_positions.items():
+            db.execute("INSERT OR IGNORE INTO series (name) VALUES (?)", (name,))
+            db.execute(
+                "UPDATE series SET shard_bytes = ?, shard_records = ?, seen = ?, seen_other = ? "
+                "WHERE name = ?",
+                (p.shard_bytes, p.shard_records, p.seen, p.seen_other, name),
+            )
+        return added
+
+    def _write(
+        self,
+        targets: list[TargetState],
+        batch: Commit,
+        delta: rules.Delta,
+        sources: dict[int, TargetState],
+    ) -> int:
         db = self._db
         with self._transaction():
+            added = (
+                self._write_sources(batch, sources)
+                if batch.sources or batch.series_shards or batch.series_positions
+                else 0
+            )
             for event in batch.shards:
                 if isinstance(event, ShardOpened):
                     db.execute(
@@ -464,13 +699,14 @@ class SqliteStore:
                     db.execute("UPDATE job SET open_shard = NULL")
             db.executemany(_UPDATE_TARGET, map(_row_of, targets))
             self._count_refreshes(delta)
-            credits = delta.credits
+            credits = delta.credits + sum(p.change.credits for p in batch.sources)
             p = batch.position
             db.execute(
                 "UPDATE job SET credits = credits + ?, outstanding = outstanding - ?, "
                 "shard_bytes = ?, shard_records = ?, seen = ?, seen_other = ?",
                 (credits, credits, p.shard_bytes, p.shard_records, p.seen, p.seen_other),
             )
+        return added
 
     async def maintain(self) -> None:
         """One process, one file: nothing to keep up."""
@@ -514,6 +750,10 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{layout.root}: holds a coordinated job's shards: its state is in Redis (run it "
             "with --redis URL), or use an empty output.dir"
         )
+    if created and not layout.shard_files() and layout.series_files(None):
+        raise StateError(
+            f"{layout.shards_dir}: holds shards but no job state; use an empty output.dir"
+        )
     if created and layout.shard_files():  # before any state exists: never theirs to cut
         advice = (
             "holds a coordinated job's shards: its state is in Redis (run it with --redis URL), "
@@ -538,6 +778,12 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
     if job["version"] in (2, 3):
         try:
             _migrate(db, job["version"])
+            job = _job_row(db)
+        except sqlite3.Error as exc:
+            raise _error(exc, path) from None
+    if job["version"] == 4:
+        try:
+            _migrate_to_sources(db)
             job = _job_row(db)
         except sqlite3.Error as exc:
             raise _error(exc, path) from None
@@ -603,6 +849,46 @@ def _judge_old_targets(db: sqlite3.Connection) -> None:
     ).fetchall()
     states = [state for state in map(state_of, rows) if rule(state)]
     db.executemany(_UPDATE_TARGET, map(_row_of, states))
+
+
+def _migrate_to_sources(db: sqlite3.Connection) -> None:
+    """Version 4 -> 5: sources, the endpoints' series, and which source found a target; one
+    transaction (a kill leaves version 4 whole)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE targets ADD COLUMN found_by TEXT")
+        for statement in SOURCES_SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("UPDATE job SET version = 5")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _series_of(db: sqlite3.Connection) -> dict[str, SeriesState]:
+    series = {}
+    for name, next_shard, open_shard, size, records, seen, other in db.execute(
+        "SELECT name, next_shard, open_shard, shard_bytes, shard_records, seen, seen_other "
+        "FROM series"
+    ):
+        sealed = tuple(
+            ShardInfo(*row)
+            for row in db.execute(
+                "SELECT file, records, bytes, sha256 FROM series_shards WHERE series = ? "
+                "ORDER BY seq",
+                (name,),
+            )
+        )
+        series[name] = SeriesState(
+            name,
+            WriterPosition(size, records, seen, other),
+            ShardInfo(open_shard, records, size) if open_shard else None,
+            next_shard,
+            sealed,
+        )
+    return series
 
 
 def _count_old_refreshes(db: sqlite3.Connection) -> None:
@@ -763,6 +1049,18 @@ class SqliteView:
         chosen = ", ".join(_SELECTED.get(c, c) for c in columns)
         yield from self._db.execute(
             f"SELECT {chosen} FROM targets WHERE active ORDER BY id"  # noqa: S608 -- ours
+        )
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Per source: its targets, those done, pages, products found, items, credits."""
+        if self.job["version"] < 5:  # a state no run of this version has opened yet
+            return []
+        return self._dicts(
+            "SELECT source, count(*) AS targets, sum(status = 'done') AS targets_done, "
+            "sum(pages) AS pages, sum(found) AS products_found, sum(records) AS items, "
+            "sum(credits) AS credits, sum(status = 'failed') AS failed "
+            "FROM source_targets WHERE active GROUP BY source ORDER BY min(id)",
+            (),
         )
 
     def _dicts(self, query: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:

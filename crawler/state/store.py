@@ -6,12 +6,16 @@ neither decides anything of the job: ``rules`` does.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from crawler.state.events import Commit, WriterPosition
-from crawler.state.model import Claimed, Ledger, ShardInfo, TargetState, Totals
+from crawler.state.model import Claimed, Ledger, SeriesState, ShardInfo, TargetState, Totals
 from crawler.targets import TargetList
+
+if TYPE_CHECKING:
+    from crawler.sources import Source
 
 
 class StateStore(Protocol):
@@ -22,6 +26,17 @@ class StateStore(Protocol):
     totals: Totals
     ledger: Ledger
     refresh: int  # the refresh the run works on; 0: none
+    found: asyncio.Event  # set when a commit of a source page may have added targets
+
+    @property
+    def finding(self) -> bool:
+        """A source walk is under way here: a claim that found nothing may find more later."""
+
+    def series(self, name: str) -> SeriesState:
+        """An endpoint's own shard series, as committed."""
+
+    async def sync_sources(self, sources: tuple[Source, ...]) -> None:
+        """Make the job's sources' targets the saved ones."""
 
     @property
     def position(self) -> WriterPosition:
@@ -98,5 +113,8 @@ class StateView(Protocol):
     def rows(self, columns: tuple[str, ...]) -> Iterator[tuple[Any, ...]]: ...
 
     def last_run(self) -> dict[str, Any] | None: ...
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Per source: targets, done, pages, products found, items, credits."""
 
     def close(self) -> None: ...
