@@ -54,7 +54,8 @@ VERSION = 5
 _CLAIM_BATCH = 256  # rows read per query while handing out targets
 _T = TypeVar("_T")
 
-# version 5: sources (their targets' walks: a target's columns, ``COLUMNS``), the endpoints' own shard series, found targets
+# version 5: sources (their targets' walks, in a target's columns: ``COLUMNS``), the
+# endpoints' own shard series, found targets
 SOURCES_SCHEMA = """
 CREATE TABLE source_targets (
     id INTEGER PRIMARY KEY,
