@@ -111,7 +111,27 @@ def _check_output(out: Path, box: Sandbox) -> None:
     assert sorted(_items(out, "category_top")) == sorted(
         box.listed(ANALYTICS, "US", category_id="601")
     )
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    for name in ("shop_products", "category_top"):  # each series listed as the reviews are
+        listing = manifest["series"][name]
+        files = [e["file"] for e in listing["shards"] + listing["open_shards"]]
+        assert files == [f"shards/{p.name}" for p in Layout(out).series_files(name)]
+        assert listing["records"] == len(_items(out, name))
     assert verify(Layout(out)).ok
+
+
+async def test_verify_checks_a_source_series_by_its_manifest(tmp_path, sandbox):
+    async with sandbox() as (url, _box):
+        job = load_job(_job(tmp_path, url))
+        assert (await run_job(job, environ=ENV)).exit_status == 0
+    out = job.output.dir
+    shard = Layout(out).series_files("shop_products")[0]
+    lines = shard.read_bytes().splitlines(keepends=True)
+    shard.write_bytes(lines[0] * 2 + b"".join(lines[2:]))  # the same count, one item twice
+    problems = verify(Layout(out)).problems
+    assert any("appears twice" in p and p.startswith(f"{shard}:2") for p in problems), problems
+    shard.unlink()
+    assert f"{shard}: listed in the manifest but missing" in verify(Layout(out)).problems
 
 
 async def test_a_discovery_job_walks_each_found_product_once(tmp_path, sandbox):

@@ -544,6 +544,9 @@ class RedisStore:
     def series(self, name: str) -> SeriesState:
         return SeriesState(name)
 
+    async def series_manifest(self) -> dict[str, tuple[list[ShardInfo], list[ShardInfo]]]:
+        return {}  # sources are not run coordinated yet
+
     async def sync_sources(self, sources: tuple[Source, ...]) -> None:
         if sources:
             raise ConfigError("sources: not run in the coordinated mode yet")

@@ -11,7 +11,7 @@ import gzip
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,20 +122,30 @@ class OpenShard:
             self._fd = -1
 
 
-def write_manifest(layout: Layout, sealed: list[ShardInfo], open_shards: list[ShardInfo]) -> None:
+def write_manifest(
+    layout: Layout,
+    sealed: list[ShardInfo],
+    open_shards: list[ShardInfo],
+    series: Mapping[str, tuple[list[ShardInfo], list[ShardInfo]]] | None = None,
+) -> None:
     """Every sealed shard with its records, bytes and sha256; open ones apart, with the length
-    committed so far: a reader reads those up to ``bytes`` only."""
-    listed = [
-        {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
-        for s in sealed
-    ]
-    doc = {
-        "version": 2,
+    committed so far: a reader reads those up to ``bytes`` only. Each endpoint's own series
+    (a source's items) is listed the same way under ``series``, by name."""
+    doc: dict[str, Any] = {"version": 2, **_listing(sealed, open_shards)}
+    if series:
+        doc["series"] = {name: _listing(*listed) for name, listed in series.items()}
+    write_atomically(layout.manifest, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def _listing(sealed: list[ShardInfo], open_shards: list[ShardInfo]) -> dict[str, Any]:
+    return {
         "records": sum(s.records for s in sealed),
-        "shards": listed,
+        "shards": [
+            {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes, "sha256": s.sha256}
+            for s in sealed
+        ],
         "open_shards": [
             {"file": f"shards/{s.file}", "records": s.records, "bytes": s.bytes}
             for s in open_shards
         ],
     }
-    write_atomically(layout.manifest, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")

@@ -1,4 +1,5 @@
-"""Checks a job's shards against its manifest, and that no review id appears twice."""
+"""Checks a job's shards against its manifest, and that no review id (nor an endpoint's item
+id in its own series) appears twice."""
 
 from __future__ import annotations
 
@@ -35,27 +36,44 @@ def verify(layout: Layout) -> Verdict:
     except orjson.JSONDecodeError as exc:
         verdict.problems.append(f"{layout.manifest}: not JSON ({exc})")
         return verdict
-    listed = {entry["file"] for entry in manifest["shards"]}
-    seen = SeenIds()
-    for entry in manifest["shards"]:
-        _check_shard(layout.root / entry["file"], entry, seen, verdict)
-    opened = {entry["file"]: entry for entry in manifest.get("open_shards", [])}
-    for name, entry in opened.items():  # only what is committed of them counts
-        path = layout.root / name
-        verdict.notes.append(
-            f"{path}: open, {entry['records']:,} reviews committed so far (a run is under way or "
-            "was interrupted)"
-        )
-        _check_shard(path, {**entry, "sha256": None}, seen, verdict, limit=entry["bytes"])
-    for path in layout.shard_files():
-        name = f"shards/{path.name}"
-        if name not in listed and name not in opened:
+    listed = _check_listing(layout, manifest, "review_id", "reviews", verdict)
+    for name, series in sorted(manifest.get("series", {}).items()):  # a source's items
+        listed |= _check_listing(layout, series, "item_id", f"{name} items", verdict)
+    on_disk = [*layout.shard_files(), *layout.series_files(None)]
+    for path in on_disk:
+        if f"shards/{path.name}" not in listed:
             verdict.notes.append(f"{path}: not in the manifest (an interrupted run's leftover)")
     return verdict
 
 
+def _check_listing(
+    layout: Layout, listing: dict[str, Any], key: str, what: str, verdict: Verdict
+) -> set[str]:
+    """One series' shards (the reviews', or an endpoint's): each as listed, each id once; the
+    files it lists."""
+    seen = SeenIds()
+    for entry in listing["shards"]:
+        _check_shard(layout.root / entry["file"], entry, seen, verdict, key=key)
+    opened = {entry["file"]: entry for entry in listing.get("open_shards", [])}
+    for name, entry in opened.items():  # only what is committed of them counts
+        path = layout.root / name
+        verdict.notes.append(
+            f"{path}: open, {entry['records']:,} {what} committed so far (a run is under way or "
+            "was interrupted)"
+        )
+        limit = entry["bytes"]
+        _check_shard(path, {**entry, "sha256": None}, seen, verdict, key=key, limit=limit)
+    return {entry["file"] for entry in listing["shards"]} | set(opened)
+
+
 def _check_shard(
-    path: Path, entry: dict[str, Any], seen: SeenIds, v: Verdict, *, limit: int | None = None
+    path: Path,
+    entry: dict[str, Any],
+    seen: SeenIds,
+    v: Verdict,
+    *,
+    key: str,
+    limit: int | None = None,
 ) -> None:
     if not path.exists():
         v.problems.append(f"{path}: listed in the manifest but missing")
@@ -67,9 +85,9 @@ def _check_shard(
             if not line.endswith(b"\n"):
                 v.problems.append(f"{path}:{number}: partial last line")
                 break
-            review_id = orjson.loads(line)["review_id"]
-            if not seen.add(review_id):
-                v.problems.append(f"{path}:{number}: review {review_id} appears twice")
+            record_id = orjson.loads(line)[key]
+            if not seen.add(record_id):
+                v.problems.append(f"{path}:{number}: {key} {record_id} appears twice")
             records += 1
     except (OSError, EOFError, orjson.JSONDecodeError, KeyError, ValueError) as exc:
         v.problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")

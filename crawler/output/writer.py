@@ -354,8 +354,9 @@ class Writer:
         writing, and written again until what it lists was still current after the rename."""
         listed = await self._store.manifest()
         while True:
+            series = await self._store.series_manifest()
             # off the loop: its fsyncs must not hold up walkers, heartbeats and lease renewals
-            await asyncio.to_thread(write_manifest, self._layout, *listed)
+            await asyncio.to_thread(write_manifest, self._layout, *listed, series)
             current = await self._store.manifest()
             # the open shards' committed lengths move with every commit: a snapshot is fine
             if current[0] == listed[0] and _files(current[1]) == _files(listed[1]):

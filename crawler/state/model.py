@@ -175,3 +175,14 @@ class SeriesState:
     open_shard: ShardInfo | None = None
     next_shard: int = 1
     sealed: tuple[ShardInfo, ...] = ()
+
+
+def series_listed(series: SeriesState) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """A series as the manifest lists it: sealed shards, and the committed part of its open one."""
+    opened = series.open_shard
+    if opened is None:
+        return list(series.sealed), []
+    position = series.position
+    return list(series.sealed), [
+        ShardInfo(opened.file, position.shard_records, position.shard_bytes)
+    ]

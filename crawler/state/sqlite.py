@@ -46,6 +46,7 @@ from crawler.state.model import (
     Sums,
     TargetState,
     Totals,
+    series_listed,
 )
 from crawler.state.verdict import MISSING_SQL, VERDICTS, Verdict
 from crawler.targets import Target, TargetList
@@ -312,6 +313,9 @@ class SqliteStore:
 
     async def manifest(self) -> tuple[list[ShardInfo], list[ShardInfo]]:
         return self.shards(), [self._open_shard] if self._open_shard else []
+
+    async def series_manifest(self) -> dict[str, tuple[list[ShardInfo], list[ShardInfo]]]:
+        return {name: series_listed(state) for name, state in sorted(self._series.items())}
 
     def holds(self, target_id: int) -> bool:
         return True  # one process: nobody can take a target over

@@ -58,6 +58,9 @@ class StateStore(Protocol):
     async def manifest(self) -> tuple[list[ShardInfo], list[ShardInfo]]:
         """The job's sealed shards and the committed part of its open ones."""
 
+    async def series_manifest(self) -> dict[str, tuple[list[ShardInfo], list[ShardInfo]]]:
+        """The same of each endpoint's own series, by name."""
+
     def holds(self, target_id: int) -> bool:
         """Whether this process still holds the target (a lease can be lost)."""
 
