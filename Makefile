@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,s3]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,7 +41,7 @@ test: lint
 	$(BIN)/pytest -q
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,export,s3,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -50,7 +50,7 @@ bench: $(BENCH_STAMP)
 # refresh the pins after changing pyproject.toml's ranges
 lock:
 	rm -rf /tmp/crawler-lock && $(PYTHON) -m venv /tmp/crawler-lock
-	/tmp/crawler-lock/bin/pip install --quiet -e '.[dev,export,bench]'
+	/tmp/crawler-lock/bin/pip install --quiet -e '.[dev,export,s3,bench]'
 	/tmp/crawler-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:

@@ -429,7 +429,18 @@ def _verify(args: argparse.Namespace) -> int:
     from crawler.output.verify import verify  # noqa: PLC0415
 
     job = _load(args)
-    verdict = verify(Layout(job.output.dir))
+    if job.output.bucket is not None:  # obstore imported only for a bucket
+        import asyncio  # noqa: PLC0415
+
+        from crawler.output.bucket import Bucket, BucketUrl  # noqa: PLC0415
+        from crawler.output.verify import verify_bucket  # noqa: PLC0415
+        from crawler.pacing.retry import RetryPolicy  # noqa: PLC0415
+
+        policy = RetryPolicy.from_settings(job.api.retry)
+        bucket = Bucket.open(BucketUrl.parse(job.output.bucket), policy)
+        verdict = asyncio.run(verify_bucket(bucket))
+    else:
+        verdict = verify(Layout(job.output.dir))
     for note in verdict.notes:
         print(f"note: {note}")
     for problem in verdict.problems:

@@ -127,10 +127,36 @@ class BudgetSettings(_Model):
 
 
 class OutputSettings(_Model):
+    # a folder, or s3://bucket/prefix: then ``dir`` is the local working folder (state, the
+    # open shard) and ``bucket`` the URL; see README, "Output to a bucket"
     dir: Path
     shard_max_records: int = Field(100_000, gt=0, le=MAX_SHARD_RECORDS)
     compression: Literal["none", "gzip", "zstd"] = "none"
     commit_every_pages: int = Field(1, gt=0, le=MAX_COMMIT_EVERY)
+    work_dir: Path | None = None  # a bucket job's local folder; default: beside the job file
+    bucket: str | None = Field(None, repr=False)  # set from ``dir``, never written in a file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bucket_url(cls, data: Any) -> Any:
+        """``dir: s3://...`` kept whole (a Path would fold its '//'); ``bucket`` is not a key
+        of the job file."""
+        if not isinstance(data, dict):
+            return data
+        if "bucket" in data:
+            raise ValueError("bucket: not a setting; write output.dir: s3://BUCKET/PREFIX")
+        folder = data.get("dir")
+        if isinstance(folder, str) and folder.startswith("s3://"):
+            from crawler.output.bucket import BucketUrl  # noqa: PLC0415 -- the URL's checks only
+
+            try:
+                BucketUrl.parse(folder)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            return {**data, "bucket": folder, "dir": data.get("work_dir") or "."}
+        if data.get("work_dir") is not None:
+            raise ValueError("work_dir: only for an output.dir that is a bucket (s3://...)")
+        return data
 
 
 class CoordinationSettings(_Model):
@@ -373,6 +399,8 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         lines = _line_index(text)
         raise ConfigError("\n".join(_describe(path, e, lines) for e in exc.errors())) from None
     out_dir = model.output.dir if model.output.dir.is_absolute() else path.parent / model.output.dir
+    if model.output.bucket is not None and model.output.work_dir is None:
+        out_dir = _work_dir(path, model.output.bucket)
     output = model.output.model_copy(update={"dir": out_dir})
     sources = _sources(path, text, model)
     targets = _collect(path, text, model, sourced=bool(sources))
@@ -388,6 +416,15 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         dict(model.endpoints),
         sources,
     )
+
+
+def _work_dir(path: Path, url: str) -> Path:
+    """A bucket job's local folder when the job file names none: beside the job file, one per
+    bucket and prefix (``.crawler/BUCKET/PREFIX``)."""
+    from crawler.output.bucket import BucketUrl  # noqa: PLC0415 -- no client: the URL only
+
+    parsed = BucketUrl.parse(url)
+    return path.parent / ".crawler" / parsed.bucket / (parsed.prefix or "_")
 
 
 def _sources(path: Path, text: str, model: _JobModel) -> tuple[Source, ...]:

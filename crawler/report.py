@@ -95,7 +95,7 @@ def build(job: Job, view: StateView, *, run: dict[str, Any] | None = None) -> di
         estimate["stages"] = planner.stages(sources, estimate)
     return {
         "job": str(job.path),
-        "output_dir": str(job.output.dir),
+        "output_dir": job.output.bucket or str(job.output.dir),
         "targets_total": totals.targets + unlisted,
         "targets_by_status": _by_status(view, unlisted, spent_out=spent),
         # finished targets: did the feed give all the count said (``crawler.state.verdict``)

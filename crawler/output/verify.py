@@ -3,15 +3,19 @@ id in its own series) appears twice."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from crawler.output.dedup import SeenIds
 from crawler.output.layout import Layout
 from crawler.output.shards import read_lines, sha256_of
+
+if TYPE_CHECKING:
+    from crawler.output.bucket import Bucket
 
 
 @dataclass
@@ -24,6 +28,49 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+async def verify_bucket(bucket: Bucket) -> Verdict:
+    """A bucket checked as a folder is: every object its manifest lists, as listed (records,
+    bytes, sha256), fetched into a temporary folder one at a time, no review id twice across
+    them; objects it does not list, and parts of open shards, are noted."""
+    from crawler.output.publisher import MANIFEST, PARTS  # noqa: PLC0415 -- a bucket's only
+
+    where = str(bucket.url)
+    verdict = Verdict()
+    found = await bucket.get(MANIFEST)
+    if found is None:
+        verdict.problems.append(f"{where}/{MANIFEST}: missing (has the job run?)")
+        return verdict
+    try:
+        entries = {entry["file"]: entry for entry in orjson.loads(found[0])["shards"]}
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        verdict.problems.append(f"{where}/{MANIFEST}: not a manifest ({exc})")
+        return verdict
+    seen = SeenIds()
+    with tempfile.TemporaryDirectory(prefix="crawler-verify-") as tmp:
+        for name, entry in entries.items():
+            shard = await bucket.get(name)
+            if shard is None:
+                verdict.problems.append(f"{where}/{name}: listed in the manifest but missing")
+                continue
+            path = Path(tmp) / name.replace("/", "_")
+            path.write_bytes(shard[0])  # one shard on disk at a time
+            problems = len(verdict.problems)
+            _check_shard(path, entry, seen, verdict, key="review_id")
+            verdict.problems[problems:] = [
+                p.replace(str(path), f"{where}/{name}") for p in verdict.problems[problems:]
+            ]
+            path.unlink()
+    for key, _ in await bucket.list("shards/"):
+        if key not in entries:
+            verdict.notes.append(f"{where}/{key}: not in the manifest")
+    for shard_file in sorted({key.split("/")[1] for key, _ in await bucket.list(PARTS)}):
+        verdict.notes.append(
+            f"{where}/{PARTS}{shard_file}/: parts of an open shard (a run is under way or was "
+            "interrupted)"
+        )
+    return verdict
 
 
 def verify(layout: Layout) -> Verdict:

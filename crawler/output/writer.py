@@ -22,8 +22,9 @@ from crawler import logs
 from crawler.api.endpoint import CursorEndpoint, Page
 from crawler.output.dedup import SeenSet
 from crawler.output.layout import Layout, shard_name
+from crawler.output.publisher import FolderPublisher, Publisher, Segment
 from crawler.output.series import Series, SeriesPlan
-from crawler.output.shards import OpenShard, compressor, write_manifest
+from crawler.output.shards import OpenShard, compressor
 from crawler.state import ShardInfo, StateStore, TargetState
 from crawler.state.events import (
     Commit,
@@ -101,8 +102,11 @@ class Writer:
         commit_every_pages: int = 1,
         queue_size: int = 64,
         series: dict[str, Series] | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self._layout = layout
+        # the folder's manifest, or a bucket's parts, sealed objects and manifest
+        self._publisher = publisher or FolderPublisher(layout)
         self._store = store
         self._seen = seen
         self._endpoint = endpoint
@@ -227,7 +231,8 @@ class Writer:
 
     async def _commit_loop(self) -> None:
         while (prepared := await self._prepared.get()) is not None:
-            opened_sealed, series = await asyncio.to_thread(self._write_files, prepared)
+            opened_sealed, series, segments = await asyncio.to_thread(self._write_files, prepared)
+            await self._publisher.before_commit(segments)  # a bucket: in it before it counts
             batch = Commit(prepared.changes, opened_sealed, self._position())
             if prepared.sources or series:
                 batch.sources, batch.series_shards = prepared.sources, series
@@ -320,25 +325,29 @@ class Writer:
 
     def _write_files(
         self, prepared: _Prepared
-    ) -> tuple[list[ShardOpened | ShardSealed], list[SeriesShard]]:
+    ) -> tuple[list[ShardOpened | ShardSealed], list[SeriesShard], list[Segment]]:
         """Off the loop: write and fsync the batch's segments and ids; seal full shards.
 
-        Returns the shard events in the order they happened: each seal before the next open.
+        Returns the shard events in the order they happened (each seal before the next open),
+        and the segments written, for the publisher.
         """
         series = [e for n, plan in prepared.series.items() for e in self._series[n].write(plan)]
         events: list[ShardOpened | ShardSealed] = []
+        segments: list[Segment] = []
         for op in prepared.ops:
             if isinstance(op, ShardOpened):
                 events.append(op)
                 continue
             shard, lines = op
             self._shard = shard
-            shard.append(self._compress(b"".join(lines)), len(lines))
+            data = self._compress(b"".join(lines))
+            segments.append(Segment(shard.info.file, shard.bytes, data))
+            shard.append(data, len(lines))
             if shard.records >= self._shard_max:
                 events.append(shard.seal())
                 self._shard = None
         self._seen.write(b"".join(prepared.ids), b"".join(prepared.other_ids))
-        return events, series
+        return events, series, segments
 
     def _position(self) -> WriterPosition:
         shard = self._shard
@@ -355,8 +364,7 @@ class Writer:
         listed = await self._store.manifest()
         while True:
             series = await self._store.series_manifest()
-            # off the loop: its fsyncs must not hold up walkers, heartbeats and lease renewals
-            await asyncio.to_thread(write_manifest, self._layout, *listed, series)
+            await self._publisher.publish(*listed, series)
             current = await self._store.manifest()
             # the open shards' committed lengths move with every commit: a snapshot is fine
             if current[0] == listed[0] and _files(current[1]) == _files(listed[1]):

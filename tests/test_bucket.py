@@ -1,0 +1,179 @@
+"""Output to an S3-compatible bucket (a real SeaweedFS on loopback): exact after kills, sealed
+objects never replaced, a bucket that refuses writes stops the run before a credit is spent."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from crawler import load_job
+from crawler.output.bucket import Bucket, BucketUrl
+from crawler.output.layout import Layout
+from crawler.output.publisher import MANIFEST, PARTS
+from crawler.output.shards import read_lines
+from crawler.pacing.retry import RetryPolicy
+from tests.conftest import (
+    PRODUCTS,
+    S3_READER,
+    S3_WRITER,
+    S3Server,
+    crawler_command,
+    expected_ids,
+    requests_to,
+    subprocess_env,
+    until,
+    write_job,
+)
+
+TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
+PAIRS = [(p, r) for p in PRODUCTS for r in ("US", "GB", "DE")]
+
+
+def _url() -> str:
+    return f"s3://crawler-tests/{uuid.uuid4().hex[:12]}/reviews"
+
+
+def _bucket(server: S3Server, url: str) -> Bucket:
+    return Bucket.open(BucketUrl.parse(url), RetryPolicy(base_seconds=0), server.env())
+
+
+async def _start(job: Path, env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *crawler_command("--log-level", "warning", "run", "--no-progress", *args, str(job)),
+        env=subprocess_env(**env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _run(job: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await _start(job, env, *args)
+    _, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def _bucket_ids(bucket: Bucket, tmp: Path) -> list[str]:
+    """Every review id in the objects the manifest lists, duplicates kept."""
+    found = await bucket.get(MANIFEST)
+    assert found is not None
+    ids: list[str] = []
+    for entry in orjson.loads(found[0])["shards"]:
+        shard = await bucket.get(entry["file"])
+        assert shard is not None, entry
+        path = tmp / Path(entry["file"]).name
+        path.write_bytes(shard[0])
+        ids += [orjson.loads(line)["review_id"] for line in read_lines(path)]
+        path.unlink()
+    return ids
+
+
+async def _verify(job: Path, env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command("verify", str(job)),
+        env=subprocess_env(**env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, (stdout + stderr).decode()
+    return stdout.decode()
+
+
+async def test_a_run_into_a_bucket_holds_every_review_once(tmp_path, sandbox, s3_server):
+    url = _url()
+    output: dict[str, Any] = {"dir": url, "compression": "gzip", "shard_max_records": 300}
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS, output=output)
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 0, stderr
+    bucket = _bucket(s3_server, url)
+    ids = await _bucket_ids(bucket, tmp_path)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+    manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
+    assert manifest["records"] == len(ids) and len(manifest["shards"]) >= 5
+    assert all(e["file"].startswith("shards/reviews-") for e in manifest["shards"])
+    assert await bucket.list(PARTS) == []  # every part's bytes are in a sealed object now
+    said = await _verify(job, s3_server.env())
+    assert said.endswith(f"{len(ids):,} reviews: ok\n"), said
+    work = Layout(load_job(job).output.dir)  # the local working folder: state, no manifest
+    assert work.state_db.exists() and not work.manifest.exists()
+    assert work.root == tmp_path / ".crawler" / "crawler-tests" / url.split("/", 3)[3]
+
+
+async def test_sigkill_during_uploads_then_a_rerun_is_exact(tmp_path, sandbox, s3_server):
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    output = {"dir": url, "compression": "zstd", "shard_max_records": 200}
+    async with sandbox(latency=(0.002, 0.01)) as (base, box):
+        job = write_job(tmp_path, base, TARGETS, api={"requests_per_second": 300}, output=output)
+        for enough in (40, 160):
+            process = await _start(job, s3_server.env())
+            await until(lambda: requests_to(box) >= enough)  # noqa: B023 -- awaited at once
+            process.send_signal(signal.SIGKILL)
+            await process.communicate()
+            assert process.returncode == -signal.SIGKILL
+            assert await bucket.list(PARTS)  # killed with committed parts in the bucket
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 0, stderr
+    ids = await _bucket_ids(bucket, tmp_path)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, PAIRS)
+    assert await bucket.list(PARTS) == []
+    await _verify(job, s3_server.env())
+
+
+async def test_a_sealed_object_is_never_replaced(tmp_path, sandbox, s3_server):
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    async with sandbox() as (base, _):
+        first = tmp_path / "first"
+        first.mkdir()
+        output = {"dir": url, "shard_max_records": 400}
+        status, stderr = await _run(
+            write_job(first, base, TARGETS[:3], output=output), {**s3_server.env()}
+        )
+        assert status == 0, stderr
+        manifest = await bucket.get(MANIFEST)
+        assert manifest is not None
+        name = orjson.loads(manifest[0])["shards"][0]["file"]
+        sealed = await bucket.get(name)
+        assert sealed is not None
+        # a create-only put of a sealed key is refused (412), whoever tries it
+        assert await bucket.put_new(name, b'{"review_id":"forged"}\n') is False
+        # another job (another state) pointed at the same prefix: refused before a request
+        second = tmp_path / "second"
+        second.mkdir()
+        job = write_job(second, base, TARGETS[3:], output=output)
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 2, stderr
+        assert "shards this job's state does not have" in stderr, stderr
+    assert (await bucket.get(name) or (b"", None))[0] == sealed[0]
+    assert (await bucket.get(MANIFEST) or (b"", None))[0] == manifest[0]
+
+
+async def test_a_bucket_that_refuses_writes_stops_the_run_with_exit_7(tmp_path, sandbox, s3_server):
+    output = {"dir": _url()}
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS, output=output)
+        status, stderr = await _run(job, s3_server.env(S3_READER))
+        assert requests_to(box) == 0  # refused before the first credit was spent
+    assert status == 7, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "access denied (403)" in lines[0], stderr
+    assert "crawler-tests" in lines[0] and "Traceback" not in stderr
+    for secret in (S3_READER["AWS_SECRET_ACCESS_KEY"], S3_WRITER["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in stderr
+
+
+@pytest.mark.parametrize("url", ["s3://Bad_Bucket/x", "s3://ok-bucket/a//b"])
+def test_a_bad_bucket_url_is_a_job_file_error(tmp_path, url):
+    job = write_job(tmp_path, "sandbox", TARGETS[:1], output={"dir": url})
+    with pytest.raises(Exception, match="output") as caught:
+        load_job(job)
+    assert "s3://" in str(caught.value)
