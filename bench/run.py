@@ -26,6 +26,7 @@ import aiohttp
 import loop  # bench/loop.py: the hand-written loop, also run as a program of its own
 import orjson
 import yaml
+from bucket import bucket_speed  # bench/bucket.py (the script's folder is on the path)
 from coordination import (
     coordination,
     rate_above,
@@ -574,6 +575,20 @@ async def coordinated(rows: list[str]) -> None:
         server.terminate()
 
 
+async def bucket(rows: list[str]) -> None:
+    """Pages a second into a bucket against into a folder, against the reference server."""
+    port = 18953
+    server = start_server(
+        [sys.executable, str(ROOT / "bench" / "server.py"), str(port), ",".join(PRODUCTS),
+         ",".join(REGIONS)],
+        "ready",
+    )  # fmt: skip
+    try:
+        await bucket_speed(rows, f"http://127.0.0.1:{port}", targets(), ENV, ROUNDS)
+    finally:
+        server.terminate()
+
+
 SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "throughput": throughput,
     "short-job": short_job,
@@ -584,6 +599,7 @@ SECTIONS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "coordination": coordinated,
     "rate-above": rate_above,
     "export": export_speed,
+    "bucket": bucket,
 }
 
 

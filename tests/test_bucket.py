@@ -18,6 +18,7 @@ from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS
 from crawler.output.shards import read_lines
 from crawler.pacing.retry import RetryPolicy
+from crawler.sandbox import SandboxOptions, serve_in_process
 from tests.conftest import (
     PRODUCTS,
     S3_READER,
@@ -30,7 +31,10 @@ from tests.conftest import (
     until,
     write_job,
 )
+from tests.test_coordination import expected, until_requests
+from tests.test_coordination import write_job as coordinated_job
 
+MORE = [str(1729679758111249333 + i) for i in range(24)]
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
 PAIRS = [(p, r) for p in PRODUCTS for r in ("US", "GB", "DE")]
 
@@ -48,6 +52,18 @@ async def _start(job: Path, env: dict[str, str], *args: str) -> asyncio.subproce
         *crawler_command("--log-level", "warning", "run", "--no-progress", *args, str(job)),
         env=subprocess_env(**env),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _start_worker(job: Path, worker: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """A coordinated worker, as tests.test_coordination starts one, with the bucket's env."""
+    return await asyncio.create_subprocess_exec(
+        *crawler_command(
+            "--log-level", "warning", "run", "--no-progress", "--worker", worker, str(job)
+        ),
+        env=subprocess_env(**env),
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
 
@@ -177,3 +193,46 @@ def test_a_bad_bucket_url_is_a_job_file_error(tmp_path, url):
     with pytest.raises(Exception, match="output") as caught:
         load_job(job)
     assert "s3://" in str(caught.value)
+
+
+async def test_three_workers_into_one_bucket_one_lost_with_its_files(
+    tmp_path, s3_server, redis_server
+):
+    """A worker SIGKILLed and its machine's files gone: the others fetch its open shard's
+    committed part from the bucket, seal it, take its products over; nothing lost, nothing
+    twice, no shared folder."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    options = SandboxOptions(latency=(0.002, 0.01))
+    pairs = [(p, r) for p in MORE for r in ("US", "DE")]
+    async with serve_in_process(options) as (base, box):
+        job = coordinated_job(
+            tmp_path, base, redis_server.url, pairs, output={"dir": url, "compression": "gzip"}
+        )
+        env = s3_server.env()
+        running = {w: await _start_worker(job, w, env) for w in ("w1", "w2", "w3")}
+        await until_requests(box, 150)
+        async with asyncio.timeout(30):  # killed once some of its batches are in the bucket
+            while not [k for k, _ in await bucket.list(PARTS) if "/reviews-w2-" in k]:  # noqa: ASYNC110 -- another process's progress
+                await asyncio.sleep(0.05)
+        running["w2"].send_signal(signal.SIGKILL)
+        await running["w2"].wait()
+        work = Layout(load_job(job).output.dir)
+        lost = [p for p in work.shard_files() if p.name.startswith("reviews-w2-")]
+        assert lost
+        for path in lost:  # its machine is gone: nothing of it on any disk
+            path.unlink()
+        said = ""
+        for worker in ("w1", "w3"):
+            _, stderr = await running[worker].communicate()
+            assert running[worker].returncode == 0, stderr.decode()
+            said += stderr.decode()
+        # its open shard came from the bucket (its file was gone), then was sealed
+        assert "fetched a shard's committed part from the bucket" in said, said
+        assert "sealed a dead worker's open shard" in said, said
+        wanted = await expected(box, pairs)
+    ids = await _bucket_ids(bucket, tmp_path)
+    assert len(ids) == len(set(ids)) and set(ids) == wanted
+    manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
+    assert any(e["file"].startswith("shards/reviews-w2-") for e in manifest["shards"])
+    await _verify(job, env)

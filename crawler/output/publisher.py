@@ -162,15 +162,17 @@ class BucketPublisher:
             data = await asyncio.to_thread(self._local, shard)
             if data is None:
                 data = await self.committed(shard.file, shard.bytes)
-            if data is None or hashlib.sha256(data).hexdigest() != shard.sha256:
+            checked = data is not None and hashlib.sha256(data).hexdigest() == shard.sha256
+            if checked and data is not None and await self.bucket.put_new(key, data):
+                return
+            # a 412, or its parts gone: another worker put it meanwhile (and dropped its parts)
+            size = await self.bucket.size(key)
+            if size is None:
                 raise StateError(
                     f"{shard.file}: sealed, but its committed bytes are neither in "
                     f"{self._layout.shard(shard.file)} nor in the parts under "
                     f"{self.bucket.url}/{PARTS}; the shard cannot be published"
                 )
-            if await self.bucket.put_new(key, data):
-                return
-            size = await self.bucket.size(key)
         if size != shard.bytes:  # create-only: never replaced, whoever put it
             raise StateError(
                 f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {size} bytes, this "

