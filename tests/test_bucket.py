@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from crawler import load_job
+from crawler.errors import ConfigError
 from crawler.output.bucket import Bucket, BucketUrl
 from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS
@@ -26,6 +27,7 @@ from tests.conftest import (
     S3Server,
     crawler_command,
     expected_ids,
+    free_port,
     requests_to,
     subprocess_env,
     until,
@@ -190,7 +192,7 @@ async def test_a_bucket_that_refuses_writes_stops_the_run_with_exit_7(tmp_path, 
 @pytest.mark.parametrize("url", ["s3://Bad_Bucket/x", "s3://ok-bucket/a//b"])
 def test_a_bad_bucket_url_is_a_job_file_error(tmp_path, url):
     job = write_job(tmp_path, "sandbox", TARGETS[:1], output={"dir": url})
-    with pytest.raises(Exception, match="output") as caught:
+    with pytest.raises(ConfigError, match="output") as caught:
         load_job(job)
     assert "s3://" in str(caught.value)
 
@@ -236,3 +238,52 @@ async def test_three_workers_into_one_bucket_one_lost_with_its_files(
     manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
     assert any(e["file"].startswith("shards/reviews-w2-") for e in manifest["shards"])
     await _verify(job, env)
+
+
+async def test_a_bucket_that_does_not_answer_is_tried_within_the_caps_then_exit_7(
+    tmp_path, sandbox
+):
+    """Connection refused is a transient fault: tried again within api.retry's caps (8 tries
+    here), then the run stops before its first request."""
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", **S3_WRITER}
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS, output={"dir": _url()})
+        status, stderr = await _run(job, env)
+        assert requests_to(box) == 0
+    assert status == 7, stderr
+    assert "cannot write after 8 tries" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+async def test_fresh_removes_the_jobs_objects_and_starts_over(tmp_path, sandbox, s3_server):
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    await bucket.put_new("notes.txt", b"a user's own object")  # not the job's: kept
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS[:4], output={"dir": url, "shard_max_records": 300})
+        for args in ((), ("--fresh",)):
+            status, stderr = await _run(job, s3_server.env(), *args)
+            assert status == 0, stderr
+        pairs = [(p, r) for p in PRODUCTS[:4] for r in ("US", "GB", "DE")]
+        ids = await _bucket_ids(bucket, tmp_path)
+        assert len(ids) == len(set(ids)) and set(ids) == expected_ids(box, pairs)
+    assert (await bucket.get("notes.txt") or (b"", None))[0] == b"a user's own object"
+    await _verify(job, s3_server.env())
+
+
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [
+        ({"dir": "out", "work_dir": "w"}, "work_dir: only for an output.dir that is a bucket"),
+        ({"dir": "out", "bucket": "s3://b/p"}, "bucket: not a setting"),
+    ],
+)
+def test_bucket_settings_are_checked(tmp_path, output, said):
+    job = write_job(tmp_path, "sandbox", TARGETS[:1], output=output)
+    with pytest.raises(ConfigError, match=said):
+        load_job(job)
+
+
+def test_work_dir_is_relative_to_the_job_file(tmp_path):
+    job = write_job(tmp_path, "sandbox", TARGETS[:1], output={"dir": _url(), "work_dir": "w"})
+    loaded = load_job(job)
+    assert loaded.output.dir == tmp_path / "w" and loaded.output.bucket is not None

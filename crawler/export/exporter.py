@@ -50,6 +50,11 @@ def export_job(job: Job, options: ExportOptions) -> ExportSummary:
     """Export every sealed shard not exported yet; the summary says what was done and lacked."""
     if options.file_format not in FORMATS:
         raise ConfigError(f"--format {options.file_format}: one of {', '.join(FORMATS)}")
+    if job.output.bucket is not None:  # its shards are objects: this exporter reads files
+        raise ConfigError(
+            f"{job.path}: output.dir is a bucket ({job.output.bucket}): `crawler export` reads "
+            "a folder's shards only, for now; `crawler verify` checks the bucket"
+        )
     tables = _tables()
     layout = Layout(job.output.dir)
     destination = destination_for(options.to or str(layout.root / "export"))
