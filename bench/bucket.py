@@ -10,6 +10,8 @@ puts), not a network's.
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import socket
 import statistics
@@ -39,9 +41,19 @@ def _free_port() -> int:
     return port
 
 
+def _cpu(pid: int | None = None) -> float:
+    """CPU seconds so far of this process (its threads: obstore's included), or of ``pid``."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def seaweedfs(folder: Path) -> Iterator[dict[str, str]]:
-    """SeaweedFS serving S3 on free loopback ports; yields the environment that reaches it."""
+def seaweedfs(folder: Path) -> Iterator[tuple[dict[str, str], int]]:
+    """SeaweedFS serving S3 on free loopback ports; yields the environment that reaches it,
+    and its process id."""
     identity = {"name": "bench", "actions": ["Admin", "Read", "Write", "List"],
                 "credentials": [{"accessKey": KEYS["AWS_ACCESS_KEY_ID"],
                                  "secretKey": KEYS["AWS_SECRET_ACCESS_KEY"]}]}  # fmt: skip
@@ -69,7 +81,7 @@ def seaweedfs(folder: Path) -> Iterator[dict[str, str]]:
             except OSError:
                 assert time.monotonic() < deadline, "SeaweedFS did not start"
                 time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", **KEYS}
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", **KEYS}, process.pid
     finally:
         process.kill()
         process.wait()
@@ -77,9 +89,10 @@ def seaweedfs(folder: Path) -> Iterator[dict[str, str]]:
 
 async def _walk(
     folder: Path, out: str, commit_every: int, *, base_url: str, targets: list[tuple[str, str]],
-    env: dict[str, str],
-) -> float:  # fmt: skip
-    """One crawler run of the walk; its pages a second."""
+    env: dict[str, str], server: int,
+) -> tuple[float, float, float]:  # fmt: skip
+    """One crawler run of the walk: its pages a second, the crawler's and the S3 server's CPU
+    milliseconds a page."""
     job = folder / "job.yaml"
     job.write_text(
         yaml.safe_dump(
@@ -91,10 +104,15 @@ async def _walk(
             }
         )
     )
-    started = time.perf_counter()
+    started, own, theirs = time.perf_counter(), _cpu(), _cpu(server)
     result = await run_job(load_job(job), environ=env)
     assert result.exit_status == 0, result.stop_reason
-    return float(result.report["totals"]["pages"]) / (time.perf_counter() - started)
+    pages = float(result.report["totals"]["pages"])
+    return (
+        pages / (time.perf_counter() - started),
+        (_cpu() - own) * 1000 / pages,
+        (_cpu(server) - theirs) * 1000 / pages,
+    )
 
 
 async def bucket_speed(
@@ -102,8 +120,8 @@ async def bucket_speed(
     rounds: int,
 ) -> None:  # fmt: skip
     """Folder and bucket alternated, ``rounds`` times each, at two commit intervals."""
-    with tempfile.TemporaryDirectory() as tmp, seaweedfs(Path(tmp)) as s3:
-        rates: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, seaweedfs(Path(tmp)) as (s3, server):
+        runs: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
         for round_ in range(rounds + 1):  # round 0 warms both up, and is not counted
             for commit_every in (1, 10):
                 for kind in ("folder", "bucket"):
@@ -112,19 +130,25 @@ async def bucket_speed(
                     out = "out" if kind == "folder" else f"s3://bench/{uuid.uuid4().hex[:8]}"
                     rate = await _walk(
                         folder, out, commit_every, base_url=base_url, targets=targets,
-                        env={**env, **s3},
+                        env={**env, **s3}, server=server,
                     )  # fmt: skip
                     if round_:
-                        rates.setdefault((kind, commit_every), []).append(rate)
+                        runs.setdefault((kind, commit_every), []).append(rate)
     rows.append(
         f"The walk ({len(targets)} targets, zstd shards) into a folder and into a bucket "
         f"(SeaweedFS on loopback), runs alternated, median of {rounds}:"
     )
     rows.append("")
-    rows.append("| state saved | folder, pages/s | bucket, pages/s | bucket / folder |")
-    rows.append("|---|---:|---:|---:|")
+    rows.append(
+        "| state saved | folder, pages/s | bucket, pages/s | bucket / folder | crawler CPU "
+        "ms/page, folder | crawler CPU ms/page, bucket | S3 server CPU ms/page |"
+    )
+    rows.append("|---|---:|---:|---:|---:|---:|---:|")
     for commit_every in (1, 10):
-        local = statistics.median(rates[("folder", commit_every)])
-        remote = statistics.median(rates[("bucket", commit_every)])
+        local = [statistics.median(f) for f in zip(*runs[("folder", commit_every)], strict=True)]
+        remote = [statistics.median(f) for f in zip(*runs[("bucket", commit_every)], strict=True)]
         every = "every page" if commit_every == 1 else f"every {commit_every} pages (or 1 s)"
-        rows.append(f"| {every} | {local:,.0f} | {remote:,.0f} | {remote / local:.0%} |")
+        rows.append(
+            f"| {every} | {local[0]:,.0f} | {remote[0]:,.0f} | {remote[0] / local[0]:.0%} | "
+            f"{local[1]:.2f} | {remote[1]:.2f} | {remote[2]:.2f} |"
+        )

@@ -172,16 +172,19 @@ class Bucket:
 
         return await self._call(listed, "list", prefix)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, *keys: str) -> None:
+        """Delete ``keys``: one DeleteObjects request per thousand on S3; a key already gone
+        is no error."""
         import obstore  # noqa: PLC0415
 
         async def delete() -> None:
             try:
-                await obstore.delete_async(self._store, key)
+                await obstore.delete_async(self._store, list(keys))
             except FileNotFoundError:
                 return
 
-        await self._call(delete, "delete", key)
+        if keys:
+            await self._call(delete, "delete", keys[0])
 
     async def _call(self, op: Callable[[], Awaitable[T]], verb: str, key: str) -> T:
         """``op`` tried again on transient faults, within the retry caps; a refusal, or faults

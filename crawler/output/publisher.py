@@ -146,8 +146,7 @@ class BucketPublisher:
 
     async def _drop_parts(self, file: str) -> None:
         """A listed shard's parts: its sealed object holds their bytes now."""
-        for key, _ in await self.bucket.list(f"{PARTS}{file}/"):
-            await self.bucket.delete(key)
+        await self.bucket.delete(*(key for key, _ in await self.bucket.list(f"{PARTS}{file}/")))
 
     async def listed(self) -> set[str]:
         """The shard files the bucket's manifest lists."""
@@ -238,17 +237,19 @@ class BucketPublisher:
                 f"does not have ({stranger[0]}...): another job's output, or this job's local "
                 "state (output.work_dir) is gone; point output.dir at another prefix"
             )
+        stale: list[str] = []
         for key, _ in await self.bucket.list(PARTS):
             part = _PART.fullmatch(key)
             if part is None:
                 continue
             file, end = part["file"], int(part["end"])
             if file in listed:
-                await self.bucket.delete(key)  # a crash between the manifest and the clean-up
+                stale.append(key)  # a crash between the manifest and the clean-up
             elif file in known or shard_owner(file) != owner or not SHARD_PATTERN.fullmatch(file):
                 continue  # sealed, not yet listed (the next publish uses it), or another's
             elif open_shard is None or file != open_shard.file or end > committed:
-                await self.bucket.delete(key)  # no commit counted it
+                stale.append(key)  # no commit counted it
+        await self.bucket.delete(*stale)
         if open_shard is None or committed == 0:
             return
         path = self._layout.shard(open_shard.file)
@@ -261,17 +262,15 @@ class BucketPublisher:
 
     async def remove_job_objects(self) -> int:
         """--fresh: the job's objects under the prefix (manifest, shards, parts), nothing else."""
-        removed = 0
-        for key, _ in await self.bucket.list(""):
-            name = key.removeprefix("shards/")
-            if (
-                key == MANIFEST
-                or key.startswith((PARTS, "_probe/"))
-                or (key.startswith("shards/") and SHARD_PATTERN.fullmatch(name))
-            ):
-                await self.bucket.delete(key)
-                removed += 1
-        return removed
+        removed = [
+            key
+            for key, _ in await self.bucket.list("")
+            if key == MANIFEST
+            or key.startswith((PARTS, "_probe/"))
+            or (key.startswith("shards/") and SHARD_PATTERN.fullmatch(key.removeprefix("shards/")))
+        ]
+        await self.bucket.delete(*removed)
+        return len(removed)
 
 
 def _entry(shard: ShardInfo) -> dict[str, Any]:

@@ -230,16 +230,35 @@ class Writer:
                 return
 
     async def _commit_loop(self) -> None:
-        while (prepared := await self._prepared.get()) is not None:
-            opened_sealed, series, segments = await asyncio.to_thread(self._write_files, prepared)
-            await self._publisher.before_commit(segments)  # a bucket: in it before it counts
-            batch = Commit(prepared.changes, opened_sealed, self._position())
-            if prepared.sources or series:
-                batch.sources, batch.series_shards = prepared.sources, series
-                batch.series_positions = {n: s.position() for n, s in self._series.items()}
+        """Write each batch, put it where it is published, record it. The next batch is written
+        while this one is being put (a bucket's round trip off the critical path); batches are
+        recorded in order, each only once its own bytes are published."""
+        written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None]] | None]
+        written = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._record_loop(written))
+            while (prepared := await self._prepared.get()) is not None:
+                events, series, segments = await asyncio.to_thread(self._write_files, prepared)
+                # the positions as this batch left the files: the next one may be written
+                # before this one is recorded
+                batch = Commit(prepared.changes, events, self._position())
+                if prepared.sources or series:
+                    batch.sources, batch.series_shards = prepared.sources, series
+                    batch.series_positions = {n: s.position() for n, s in self._series.items()}
+                # a bucket: the batch's bytes in it before the state counts them
+                upload = group.create_task(self._publisher.before_commit(segments))
+                await written.put((prepared, batch, upload))
+            await written.put(None)
+
+    async def _record_loop(
+        self, written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None]] | None]
+    ) -> None:
+        while (item := await written.get()) is not None:
+            prepared, batch, upload = item
+            await upload
             finished = await self._store.commit(batch)
             self._count(prepared.changes)
-            if any(isinstance(e, ShardSealed) for e in opened_sealed):
+            if any(isinstance(e, ShardSealed) for e in batch.shards):
                 await self._write_manifest()
             for state in finished:
                 if state.status is Status.DONE:  # failures were told as they happened
