@@ -84,6 +84,12 @@ class Bucket:
         from obstore.store import S3Store  # noqa: PLC0415 -- the s3 extra, only for a bucket
 
         env = os.environ if environ is None else environ
+        if env.get("AWS_PROFILE") and not env.get("AWS_ACCESS_KEY_ID"):
+            raise ConfigError(
+                f"output.dir: {url}: AWS_PROFILE is set, and profiles are not read; export the "
+                "profile's credentials first: eval \"$(aws configure export-credentials "
+                f'--profile {env["AWS_PROFILE"]} --format env)"'
+            )
         config: dict[str, Any] = {}
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:

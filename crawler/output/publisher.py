@@ -214,9 +214,16 @@ class BucketPublisher:
         data = await self.committed(file, length)
         if data is None:
             return False
-        await asyncio.to_thread(write_atomically, self._layout.shard(file), data)
+        await asyncio.to_thread(self._write_shard, file, data)
         log.warning("fetched a shard's committed part from the bucket", shard=file, bytes=length)
         return True
+
+    def _write_shard(self, file: str, data: bytes) -> None:
+        try:  # a new machine's working folder may have no shards folder yet
+            self._layout.shards_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.from_os(exc, self._layout.shards_dir) from None
+        write_atomically(self._layout.shard(file), data)
 
     async def recover(
         self,
