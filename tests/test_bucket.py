@@ -311,3 +311,35 @@ async def test_parts_put_again_and_rebuilt_end_to_end(tmp_path, s3_server):
     assert await publisher.committed(name, len(first) + 1) is None  # no part ends there
     assert await publisher.fetch(name, 2 * len(first))
     assert (tmp_path / "shards" / name).read_bytes() == first + second
+
+
+async def test_a_worker_started_again_on_a_new_machine_seals_its_shard_from_the_bucket(
+    tmp_path, s3_server, redis_server
+):
+    """Killed, its files gone, started again under its name (another machine, as it were):
+    it fetches the shard its earlier run left open from the bucket and seals it."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    pairs = [(p, r) for p in MORE[:16] for r in ("US", "DE")]
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (base, box):
+        job = coordinated_job(tmp_path, base, redis_server.url, pairs, output={"dir": url})
+        env = s3_server.env()
+        first = await _start_worker(job, "w1", env)
+        await until_requests(box, 80)
+        async with asyncio.timeout(30):
+            while not await bucket.list(PARTS):  # noqa: ASYNC110 -- another process's progress
+                await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        work = Layout(load_job(job).output.dir)
+        for path in work.shard_files():
+            path.unlink()
+        again = await _start_worker(job, "w1", env)
+        _, stderr = await again.communicate()
+        said = stderr.decode()
+        assert again.returncode == 0, said
+        assert "fetched a shard's committed part from the bucket" in said, said
+        wanted = await expected(box, pairs)
+    ids = await _bucket_ids(bucket, tmp_path)
+    assert len(ids) == len(set(ids)) and set(ids) == wanted
+    await _verify(job, env)
