@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -224,7 +225,8 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One S3-compatible server for the session, on free loopback ports; each test its own
-    bucket or prefix."""
+    bucket or prefix. Started again (other ports) if it dies starting: a port found free may be
+    taken by another process before it binds it."""
     folder = tmp_path_factory.mktemp("seaweedfs")
     identities = [
         {"name": name, "credentials": [{"accessKey": keys["AWS_ACCESS_KEY_ID"],
@@ -234,35 +236,61 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                                     ("reader", S3_READER, ["Read", "List"]))
     ]  # fmt: skip
     (folder / "s3.json").write_text(orjson.dumps({"identities": identities}).decode())
-    (folder / "data").mkdir()
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: free_port() for name in ports}
+    for attempt in range(3):
+        started = _start_seaweedfs(folder / f"try-{attempt}", folder / "s3.json")
+        if started is not None:
+            break
+    else:
+        pytest.fail(f"SeaweedFS did not start: {folder}/try-*/weed.log")
+    process, endpoint, ports = started
+    try:
+        yield S3Server(endpoint)
+    finally:
+        _stop_seaweedfs(process, ports)
+
+
+def _stop_seaweedfs(process: subprocess.Popen[bytes], ports: set[int]) -> None:
+    """Killed: its data is a temp folder, nothing to shut down cleanly; the Unix sockets it
+    opens beside its ports (/tmp/seaweedfs-*-PORT.sock) removed, as it would on a clean exit."""
+    process.kill()
+    process.wait()
+    for port in ports:
+        for leftover in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            leftover.unlink(missing_ok=True)
+
+
+def _start_seaweedfs(
+    folder: Path, config: Path
+) -> tuple[subprocess.Popen[bytes], str, set[int]] | None:
+    """``weed server`` with S3 on eight distinct free ports; None if it died starting."""
+    (folder / "data").mkdir(parents=True)
+    ports: set[int] = set()
+    while len(ports) < 8:
+        ports.add(free_port())
+    http, grpc = sorted(ports)[:4], sorted(ports)[4:]
+    names = ("master", "volume", "filer", "s3")
     binary = shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
     command = [
         binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={folder / 'data'}",
-        "-s3", f"-s3.config={folder / 's3.json'}", "-master.telemetry=false",
+        "-s3", f"-s3.config={config}", "-master.telemetry=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64",
         "-volume.max=0",
-        *(f"-{name}.port={port}" for name, port in ports.items()),
-        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
+        *(f"-{name}.port={port}" for name, port in zip(names, http, strict=True)),
+        *(f"-{name}.port.grpc={port}" for name, port in zip(names, grpc, strict=True)),
     ]  # fmt: skip
     with (folder / "weed.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    endpoint = f"http://127.0.0.1:{http[3]}"
     deadline = time.monotonic() + 60
-    try:
-        while True:  # up once the S3 port answers at all (403 to an unsigned request)
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                pass
-            assert process.poll() is None, (folder / "weed.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "SeaweedFS did not start"
-            time.sleep(0.1)
-        yield S3Server(endpoint)
-    finally:
-        process.kill()  # its data is this session's temp folder: nothing to shut down cleanly
-        process.wait()
+    while True:  # up once the S3 port answers at all (403 to an unsigned request)
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return process, endpoint, ports
+        except urllib.error.HTTPError:
+            return process, endpoint, ports
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop_seaweedfs(process, ports)
+            return None
+        time.sleep(0.1)

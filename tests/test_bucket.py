@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 import pytest
 
@@ -343,3 +344,43 @@ async def test_a_worker_started_again_on_a_new_machine_seals_its_shard_from_the_
     ids = await _bucket_ids(bucket, tmp_path)
     assert len(ids) == len(set(ids)) and set(ids) == wanted
     await _verify(job, env)
+
+
+async def test_export_to_a_bucket_puts_each_shards_tables_once(tmp_path, sandbox, s3_server):
+    """`crawler export --to s3://...`: every table file put whole, the ledger in the bucket; a
+    second export puts nothing again."""
+    to = _url()
+    async with sandbox() as (base, _):
+        job = write_job(tmp_path, base, TARGETS[:4], output={"shard_max_records": 300})
+        status, stderr = await _run(job, {})
+        assert status == 0, stderr
+    summaries = []
+    for _ in range(2):
+        process = await asyncio.create_subprocess_exec(
+            *crawler_command("export", str(job), "--json", "--to", to),
+            env=subprocess_env(**s3_server.env()),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr_bytes = await process.communicate()
+        assert process.returncode == 0, stderr_bytes.decode()
+        summaries.append(orjson.loads(stdout))
+    shards = len(Layout(tmp_path / "out").shard_files())
+    assert summaries[0]["shards"]["exported"] == shards > 1
+    assert summaries[1]["shards"] == {
+        **summaries[0]["shards"],
+        "exported": 0,
+        "already_exported": shards,
+    }
+    bucket = _bucket(s3_server, to)
+    keys = [key for key, _ in await bucket.list("")]
+    assert "_exported.json" in keys
+    reviews = [key for key in keys if key.startswith("reviews/")]
+    assert len(reviews) == shards
+    for key in reviews:
+        found = await bucket.get(key)
+        assert found is not None
+        (tmp_path / Path(key).name).write_bytes(found[0])
+    counted = duckdb.sql(f"select count(*) from '{tmp_path}/reviews-*.parquet'")
+    assert counted is not None
+    assert counted.fetchall()[0][0] == summaries[0]["rows"]["reviews"] > 0

@@ -319,8 +319,8 @@ def test_missing_and_mistyped_fields_are_nulls_and_counted(tmp_path: Path):
 
 def test_refusals_and_a_changed_shard(tmp_path: Path):
     job = sealed_job(tmp_path, [orjson.dumps({"review_id": "1", "item": {}})])
-    status, _, said = export(job, "--to", "s3://bucket/reviews")
-    assert status == 2 and "s3:// is not supported yet" in said
+    status, _, said = export(job, "--to", "gs://bucket/reviews")  # s3:// is: tests/test_bucket.py
+    assert status == 2 and "gs:// is not supported yet" in said
     assert export(job)[0] == 0
     status, _, said = export(job, "--format", "csv")
     assert status == 2 and "--format parquet" in said and "Traceback" not in said

@@ -4,7 +4,7 @@ The exporter writes each file whole at ``staging(name)``, then ``put``s it: from
 only then, a reader sees it under ``name``. ``LocalFolder`` stages beside the final name and
 renames (fsynced before and after); an object store would stage in a local folder and upload
 (an object appears whole or not at all), with the same two calls and ``read``/``write`` for the
-export's small ledger. Until one is plugged in, ``s3://`` is refused.
+export's small ledger: ``to_bucket.BucketDestination`` for ``s3://``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ class Destination(Protocol):
 
 
 def destination_for(to: str) -> Destination:
-    """``--to``: a folder; an object store's URL is refused until one is supported."""
+    """``--to``: a folder, or an S3-compatible bucket (``s3://bucket/prefix``)."""
     scheme, sep, _ = to.partition("://")
+    if scheme == "s3" and sep:
+        from crawler.export.to_bucket import BucketDestination  # noqa: PLC0415 -- obstore's
+
+        return BucketDestination(to)
     if sep and scheme:
         raise ConfigError(
             f"--to {to}: exporting to {scheme}:// is not supported yet; export to a local "

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crawler.errors import ConfigError, OutputError
@@ -129,20 +130,30 @@ class Bucket:
 
         return await self._call(put, "write", key)
 
-    async def put_if(self, key: str, data: bytes, etag: str | None) -> bool:
+    async def put_if(self, key: str, data: bytes, etag: str | None) -> str | None:
         """Replace ``key`` if it is still at ``etag`` (If-Match), or create it when ``etag`` is
-        None; False when another writer got there first."""
+        None; its new ETag, or None when another writer got there first."""
         import obstore  # noqa: PLC0415
 
-        async def put() -> bool:
+        async def put() -> str | None:
             mode: Any = "create" if etag is None else {"e_tag": etag}
             try:
-                await obstore.put_async(self._store, key, data, mode=mode)
+                done = await obstore.put_async(self._store, key, data, mode=mode)
             except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
-                return False
-            return True
+                return None
+            return done["e_tag"] or ""
 
         return await self._call(put, "write", key)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        """A local file put whole under ``key`` (replacing one there), in parts when large: it
+        appears once complete, never in part."""
+        import obstore  # noqa: PLC0415
+
+        async def put() -> None:
+            await obstore.put_async(self._store, key, path)
+
+        await self._call(put, "write", key)
 
     async def get(self, key: str) -> tuple[bytes, str | None] | None:
         """The object's bytes and ETag; None when there is none."""

@@ -139,7 +139,7 @@ class BucketPublisher:
             doc["shards"] += [_entry(s) for s in fresh]
             doc["records"] = sum(entry["records"] for entry in doc["shards"])
             data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
-            if await self.bucket.put_if(MANIFEST, data, found[1] if found else None):
+            if await self.bucket.put_if(MANIFEST, data, found[1] if found else None) is not None:
                 break  # else another writer replaced it meanwhile: read it again
         for shard in fresh:
             await self._drop_parts(shard.file)
