@@ -301,8 +301,8 @@ async def _open(
     from crawler.coordination.view import RedisView  # noqa: PLC0415
 
     # a bucket: a dead worker's open shard is fetched from its parts, wherever its machine is
-    fetch = publisher.fetch if isinstance(publisher, BucketPublisher) else None
-    redis_store = await open_worker(job, layout, output, worker, fresh=fresh, fetch=fetch)
+    shared = publisher if isinstance(publisher, BucketPublisher) else None
+    redis_store = await open_worker(job, layout, output, worker, fresh=fresh, shared=shared)
     fingerprint = key_fingerprint(api_key)
     url, name = job.redis_url, job.name
     return _Parts(

@@ -240,6 +240,7 @@ async def test_three_workers_into_one_bucket_one_lost_with_its_files(
     assert len(ids) == len(set(ids)) and set(ids) == wanted
     manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
     assert any(e["file"].startswith("shards/reviews-w2-") for e in manifest["shards"])
+    assert await bucket.list(PARTS) == []  # the lost worker's included: listed, or never counted
     await _verify(job, env)
 
 

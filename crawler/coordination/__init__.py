@@ -17,7 +17,7 @@ import orjson
 from crawler.config import Job
 from crawler.coordination.gate import SharedRateGate
 from crawler.coordination.link import Link
-from crawler.coordination.orphans import Fetch, repair_sealed
+from crawler.coordination.orphans import Shared, repair_sealed
 from crawler.coordination.store import Origin, RedisStore, default_worker, prefix_of
 from crawler.errors import ConfigError, OutputError, StateError
 from crawler.output.layout import Layout, hold
@@ -37,11 +37,11 @@ async def open_worker(
     worker: str | None,
     *,
     fresh: bool = False,
-    fetch: Fetch | None = None,
+    shared: Shared | None = None,
 ) -> RedisStore:
     """Join the job as a worker: register, then seal what dead workers left open here.
     ``fresh`` first removes the job's state in Redis and its files here (refused while a worker
-    of it is alive). ``fetch``: a bucket job's, a shard's committed part from the bucket."""
+    of it is alive). ``shared``: a bucket job's, every worker's shards in reach."""
     settings = job.coordination
     assert settings is not None  # noqa: S101 -- the caller checked the job is coordinated
     if worker is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", worker):
@@ -63,7 +63,7 @@ async def open_worker(
             output=output,
             lease_seconds=settings.lease_seconds,
             origin=Origin(str(job.path.resolve()), explicit=settings.job is not None),
-            fetch=fetch,
+            shared=shared,
         )
         store.held = held
         layout.shards_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ that was only paused, and wakes up, goes on writing to the old file, which no na
 more, and its next commit is refused: a reader never sees its bytes.
 
 With a bucket for output, every worker can see every shard: a dead worker's committed part is
-fetched from its parts in the bucket (``fetch``) into this machine's folder, then sealed here.
+fetched from its parts in the bucket (``shared.fetch``) into this machine's folder, then sealed
+here, and its parts that no commit counted are deleted (``shared.drop_strays``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -32,14 +32,23 @@ from crawler.output.shards import sha256_of
 log = logs.get_logger("crawler.coordination")
 
 
-Fetch = Callable[[str, int], Awaitable[bool]]  # a shard's committed bytes into this folder
+class Shared(Protocol):
+    """Every worker's shards in reach of every worker: a bucket (``BucketPublisher``)."""
+
+    async def fetch(self, file: str, length: int) -> bool:
+        """A shard's committed ``length`` bytes into this folder; False if not to be had."""
+        ...
+
+    async def drop_strays(self, owner: str, known: set[str], first_unknown: int) -> None:
+        """``owner``'s parts of shards no commit recorded (numbered ``first_unknown`` on)."""
+        ...
 
 
 async def adopt_orphans(
-    link: Link, prefix: str, layout: Layout, stale_ms: int, fetch: Fetch | None = None
+    link: Link, prefix: str, layout: Layout, stale_ms: int, shared: Shared | None = None
 ) -> list[str]:
     """Retire the workers silent for longer than ``stale_ms`` whose files are in this folder
-    (or, with ``fetch``, in the bucket): their open shard sealed at its committed length, and
+    (or, with ``shared``, in the bucket): their open shard sealed at its committed length, and
     their files that no commit recorded (a batch's new shard, written before the commit a kill
     cut off) removed; the workers retired."""
     dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms, prefix])
@@ -47,7 +56,7 @@ async def adopt_orphans(
     files = await asyncio.to_thread(layout.shard_files) if dead else []
     for worker in dead:
         here = [p for p in files if shard_owner(p.name) == worker]
-        if not here and fetch is None:
+        if not here and shared is None:
             continue  # nothing of it on this disk: another machine's worker to finish
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))
         file = state.get("open_shard") or ""
@@ -55,7 +64,9 @@ async def adopt_orphans(
         if file:
             record = await link.call(partial(link.redis.hget, prefix + "shards", file))
             if not layout.shard(file).exists() and (
-                fetch is None or not record or not await fetch(file, orjson.loads(record)["bytes"])
+                shared is None
+                or not record
+                or not await shared.fetch(file, orjson.loads(record)["bytes"])
             ):
                 continue  # its open shard is on another machine's disk
             try:  # off the event loop: a shard can be large, and the leases must be renewed
@@ -80,6 +91,8 @@ async def adopt_orphans(
         known = set(await link.call(partial(link.redis.hkeys, prefix + "shards")))
         first_unknown = int(state.get("next_shard", "1"))
         await asyncio.to_thread(_remove_strays, layout, here, known, first_unknown)
+        if shared is not None:
+            await shared.drop_strays(worker, known, first_unknown)
         retired.append(worker)
     return retired
 

@@ -25,7 +25,7 @@ import orjson
 
 from crawler import logs
 from crawler.coordination.link import Link
-from crawler.coordination.orphans import Fetch, adopt_orphans, install, seal_copy
+from crawler.coordination.orphans import Shared, adopt_orphans, install, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
 from crawler.coordination.seen import ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
@@ -83,11 +83,11 @@ class RedisStore:
         layout: Layout,
         lease_seconds: float,
         *,
-        fetch: Fetch | None = None,
+        shared: Shared | None = None,
     ):
         self.layout = layout
         # a bucket's output: any worker's committed shard, fetched from its parts to this folder
-        self._fetch = fetch
+        self._shared = shared
         self.link = link
         self.worker = worker
         self.seen = ProductSeen()
@@ -162,9 +162,9 @@ class RedisStore:
         output: dict[str, Any],
         lease_seconds: float,
         origin: Origin | None = None,
-        fetch: Fetch | None = None,
+        shared: Shared | None = None,
     ) -> RedisStore:
-        store = cls(link, job, worker, layout, lease_seconds, fetch=fetch)
+        store = cls(link, job, worker, layout, lease_seconds, shared=shared)
         await store._check_durability()
         await store._check_identity(origin or Origin("", explicit=True))
         await store._check_output(output)
@@ -277,10 +277,12 @@ class RedisStore:
         doc = self._earlier_open
         if (
             doc is not None
-            and self._fetch is not None
+            and self._shared is not None
             and not self.layout.shard(doc["file"]).exists()
         ):
-            await self._fetch(doc["file"], doc["bytes"])  # its machine, or its files, are gone
+            await self._shared.fetch(
+                doc["file"], doc["bytes"]
+            )  # its machine, or its files, are gone
         if doc is None or not self.layout.shard(doc["file"]).exists():
             return  # none, or on another machine's disk: that machine's to finish
         path = self.layout.shard(doc["file"])
@@ -458,7 +460,7 @@ class RedisStore:
             await asyncio.sleep(self._lease_ms / 3000)
 
     async def _adopt(self) -> None:
-        await adopt_orphans(self.link, self._p, self.layout, self._dead_ms, self._fetch)
+        await adopt_orphans(self.link, self._p, self.layout, self._dead_ms, self._shared)
 
     async def _silent_with_shards_here(self) -> bool:
         redis = self.link.redis
@@ -473,7 +475,7 @@ class RedisStore:
             ended = await self.link.call(partial(redis.hget, self.key(f"w:{worker}"), "ended"))
             if ended == "1":
                 continue
-            if self._fetch is not None:  # a bucket: its open shard is in reach, wherever it ran
+            if self._shared is not None:  # a bucket: its open shard is in reach, wherever it ran
                 shard = await self.link.call(
                     partial(redis.hget, self.key(f"w:{worker}"), "open_shard")
                 )

@@ -36,7 +36,13 @@ import orjson
 from crawler import logs
 from crawler.errors import OutputError, StateError
 from crawler.output.bucket import Bucket
-from crawler.output.layout import SHARD_PATTERN, Layout, shard_owner, write_atomically
+from crawler.output.layout import (
+    SHARD_PATTERN,
+    Layout,
+    shard_owner,
+    shard_sequence,
+    write_atomically,
+)
 from crawler.output.shards import write_manifest
 from crawler.state import ShardInfo
 
@@ -217,6 +223,23 @@ class BucketPublisher:
         await asyncio.to_thread(self._write_shard, file, data)
         log.warning("fetched a shard's committed part from the bucket", shard=file, bytes=length)
         return True
+
+    async def drop_strays(self, owner: str, known: set[str], first_unknown: int) -> None:
+        """A retired worker's parts of shards no commit recorded (a batch's new shard whose
+        commit a kill cut off): never listed, their reviews walked again by whoever took its
+        products over."""
+        stale = []
+        for key, _ in await self.bucket.list(PARTS):
+            part = _PART.fullmatch(key)
+            file = part["file"] if part else ""
+            if (
+                SHARD_PATTERN.fullmatch(file)
+                and shard_owner(file) == owner
+                and file not in known
+                and shard_sequence(file) >= first_unknown
+            ):
+                stale.append(key)
+        await self.bucket.delete(*stale)
 
     def _write_shard(self, file: str, data: bytes) -> None:
         try:  # a new machine's working folder may have no shards folder yet
