@@ -385,3 +385,37 @@ async def test_export_to_a_bucket_puts_each_shards_tables_once(tmp_path, sandbox
     counted = duckdb.sql(f"select count(*) from '{tmp_path}/reviews-*.parquet'")
     assert counted is not None
     assert counted.fetchall()[0][0] == summaries[0]["rows"]["reviews"] > 0
+
+
+async def _export(job: Path, env: dict[str, str], *args: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        *crawler_command("export", str(job), "--json", *args),
+        env=subprocess_env(**env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    summary: dict[str, Any] = orjson.loads(stdout)
+    return summary
+
+
+async def test_a_bucket_jobs_shards_export_from_the_bucket(tmp_path, sandbox, s3_server):
+    """The working folder's shard files gone: the export reads the sealed objects; by default
+    its tables go beside the shards, under PREFIX/export/."""
+    url = _url()
+    async with sandbox() as (base, _):
+        job = write_job(tmp_path, base, TARGETS[:3], output={"dir": url, "shard_max_records": 300})
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 0, stderr
+    for path in Layout(load_job(job).output.dir).shard_files():
+        path.unlink()
+    manifest = orjson.loads((await _bucket(s3_server, url).get(MANIFEST) or (b"", None))[0])
+    summary = await _export(job, s3_server.env(), "--to", str(tmp_path / "tables"))
+    assert summary["shards"]["exported"] == len(manifest["shards"]) > 1
+    counted = duckdb.sql(f"select count(*) from '{tmp_path}/tables/reviews/*.parquet'")
+    assert counted is not None and counted.fetchall()[0][0] == manifest["records"]
+    again = await _export(job, s3_server.env())  # to s3://.../export
+    assert again["shards"]["exported"] == len(manifest["shards"])
+    ledger = await _bucket(s3_server, f"{url}/export").get("_exported.json")
+    assert ledger is not None and len(orjson.loads(ledger[0])["shards"]) == len(manifest["shards"])

@@ -29,6 +29,7 @@ from crawler.output.layout import Layout
 
 if TYPE_CHECKING:
     from crawler.config import Job
+    from crawler.export.from_bucket import BucketShards
     from crawler.export.tables import TableFile
 
 BATCH = (
@@ -50,15 +51,30 @@ def export_job(job: Job, options: ExportOptions) -> ExportSummary:
     """Export every sealed shard not exported yet; the summary says what was done and lacked."""
     if options.file_format not in FORMATS:
         raise ConfigError(f"--format {options.file_format}: one of {', '.join(FORMATS)}")
-    if job.output.bucket is not None:  # its shards are objects: this exporter reads files
-        raise ConfigError(
-            f"{job.path}: output.dir is a bucket ({job.output.bucket}): `crawler export` reads "
-            "a folder's shards only, for now; `crawler verify` checks the bucket"
-        )
     tables = _tables()
     layout = Layout(job.output.dir)
-    destination = destination_for(options.to or str(layout.root / "export"))
-    entries, open_shards = _manifest(layout)
+    bucket = _bucket_shards(job, layout)  # None: the job writes to a folder
+    try:
+        return _export(layout, bucket, tables, options, default_to=f"{job.output.bucket}/export")
+    finally:
+        if bucket is not None:
+            bucket.close()
+
+
+def _export(
+    layout: Layout,
+    bucket: BucketShards | None,
+    tables: ModuleType,
+    options: ExportOptions,
+    *,
+    default_to: str,
+) -> ExportSummary:
+    to = options.to or (default_to if bucket is not None else str(layout.root / "export"))
+    destination = destination_for(to)
+    if bucket is None:
+        entries, open_shards = _manifest(layout)
+    else:
+        entries, open_shards = _parse(bucket.manifest(), f"{bucket.url}/manifest.json")
     summary = ExportSummary(destination.describe(), options.file_format, options.reviewer)
     summary.open_shards = open_shards
     started = time.perf_counter()
@@ -68,12 +84,16 @@ def export_job(job: Job, options: ExportOptions) -> ExportSummary:
         todo = [entry for entry in entries if not ledger.done(entry)]  # all checked first
         summary.already = len(entries) - len(todo)
         for entry in todo:
-            shard = _Shard(entry, layout.root / entry.file, destination, tables, options)
+            path = bucket.path(entry) if bucket is not None else layout.root / entry.file
+            shard = _Shard(entry, path, destination, tables, options)
             try:
                 rows, tally = shard.export()
             except _UNREADABLE as exc:
-                summary.problems.append(_unreadable(entry, layout, exc))
+                summary.problems.append(_unreadable(entry, path, exc))
                 continue
+            finally:
+                if bucket is not None:
+                    bucket.release(path)
             ledger.record(entry, rows, destination)
             summary.exported += 1
             summary.tally.add(tally)
@@ -95,25 +115,40 @@ def _tables() -> ModuleType:
     return tables
 
 
+def _bucket_shards(job: Job, layout: Layout) -> BucketShards | None:
+    """A bucket job's shards (obstore imported only then); None for a folder's."""
+    if job.output.bucket is None:
+        return None
+    from crawler.export.from_bucket import BucketShards  # noqa: PLC0415 -- the s3 extra's
+    from crawler.pacing.retry import RetryPolicy  # noqa: PLC0415
+
+    return BucketShards(job.output.bucket, layout, RetryPolicy.from_settings(job.api.retry))
+
+
 def _manifest(layout: Layout) -> tuple[list[ShardEntry], int]:
     """The sealed shards, in the order written, and how many are open."""
     try:
-        doc = orjson.loads(layout.manifest.read_bytes())
+        data: bytes | None = layout.manifest.read_bytes()
+    except FileNotFoundError:
+        data = None
+    return _parse(data, str(layout.manifest))
+
+
+def _parse(data: bytes | None, where: str) -> tuple[list[ShardEntry], int]:
+    if data is None:
+        raise StateError(f"{where}: missing: the job has not run yet (or not to its first commit)")
+    try:
+        doc = orjson.loads(data)
         entries = [
             ShardEntry(str(s["file"]), int(s["records"]), int(s["bytes"]), str(s["sha256"]))
             for s in doc["shards"]
         ]
         return entries, len(doc.get("open_shards", []))
-    except FileNotFoundError:
-        raise StateError(
-            f"{layout.manifest}: missing: the job has not run yet (or not to its first commit)"
-        ) from None
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise StateError(f"{layout.manifest}: unreadable ({type(exc).__name__})") from None
+        raise StateError(f"{where}: unreadable ({type(exc).__name__})") from None
 
 
-def _unreadable(entry: ShardEntry, layout: Layout, exc: BaseException) -> str:
-    path = layout.root / entry.file
+def _unreadable(entry: ShardEntry, path: Path, exc: BaseException) -> str:
     if isinstance(exc, ShardChanged):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
