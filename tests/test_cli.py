@@ -8,9 +8,10 @@ import os
 import shutil
 import socket
 import sqlite3
+import sys
 from pathlib import Path
 
-from tests.conftest import crawler_command, run_crawler, write_job
+from tests.conftest import crawler_command, run_crawler, subprocess_env, write_job
 
 
 async def test_version():
@@ -80,3 +81,61 @@ def test_help_of_the_package_starts_with_the_api_a_program_calls():
     text = pydoc.render_doc(crawler, renderer=pydoc.TextDoc())
     head = "\n".join(pydoc.plain(text).splitlines()[:20])
     assert "crawler.load_job(" in head and "crawler.run_job(" in head
+
+
+# what a one-process run without metrics or export has no use for before its first request
+# (issue 22: start-up cost more than a hand-written loop's). importlib.metadata is not listed:
+# pydantic's plugin loader imports it as soon as a model is built, --version or not
+NOT_BEFORE_THE_FIRST_REQUEST = (
+    "structlog",  # its dev module loads rich and rich's tracebacks
+    "rich",  # only the live display, on a terminal
+    "crawler.report",  # only at the end
+    "crawler.export",
+    "crawler.metrics",
+    "prometheus_client",
+    "pyarrow",
+    "redis",
+    "crawler.coordination",
+)
+
+
+async def test_a_run_imports_only_what_it_uses_before_its_first_request(tmp_path: Path):
+    first_request = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # the request line: the crawler has sent its first request
+        first_request.set()
+        await reader.read()  # never answered; the crawler is killed while it waits
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    job = write_job(tmp_path, f"http://127.0.0.1:{port}", [{"product_id": "1", "region": "US"}])
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "importtime", *crawler_command("run", "--no-progress", str(job))[1:],
+        env=subprocess_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    reading = asyncio.create_task(process.stderr.read())  # drained as written: never blocks it
+    try:
+        await asyncio.wait_for(first_request.wait(), 30)
+    finally:
+        process.kill()
+        await process.wait()
+        server.close()
+    # "import time: self [us] | cumulative | name", indented by depth: everything imported
+    # from the start to a moment after the request was sent
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in (await reading).decode().splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "aiohttp" in imported and "crawler.runner" in imported  # the list is the run's
+    early = sorted(
+        name
+        for name in imported
+        for unused in NOT_BEFORE_THE_FIRST_REQUEST
+        if name == unused or name.startswith(unused + ".")
+    )
+    assert not early, early
