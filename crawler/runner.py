@@ -491,13 +491,20 @@ def _snapshot(run: _Run) -> Any:
         queue_capacity=capacity,
         credits_spent=walker.budget.spent,
         credits_ceiling=run.job.budget.max_credits,
-        targets={str(s): n.count for s, n in totals.by_status.items()},
+        # the shown statuses (in_progress, not_started...), as status and the report name them
+        targets=report.shown_counts(totals.by_status, spent_out=_spent_out(run.job, walker)),
         verdicts={str(v): int(totals.total(v)) for v in VERDICTS},
         reviews_written=int(totals.total("records")),
         reviews_said=completeness["reviews_said"],
         reviews_missing=completeness["reviews_missing"],
         coverage=completeness["coverage"],
     )
+
+
+def _spent_out(job: Job, walker: Walker) -> bool:
+    """What is left of the budget buys no request (``report.spent_out``, from the run's own
+    count)."""
+    return job.budget.max_credits - walker.budget.spent < job.budget.credits_per_request
 
 
 async def _finish(

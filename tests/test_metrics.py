@@ -4,6 +4,7 @@ over HTTP during a real run, which at its end agree with the run report."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crawler import load_job
 from crawler.errors import ConfigError
+from crawler.report import STATUSES
 from crawler.runner import run_job
 from crawler.sandbox import Sandbox
 from crawler.state.verdict import tolerance
 from tests.conftest import ENV, PRODUCTS, RedisServer, free_port, target_rows, write_job
 
+ROOT = Path(__file__).resolve().parent.parent
 FEED_CAP = 50
 P0, P1, P2, P3 = PRODUCTS[:4]
 # (product, region, max_pages): counts 13, 119 (sharing reviews with P0 US), 28, 120, 0, 58, 55
@@ -144,6 +147,39 @@ async def test_verdicts_match_the_feeds_and_metrics_scraped_during_the_run_match
     assert total(final, "crawler_job_coverage_ratio") == doc["totals"]["coverage"]
     assert total(final, "crawler_writer_queue_capacity_pages") > 0
     assert not [name for name, labels in final if ("product_id", P0) in labels]
+
+
+async def test_targets_by_status_have_the_names_status_and_the_report_give(sandbox, tmp_path: Path):
+    """A run the budget stops, walks cut short and targets never begun: the metric's statuses
+    are the report's (in_progress, not_started, stopped_budget), each one there, 0 or not, so
+    an alert on targets left finds its series."""
+    targets = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
+    async with sandbox() as (url, _):
+        job = load_job(
+            write_job(tmp_path, url, targets, api={"concurrency": 2}, budget={"max_credits": 30})
+        )
+        registry = CollectorRegistry()
+        result = await run_job(job, environ=ENV, metrics_registry=registry)
+    assert result.exit_status == 3
+    final = samples(generate_latest(registry).decode())
+    shown = {
+        dict(labels)["status"]: value
+        for (name, labels), value in final.items()
+        if name == "crawler_job_targets"
+    }
+    by_status = result.report["targets_by_status"]
+    assert by_status["not_started"] > 0 and by_status["stopped_budget"] > 0
+    assert shown == {s: by_status.get(s, 0) for s in STATUSES}
+    # the README's queries and alerts name series this run served, and statuses there are
+    readme = (ROOT / "README.md").read_text().split("## Metrics for Prometheus", 1)[1]
+    readme = readme.split("\n## ", 1)[0]
+    queries = "".join(re.findall(r"```(?:promql|yaml)\n(.*?)```", readme, flags=re.DOTALL))
+    assert {"crawler_pages_total", "crawler_job_targets"} <= set(
+        re.findall(r"crawler_\w+", queries)
+    )
+    assert set(re.findall(r"crawler_\w+", queries)) <= {name for name, _ in final}
+    named = re.findall(r'status=~?"([^"]+)"', queries)
+    assert named and all(set(n.split("|")) <= set(STATUSES) for n in named)
 
 
 async def test_a_coordinated_worker_labels_its_metrics_with_its_name(
