@@ -4,12 +4,15 @@ and an exit status, never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import socket
 import sqlite3
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import crawler_command, run_crawler, subprocess_env, write_job
 
@@ -141,3 +144,21 @@ async def test_a_run_imports_only_what_it_uses_before_its_first_request(tmp_path
         if name == unused or name.startswith(unused + ".")
     )
     assert not early, early
+
+
+def test_verify_and_export_lines_fit_80_columns_and_never_cut_a_path(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from crawler.cli import _say_fitted  # noqa: PLC0415 -- what verify and export print through
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    shown = io.StringIO()  # not a terminal: 80 columns
+    problem = "out/shards/reviews-000002.jsonl: 100 bytes, the state committed 4,187,243: the "
+    _say_fitted(f"problem: {problem}file was cut or replaced since; put the original back", shown)
+    _say_fitted("  nulls: " + "x" * 90 + " and more", shown)  # a word too long: the line whole
+    lines = shown.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines[:-1]) and len(lines) == 3
+    assert lines[0].startswith(f"problem: {problem.split(maxsplit=1)[0]} ") and lines[1].startswith(
+        " " * 9
+    )
+    assert lines[2] == "  nulls: " + "x" * 90 + " and more"

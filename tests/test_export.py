@@ -101,7 +101,10 @@ def test_tables_match_the_shards_row_by_row(harvested: Job, tmp_path: Path):
     assert summary["shards"] == {"exported": 6, "already_exported": 0, "open": 0, "failed": 0}
     assert summary["rows"]["reviews"] == len(lines) > 1000
     assert summary["nulls"] == {} and summary["wrong_type"] == {}
-    assert "6 shards exported (parquet)" in said
+    assert "6 shards exported (parquet)" in " ".join(said.split())
+    # what a person reads fits 80 columns (off a terminal), but for a word alone too long
+    too_wide = [s for s in said.splitlines() if len(s) > 80 and max(map(len, s.split())) <= 76]
+    assert too_wide == []
 
     reviews = {row["review_id"]: row for row in table(to, "reviews")}
     assert len(reviews) == len(lines)  # every review once
