@@ -164,14 +164,22 @@ def test_verify_and_export_lines_fit_80_columns_and_never_cut_a_path(
     assert lines[2] == "  nulls: " + "x" * 90 + " and more"
 
 
-async def test_a_metrics_port_in_use_is_refused_before_any_request(tmp_path: Path):
+async def test_a_metrics_port_in_use_is_refused_before_anything_is_done(tmp_path: Path):
     job = write_job(tmp_path, "sandbox", [{"product_id": "1729679758111249333", "region": "US"}])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         status, _, stderr = await run_crawler("run", "--metrics-port", str(port), str(job))
-    said = stderr.decode()
-    assert status == 2 and f"cannot listen on 127.0.0.1:{port}" in said, said
-    assert "--metrics-port" in said and "Traceback" not in said
-    assert not (tmp_path / "out" / "shards").exists()  # nothing walked
+        said = stderr.decode()
+        assert status == 2 and f"cannot listen on 127.0.0.1:{port}" in said, said
+        assert "--metrics-port" in said and "Traceback" not in said
+        assert not (tmp_path / "out" / "shards").exists()  # nothing walked
+        # a harvest there, and --fresh refused for its metrics port: the harvest is still there
+        assert (await run_crawler("run", "--no-progress", str(job)))[0] == 0
+        shards = sorted((tmp_path / "out" / "shards").iterdir())
+        status, _, stderr = await run_crawler(
+            "run", "--fresh", "--metrics-port", str(port), str(job)
+        )
+        assert status == 2 and b"cannot listen" in stderr
+        assert sorted((tmp_path / "out" / "shards").iterdir()) == shards != []
