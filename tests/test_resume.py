@@ -211,18 +211,20 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     assert b"state.db" in stderr and b"Traceback" not in stderr
 
 
-async def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path, sandbox):
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_second_signal_stops_at_once_and_stays_resumable(tmp_path, sandbox, stop, status):
+    """SIGTERM (a service manager, kill) takes the same two steps as Ctrl-C."""
     async with sandbox(latency=(0.5, 1.0)) as (url, box):
         api = {"requests_per_second": 100, "shutdown_grace_seconds": 60}
         job = write_job(tmp_path, url, TARGETS, api=api)
         process = await _start(job)
         await until(lambda: requests_to(box) >= 8)  # every walker has a request in flight
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         loop = asyncio.get_running_loop()
         second = loop.time()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, stderr = await process.communicate()
-        assert process.returncode == 130, stderr.decode()
+        assert process.returncode == status, stderr.decode()
         assert loop.time() - second < 5  # not the 60 s grace, nor the 0.5-1 s answers
     async with sandbox() as (url, box):  # the same catalogue, without the slow answers
         write_job(tmp_path, url, TARGETS, api={"requests_per_second": 400})
