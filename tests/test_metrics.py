@@ -4,6 +4,8 @@ over HTTP during a real run, which at its end agree with the run report."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,15 @@ from crawler.report import STATUSES
 from crawler.runner import run_job
 from crawler.sandbox import Sandbox
 from crawler.state.verdict import tolerance
-from tests.conftest import ENV, PRODUCTS, RedisServer, free_port, target_rows, write_job
+from tests.conftest import (
+    ENV,
+    PRODUCTS,
+    RedisServer,
+    free_port,
+    run_crawler,
+    target_rows,
+    write_job,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FEED_CAP = 50
@@ -211,3 +221,42 @@ def test_metrics_settings_from_the_command_line_and_the_job_file(tmp_path: Path)
         plain.with_metrics(70000, None)
     with pytest.raises(ConfigError, match=r"job.yaml:\d+: metrics.port"):
         load_job(write_job(tmp_path, "sandbox", _targets()[:1], metrics={"port": -1}))
+
+
+async def test_status_table_json_and_csv_show_verdicts_coverage_and_credits_per_review(
+    tmp_path: Path,
+):
+    """The demo's sandbox ends every feed at 600 reviews: a target said to have 630 comes back
+    short by 30, one under max_pages is capped, a small one complete."""
+    targets: list[dict[str, Any]] = [
+        {"product_id": "1729679758111249337", "region": "MX"},  # 630 said
+        {"product_id": P0, "region": "US", "max_pages": 1},  # 13 said, 10 a page
+        {"product_id": P0, "region": "DE"},
+    ]
+    job = write_job(tmp_path, "sandbox", targets)
+    status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+    assert status == 0, stderr.decode()
+    report = orjson.loads((tmp_path / "out" / "run-report.json").read_bytes())
+    totals = report["totals"]
+    assert report["targets_by_verdict"] == {"complete": 1, "short": 1, "capped": 1, "unknown": 0}
+    assert totals["reviews_missing"] == 30 and 0 < totals["coverage"] < 1
+    assert totals["credits_per_review"] == round(totals["credits_charged"] / totals["reviews"], 3)
+
+    status, shown, _ = await run_crawler("status", "--json", str(job))
+    doc = orjson.loads(shown)
+    assert doc["targets_by_verdict"] == report["targets_by_verdict"]
+    for figure in ("reviews_said", "reviews_missing", "coverage", "credits_per_review"):
+        assert doc["totals"][figure] == totals[figure]
+    status, table_csv, _ = await run_crawler("status", "--csv", str(job))
+    rows = {r["region"]: r for r in csv.DictReader(io.StringIO(table_csv.decode()))}
+    assert {region: (r["verdict"], r["missing"]) for region, r in rows.items()} == {
+        "MX": ("short", "30"),
+        "US": ("capped", "0"),
+        "DE": ("complete", "0"),
+    }
+    status, table, _ = await run_crawler("status", str(job))
+    said = " ".join(table.decode().split())
+    assert "verdicts 1 complete, 1 short, 1 capped" in said
+    assert f"coverage {totals['coverage']:.1%}" in said and "(30 missing)" in said
+    assert f"{totals['credits_per_review']:.2f} credits/review" in said
+    assert "done (short 30)" in said
