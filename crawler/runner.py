@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -108,6 +109,8 @@ async def run_job(
         "shard_max_records": job.output.shard_max_records,
         "compression": job.output.compression,
     }
+    if fresh:  # a run refused for its metrics address must not have removed anything first
+        _check_metrics_address(job)
     parts = await _open(job, layout, output, fresh=fresh, worker=worker, api_key=api_key)
     try:
         metrics = _metrics(job, metrics_registry, parts.owner)
@@ -151,6 +154,32 @@ def _metrics(job: Job, registry: Any | None, worker: str | None) -> Any | None:
     return RunMetrics(registry if registry is not None else CollectorRegistry(), worker)
 
 
+def _check_metrics_address(job: Job) -> None:
+    """ConfigError when the metrics address cannot be bound now (a port in use): said before
+    --fresh removes the job's files. Serving binds it again once the state is open (a
+    coordinated worker's name is known only then); a port taken in between is refused there."""
+    if job.metrics is None or job.metrics.port == 0:
+        return
+    host, port = job.metrics.host, job.metrics.port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # as aiohttp's server binds: a port in TIME_WAIT is free, one listened on is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise _unservable(host, port, exc) from None
+
+
+def _unservable(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}; give another "
+        "--metrics-port (or metrics.port)"
+    )
+
+
 @contextlib.asynccontextmanager
 async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
     """Metrics served over HTTP for the whole run, report included, when the job says so."""
@@ -164,10 +193,7 @@ async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
         served = serve(metrics, host, port)
         url = await served.__aenter__()
     except OSError as exc:
-        raise ConfigError(
-            f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}; give another "
-            "--metrics-port (or metrics.port)"
-        ) from None
+        raise _unservable(host, port, exc) from None
     log.info("metrics served", url=url)
     try:
         yield
@@ -491,13 +517,20 @@ def _snapshot(run: _Run) -> Any:
         queue_capacity=capacity,
         credits_spent=walker.budget.spent,
         credits_ceiling=run.job.budget.max_credits,
-        targets={str(s): n.count for s, n in totals.by_status.items()},
+        # the shown statuses (in_progress, not_started...), as status and the report name them
+        targets=report.shown_counts(totals.by_status, spent_out=_spent_out(run.job, walker)),
         verdicts={str(v): int(totals.total(v)) for v in VERDICTS},
         reviews_written=int(totals.total("records")),
         reviews_said=completeness["reviews_said"],
         reviews_missing=completeness["reviews_missing"],
         coverage=completeness["coverage"],
     )
+
+
+def _spent_out(job: Job, walker: Walker) -> bool:
+    """What is left of the budget buys no request (``report.spent_out``, from the run's own
+    count)."""
+    return job.budget.max_credits - walker.budget.spent < job.budget.credits_per_request
 
 
 async def _finish(

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import orjson
-import structlog
 
+from crawler import logs
 from crawler.api.endpoint import Page
 from crawler.errors import OutputError, StateError
 from crawler.output.dedup import SeenLog
@@ -39,7 +39,9 @@ from crawler.state.model import SeriesState
 if TYPE_CHECKING:
     from crawler.output.writer import Rendered, Writer
 
-log = structlog.get_logger("crawler.writer")
+# crawler.logs, not structlog: its lines reach the command line's sink (console, JSON log,
+# --log-file), a library caller's stdout gets none, and a run does not import structlog (rich)
+log = logs.get_logger("crawler.writer")
 
 
 @dataclass(slots=True)
