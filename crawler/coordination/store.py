@@ -591,7 +591,7 @@ class RedisStore:
         return (await self.apply(writes))[0] == "ok"
 
     def holds(self, target_id: int) -> bool:
-        held = self._live.get(target_id)
+        held = self._live.get(target_id) or self._live_sources.get(target_id)
         return held is not None and not held[2].lost
 
     # -- sources (``found_by``: the Redis side of them) ---------------------------------------
