@@ -469,3 +469,18 @@ async def test_a_refresh_walks_the_sources_again_and_refreshes_what_they_found(o
         [*(t.key for t in SELLERS), f"{A}:US", f"{B}:US"]
     )
     assert {(c.saved.walk, c.saved.cursor, c.saved.walk_pages) for c in again} == {(1, None, 0)}
+
+
+async def test_a_listed_target_a_source_found_too_stays_when_the_file_drops_it(open_store):
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None), (B, "US", None)))
+    first = await store.claim()
+    assert first is not None
+    await commit_sources(store, listing(first, [(A, "US")]))
+    await end(store)
+    await store.close()
+    store = await open_store()
+    await start_sources(store, targets())  # the job file lists neither any more
+    assert store.totals.targets == 1  # A: the source found it; B: dropped
+    walks = [c.target.key for c in await claim_all(store)]
+    assert f"{A}:US" in walks and f"{B}:US" not in walks
