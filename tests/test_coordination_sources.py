@@ -64,19 +64,21 @@ def _job(folder: Path, url: str, redis_url: str) -> Path:
     return path
 
 
-def _sellers() -> dict[str, list[str]]:
+def _sellers(generation: int = 0) -> dict[str, list[str]]:
     """Each seller's listing, by region: what the sandbox's seller listings hold."""
-    return {f"{s}:{r}": list(listed("seller", s, r)) for s, r in SELLERS}
+    return {f"{s}:{r}": list(listed("seller", s, r, generation)) for s, r in SELLERS}
 
 
-def _category() -> list[str]:
-    return list(listed("analytics", f"category_id={CATEGORY[0]},region={CATEGORY[1]}", CATEGORY[1]))
+def _category(generation: int = 0) -> list[str]:
+    key = f"category_id={CATEGORY[0]},region={CATEGORY[1]}"
+    return list(listed("analytics", key, CATEGORY[1], generation))
 
 
-def _pairs() -> set[tuple[str, str]]:
+def _pairs(generation: int = 0) -> set[tuple[str, str]]:
     """Every review target the job has: found by a source (in its target's region), or listed."""
-    found = {(p, key.split(":")[1]) for key, products in _sellers().items() for p in products}
-    return found | {(p, CATEGORY[1]) for p in _category()} | {(LISTED, "US")}
+    sellers = _sellers(generation)
+    found = {(p, key.split(":")[1]) for key, products in sellers.items() for p in products}
+    return found | {(p, CATEGORY[1]) for p in _category(generation)} | {(LISTED, "US")}
 
 
 def _items(out: Path, series: str) -> list[str]:
@@ -86,9 +88,9 @@ def _items(out: Path, series: str) -> list[str]:
     ]
 
 
-async def _expected(box: SandboxProcess) -> set[str]:
+async def _expected(box: SandboxProcess, pairs: set[tuple[str, str]] | None = None) -> set[str]:
     ids: set[str] = set()
-    for product_id, region in _pairs():
+    for product_id, region in _pairs() if pairs is None else pairs:
         ids.update(await box.ids(product_id, region))
     return ids
 
@@ -160,3 +162,34 @@ async def test_workers_killed_in_the_source_stage_find_and_walk_each_product_onc
     found = sum(s["products_found"] for s in sources.values())
     assert found == len(_pairs()) - 1  # every pair but the listed one, found once
     assert doc["targets_total"] == len(_pairs())
+
+
+async def test_a_coordinated_refresh_walks_the_sources_again(
+    tmp_path: Path, redis_server: RedisServer
+):
+    async with serve_in_process(SandboxOptions()) as (url, box):
+        job = _job(tmp_path, url, redis_server.url)
+        for extra in ((), ("--refresh",)):
+            if extra:
+                assert await box.grow() == 1  # the sellers list new products, reviews are added
+            running = [await start(job, name, *extra) for name in ("w1", "w2")]
+            for process in running:
+                stderr = await _ended(process)
+                assert process.returncode == 0, stderr.decode()
+        new = _pairs(1) - _pairs(0)
+        assert new  # the grown listings name products the harvest never saw
+        ids_new = await _expected(box, new)
+    out = load_job(job).output.dir
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)), "a review written twice"
+    assert ids_new <= set(ids)  # a product new since the harvest is walked in full
+    shop = _items(out, "shop_products")
+    sellers = {p for products in _sellers(1).values() for p in products}
+    assert len(shop) == len(set(shop)) and set(shop) == sellers
+    verdict = verify(Layout(out))
+    assert verdict.ok, verdict.problems
+    code, stdout, stderr = await run_crawler("status", "--json", str(job))
+    assert code == 0, stderr.decode()
+    doc = orjson.loads(stdout)
+    assert doc["targets_total"] == len(_pairs(1))
+    assert sum(s["products_found"] for s in doc["sources"]) == len(_pairs(1)) - 1
