@@ -99,11 +99,6 @@ async def run_job(
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
-    if job.sources and job.coordination is not None:
-        raise ConfigError(
-            f"{job.path}: sources: not run in the coordinated mode yet; run a job with sources "
-            "as one process (without coordination or --redis)"
-        )
     layout = Layout(job.output.dir)
     output = {
         "shard_max_records": job.output.shard_max_records,
@@ -216,7 +211,7 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
     except OSError as exc:
         raise OutputError.from_os(exc, layout.shards_dir) from None
     for name in _series_names(job):
-        found.bytes_cut += recover_series(layout, store.series(name))
+        found.bytes_cut += recover_series(layout, store.series(name), parts.owner)
     await store.sync_targets(job.targets)
     await store.sync_sources(job.sources)
     refreshing = await store.begin_run(
@@ -263,6 +258,8 @@ class _Parts:
     gate: Callable[[float], Gate]
     view: Callable[[], StateView | None]
     owner: str | None = None  # the worker's name, coordinated
+    # a source endpoint's item seen-set; None: its seen files here (one process)
+    series_seen: Callable[[str], SeenSet] | None = None
 
 
 async def _open(
@@ -294,6 +291,7 @@ async def _open(
         lambda: redis_store.seen,
         lambda rate: SharedRateGate(redis_store.link, fingerprint, rate, job=name),
         lambda: RedisView(url, name, job.budget),
+        series_seen=redis_store.item_seen,
         owner=redis_store.worker,
     )
 
@@ -330,6 +328,8 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
             store.series(name),
             compression=job.output.compression,
             shard_max_records=job.output.shard_max_records,
+            seen=parts.series_seen(name) if parts.series_seen is not None else None,
+            owner=parts.owner,
         )
         for name in _series_names(job)
     }
