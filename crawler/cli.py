@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from crawler.config import Job
@@ -427,6 +427,7 @@ def _print_unstarted(job: Job, *, as_json: bool) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from crawler.output.layout import Layout  # noqa: PLC0415
     from crawler.output.verify import verify  # noqa: PLC0415
+    from crawler.screen import plural  # noqa: PLC0415
 
     job = _load(args)
     if job.output.bucket is not None:  # obstore imported only for a bucket
@@ -442,16 +443,30 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         verdict = verify(Layout(job.output.dir))
     for note in verdict.notes:
-        print(f"note: {note}")
+        _say_fitted(f"note: {note}", sys.stdout)
     for problem in verdict.problems:
-        print(f"problem: {problem}")
-    from crawler.screen import plural  # noqa: PLC0415
-
+        _say_fitted(f"problem: {problem}", sys.stdout)
     print(
         f"{plural(verdict.shards, 'shard')}, {plural(verdict.records, 'review')}: "
         f"{'ok' if verdict.ok else plural(len(verdict.problems), 'problem')}"
     )
     return 0 if verdict.ok else 1
+
+
+def _say_fitted(line: str, stream: TextIO) -> None:
+    """``line`` in lines that fit the terminal (80 columns off one), broken between words and
+    indented under its first word; whole when a word alone would not fit (a path is never cut)."""
+    from crawler.screen import prose, width_of  # noqa: PLC0415
+
+    width = width_of(stream)
+    text = line.lstrip(" ")
+    first, _, rest = text.partition(" ")
+    lead = line[: len(line) - len(text)] + first + " "
+    if len(line) <= width or not rest or max(len(w) for w in text.split()) > width - 4:
+        print(line, file=stream)
+        return
+    for one in prose(rest, width, lead=lead):
+        print(one, file=stream)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -461,7 +476,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(args.format, args.to, reviewer=args.include_reviewer)
     summary = export_job(load_job(args.job), options)
     for line in summary.lines():
-        print(line, file=sys.stderr)
+        _say_fitted(line, sys.stderr)
     if args.json:
         import orjson  # noqa: PLC0415
 

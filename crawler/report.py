@@ -10,13 +10,14 @@ carried, duplicates included), ``duplicates`` dropped, ``pages``, ``credits``, `
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from crawler import planner
 from crawler.config import Job
 from crawler.state import StateView, Totals
 from crawler.state.events import Status
+from crawler.state.model import Sums
 from crawler.state.verdict import VERDICTS
 
 ATTENTION = 20  # targets listed by name: a screenful; the CSV and --all have them all
@@ -126,7 +127,15 @@ def completeness(totals: Totals, credits: int) -> dict[str, Any]:
 
 def _by_status(view: StateView, unlisted: int, *, spent_out: bool) -> dict[str, int]:
     """Targets by shown status (``STATUSES``' order), none left out of the sum."""
-    by = view.totals().by_status
+    counts = shown_counts(view.totals().by_status, unlisted, spent_out=spent_out)
+    return {name: count for name, count in counts.items() if count}
+
+
+def shown_counts(
+    by: Mapping[Status, Sums], unlisted: int = 0, *, spent_out: bool
+) -> dict[str, int]:
+    """Every shown status (``STATUSES``' order) and its targets, 0 included: the one set of
+    names that status, the report and the metrics give a target's status."""
     pending, budget = by[Status.PENDING], by[Status.BUDGET]
     counts = {
         "done": by[Status.DONE].count,
@@ -137,7 +146,7 @@ def _by_status(view: StateView, unlisted: int, *, spent_out: bool) -> dict[str, 
     }
     if spent_out:
         counts["stopped_budget"] += counts.pop("in_progress")
-    return {name: counts[name] for name in STATUSES if counts.get(name)}
+    return {name: counts.get(name, 0) for name in STATUSES}
 
 
 def _row(saved: dict[str, Any], *, spent_out: bool) -> dict[str, Any]:

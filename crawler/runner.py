@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -99,11 +100,6 @@ async def run_job(
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
-    if job.sources and job.coordination is not None:
-        raise ConfigError(
-            f"{job.path}: sources: not run in the coordinated mode yet; run a job with sources "
-            "as one process (without coordination or --redis)"
-        )
     if job.sources and job.output.bucket is not None:
         raise ConfigError(
             f"{job.path}: sources: not written to a bucket yet; give output.dir a folder"
@@ -113,6 +109,8 @@ async def run_job(
         "shard_max_records": job.output.shard_max_records,
         "compression": job.output.compression,
     }
+    if fresh:  # a run refused for its metrics address must not have removed anything first
+        _check_metrics_address(job)
     publisher = _publisher(job, layout, retry_policy, environ)
     parts = await _open(
         job, layout, output, fresh=fresh, worker=worker, api_key=api_key, publisher=publisher
@@ -167,6 +165,32 @@ def _metrics(job: Job, registry: Any | None, worker: str | None) -> Any | None:
     return RunMetrics(registry if registry is not None else CollectorRegistry(), worker)
 
 
+def _check_metrics_address(job: Job) -> None:
+    """ConfigError when the metrics address cannot be bound now (a port in use): said before
+    --fresh removes the job's files. Serving binds it again once the state is open (a
+    coordinated worker's name is known only then); a port taken in between is refused there."""
+    if job.metrics is None or job.metrics.port == 0:
+        return
+    host, port = job.metrics.host, job.metrics.port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # as aiohttp's server binds: a port in TIME_WAIT is free, one listened on is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise _unservable(host, port, exc) from None
+
+
+def _unservable(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}; give another "
+        "--metrics-port (or metrics.port)"
+    )
+
+
 @contextlib.asynccontextmanager
 async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
     """Metrics served over HTTP for the whole run, report included, when the job says so."""
@@ -180,10 +204,7 @@ async def _serving(job: Job, metrics: Any | None) -> AsyncIterator[None]:
         served = serve(metrics, host, port)
         url = await served.__aenter__()
     except OSError as exc:
-        raise ConfigError(
-            f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}; give another "
-            "--metrics-port (or metrics.port)"
-        ) from None
+        raise _unservable(host, port, exc) from None
     log.info("metrics served", url=url)
     try:
         yield
@@ -228,7 +249,7 @@ async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> Ru
     except OSError as exc:
         raise OutputError.from_os(exc, layout.shards_dir) from None
     for name in _series_names(job):
-        found.bytes_cut += recover_series(layout, store.series(name))
+        found.bytes_cut += recover_series(layout, store.series(name), parts.owner)
     await store.sync_targets(job.targets)
     await store.sync_sources(job.sources)
     refreshing = await store.begin_run(
@@ -275,6 +296,8 @@ class _Parts:
     gate: Callable[[float], Gate]
     view: Callable[[], StateView | None]
     owner: str | None = None  # the worker's name, coordinated
+    # a source endpoint's item seen-set; None: its seen files here (one process)
+    series_seen: Callable[[str], SeenSet] | None = None
     publisher: Publisher | None = None  # where committed shards are published
 
 
@@ -310,6 +333,7 @@ async def _open(
         lambda: redis_store.seen,
         lambda rate: SharedRateGate(redis_store.link, fingerprint, rate, job=name),
         lambda: RedisView(url, name, job.budget),
+        series_seen=redis_store.item_seen,
         owner=redis_store.worker,
     )
 
@@ -346,6 +370,8 @@ def _prepare(  # noqa: PLR0917 -- the run's parts, each passed in once
             store.series(name),
             compression=job.output.compression,
             shard_max_records=job.output.shard_max_records,
+            seen=parts.series_seen(name) if parts.series_seen is not None else None,
+            owner=parts.owner,
         )
         for name in _series_names(job)
     }
@@ -534,13 +560,20 @@ def _snapshot(run: _Run) -> Any:
         queue_capacity=capacity,
         credits_spent=walker.budget.spent,
         credits_ceiling=run.job.budget.max_credits,
-        targets={str(s): n.count for s, n in totals.by_status.items()},
+        # the shown statuses (in_progress, not_started...), as status and the report name them
+        targets=report.shown_counts(totals.by_status, spent_out=_spent_out(run.job, walker)),
         verdicts={str(v): int(totals.total(v)) for v in VERDICTS},
         reviews_written=int(totals.total("records")),
         reviews_said=completeness["reviews_said"],
         reviews_missing=completeness["reviews_missing"],
         coverage=completeness["coverage"],
     )
+
+
+def _spent_out(job: Job, walker: Walker) -> bool:
+    """What is left of the budget buys no request (``report.spent_out``, from the run's own
+    count)."""
+    return job.budget.max_credits - walker.budget.spent < job.budget.credits_per_request
 
 
 async def _finish(

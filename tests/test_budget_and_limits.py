@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from pathlib import Path
 
 import pytest
 
 from crawler import load_job, run_job
+from crawler.config import BudgetSettings
+from crawler.output.layout import Layout
+from crawler.pacing.budget import Budget
 from crawler.pacing.limits import RateGate, SendWindow
 from crawler.sandbox import Sandbox, key_fingerprint
+from crawler.state.sqlite import SqliteStore
 from tests.conftest import (
     ENV,
     KEY,
@@ -126,6 +131,27 @@ async def test_gate_pause_holds_every_walker():
     started = loop.time()
     await asyncio.gather(*(gate.acquire() for _ in range(5)))
     assert loop.time() - started >= 0.29
+
+
+async def test_a_walker_cancelled_while_its_lease_is_written_loses_no_credit(tmp_path: Path):
+    """A stop's second step cancels walkers wherever they are, one of them in the store's write
+    of a lease: that lease is durable all the same, so the run must count it and give it back."""
+    store = await SqliteStore.open(Layout(tmp_path), {"shard_max_records": 10})
+    budget = Budget(BudgetSettings(max_credits=1_000), store, lease_requests=8)
+    walker = asyncio.create_task(budget.reserve(0))
+    # until the store's thread has written the lease (it sets no event): then cancel the walker
+    while store.ledger.leased == 0:  # noqa: ASYNC110 -- a thread's write, polled each loop turn
+        await asyncio.sleep(0)
+    walker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walker
+    await budget.give_back()
+    # no request was sent: nothing is spent, and the whole lease is the budget's again
+    assert (store.ledger.leased, budget.spent) == (0, 0)
+    await store.close()
+    reopened = await SqliteStore.open(Layout(tmp_path), {"shard_max_records": 10})
+    assert reopened.ledger.leased == 0
+    await reopened.close()
 
 
 def test_the_send_window_keeps_a_sliding_second_at_the_rate():

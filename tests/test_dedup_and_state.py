@@ -111,6 +111,39 @@ async def test_a_commit_is_whole_after_reopening(tmp_path: Path):
     await reopened.close()
 
 
+@pytest.mark.parametrize("left", ["an empty file", "the schema without its job row"])
+async def test_a_kill_during_the_first_start_leaves_a_state_that_starts(tmp_path: Path, left: str):
+    """The first start creates state.db; a kill before its job row is committed leaves a file
+    that holds nothing of the job: the next start begins it, never 'unreadable state'."""
+    layout = Layout(tmp_path)
+    layout.state_dir.mkdir()
+    db = sqlite3.connect(layout.state_db)
+    if left != "an empty file":  # what the first start had committed before the kill
+        from crawler.state.sqlite import SCHEMA  # noqa: PLC0415 -- only this test needs it
+
+        db.executescript(f"BEGIN; {SCHEMA}; COMMIT;")
+    db.close()
+    store = await SqliteStore.open(layout, OUTPUT)
+    assert store.ledger.leased == 0 and store.open_shard is None
+    await store.close()
+    await (await SqliteStore.open(layout, OUTPUT)).close()
+
+
+async def test_a_state_without_its_job_row_but_with_targets_is_not_thrown_away(tmp_path: Path):
+    """Only a file that holds nothing is begun again: rows of targets mean a real state."""
+    layout = Layout(tmp_path)
+    layout.state_dir.mkdir()
+    db = sqlite3.connect(layout.state_db)
+    from crawler.state.sqlite import SCHEMA  # noqa: PLC0415 -- only this test needs it
+
+    db.executescript(f"BEGIN; {SCHEMA}; COMMIT;")
+    db.execute("INSERT INTO targets (product_id, region) VALUES ('1', 'US')")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="unreadable state"):
+        await SqliteStore.open(layout, OUTPUT)
+
+
 async def test_a_second_crawler_on_the_same_job_is_refused(tmp_path: Path):
     layout = Layout(tmp_path)
     store = await SqliteStore.open(layout, OUTPUT)

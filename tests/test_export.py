@@ -101,7 +101,10 @@ def test_tables_match_the_shards_row_by_row(harvested: Job, tmp_path: Path):
     assert summary["shards"] == {"exported": 6, "already_exported": 0, "open": 0, "failed": 0}
     assert summary["rows"]["reviews"] == len(lines) > 1000
     assert summary["nulls"] == {} and summary["wrong_type"] == {}
-    assert "6 shards exported (parquet)" in said
+    assert "6 shards exported (parquet)" in " ".join(said.split())
+    # what a person reads fits 80 columns (off a terminal), but for a word alone too long
+    too_wide = [s for s in said.splitlines() if len(s) > 80 and max(map(len, s.split())) <= 76]
+    assert too_wide == []
 
     reviews = {row["review_id"]: row for row in table(to, "reviews")}
     assert len(reviews) == len(lines)  # every review once
@@ -335,3 +338,23 @@ def test_refusals_and_a_changed_shard(tmp_path: Path):
     (job.output.dir / "manifest.json").write_bytes(orjson.dumps(manifest))
     status, _, said = export(job)
     assert status == 2 and "started over (--fresh)" in said
+
+
+def test_a_video_is_a_media_row_of_its_kind(tmp_path: Path):
+    """The contract's sample has only images: a video (media_type 2) takes its own picture's
+    fields, in its position among the review's media."""
+    video = {"url_list": ["https://v.example/1.mp4", "https://v.example/2.mp4"],
+             "width": 720, "height": 1280}  # fmt: skip
+    image = {"url_list": ["https://i.example/1.webp"], "width": 1200, "height": 1200}
+    media = [{"media_type": 1, "image": image}, {"media_type": 2, "video": video, "image": image}]
+    record = {"review_id": "9", "product_id": "2", "region": "US",
+              "item": {"review": {"rating": 5, "media": media}}}  # fmt: skip
+    job = sealed_job(tmp_path, [orjson.dumps(record)])
+    export_job(job, ExportOptions())
+    rows = table(job.output.dir / "export", "review_media")
+    assert [(m["position"], m["kind"], m["url"], m["width"], m["height"]) for m in rows] == [
+        (0, "image", "https://i.example/1.webp", 1200, 1200),
+        (1, "video", "https://v.example/1.mp4", 720, 1280),
+    ]
+    (review,) = table(job.output.dir / "export", "reviews")
+    assert review["has_media"] is True

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from crawler.pacing.budget import Budget
 from crawler.pacing.limits import RateGate
 from crawler.pacing.retry import RetryPolicy
 from crawler.pacing.slowdown import FLOOR, HeldRate, Slowdown
-from crawler.sandbox import SandboxOptions, key_fingerprint, serve_in_process
+from crawler.sandbox import SandboxOptions, key_fingerprint, serve, serve_in_process
 from crawler.state.sqlite import SqliteStore
 from tests.conftest import (
     ENV,
@@ -360,3 +363,29 @@ def test_retries_stop_at_the_attempt_cap_and_the_time_cap():
     with pytest.raises(ComeBackLater, match="wait 301 s"):
         RetryPolicy().check_retry_after(301.0)
     RetryPolicy().check_retry_after(300.0)  # at the cap: waited for
+
+
+async def test_no_fsync_runs_on_the_event_loop_once_the_walk_has_begun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Seals and manifests fsync at every shard: on the loop they would hold up every walker
+    (and a coordinated worker's heartbeats) for the disk's flush. Only the start-up's crash
+    recovery, before the first request, may fsync there."""
+    on_the_loop: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread() is threading.main_thread() and box.ledgers:
+            on_the_loop.append("".join(traceback.format_stack(limit=8)[:-1]))
+        real(fd)
+
+    targets = [{"product_id": p, "region": "US"} for p in PRODUCTS[:4]]
+    # small shards: several seals (shard, manifest) during the run, one at its end
+    output = {"shard_max_records": 40, "compression": "gzip"}
+    async with serve(SandboxOptions()) as (url, box):
+        job = load_job(write_job(tmp_path, url, targets, output=output))
+        monkeypatch.setattr(os, "fsync", fsync)
+        result = await run_job(job, environ=ENV)
+    assert result.exit_status == 0
+    assert len(list((tmp_path / "out" / "shards").glob("*.gz"))) > 3
+    assert not on_the_loop, on_the_loop[0]

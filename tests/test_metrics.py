@@ -4,6 +4,9 @@ over HTTP during a real run, which at its end agree with the run report."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crawler import load_job
 from crawler.errors import ConfigError
+from crawler.report import STATUSES
 from crawler.runner import run_job
 from crawler.sandbox import Sandbox
 from crawler.state.verdict import tolerance
-from tests.conftest import ENV, PRODUCTS, RedisServer, free_port, target_rows, write_job
+from tests.conftest import (
+    ENV,
+    PRODUCTS,
+    RedisServer,
+    free_port,
+    run_crawler,
+    target_rows,
+    write_job,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
 FEED_CAP = 50
 P0, P1, P2, P3 = PRODUCTS[:4]
 # (product, region, max_pages): counts 13, 119 (sharing reviews with P0 US), 28, 120, 0, 58, 55
@@ -146,6 +159,39 @@ async def test_verdicts_match_the_feeds_and_metrics_scraped_during_the_run_match
     assert not [name for name, labels in final if ("product_id", P0) in labels]
 
 
+async def test_targets_by_status_have_the_names_status_and_the_report_give(sandbox, tmp_path: Path):
+    """A run the budget stops, walks cut short and targets never begun: the metric's statuses
+    are the report's (in_progress, not_started, stopped_budget), each one there, 0 or not, so
+    an alert on targets left finds its series."""
+    targets = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS[:4]]
+    async with sandbox() as (url, _):
+        job = load_job(
+            write_job(tmp_path, url, targets, api={"concurrency": 2}, budget={"max_credits": 30})
+        )
+        registry = CollectorRegistry()
+        result = await run_job(job, environ=ENV, metrics_registry=registry)
+    assert result.exit_status == 3
+    final = samples(generate_latest(registry).decode())
+    shown = {
+        dict(labels)["status"]: value
+        for (name, labels), value in final.items()
+        if name == "crawler_job_targets"
+    }
+    by_status = result.report["targets_by_status"]
+    assert by_status["not_started"] > 0 and by_status["stopped_budget"] > 0
+    assert shown == {s: by_status.get(s, 0) for s in STATUSES}
+    # the README's queries and alerts name series this run served, and statuses there are
+    readme = (ROOT / "README.md").read_text().split("## Metrics for Prometheus", 1)[1]
+    readme = readme.split("\n## ", 1)[0]
+    queries = "".join(re.findall(r"```(?:promql|yaml)\n(.*?)```", readme, flags=re.DOTALL))
+    assert {"crawler_pages_total", "crawler_job_targets"} <= set(
+        re.findall(r"crawler_\w+", queries)
+    )
+    assert set(re.findall(r"crawler_\w+", queries)) <= {name for name, _ in final}
+    named = re.findall(r'status=~?"([^"]+)"', queries)
+    assert named and all(set(n.split("|")) <= set(STATUSES) for n in named)
+
+
 async def test_a_coordinated_worker_labels_its_metrics_with_its_name(
     sandbox, tmp_path: Path, redis_server: RedisServer
 ):
@@ -175,3 +221,42 @@ def test_metrics_settings_from_the_command_line_and_the_job_file(tmp_path: Path)
         plain.with_metrics(70000, None)
     with pytest.raises(ConfigError, match=r"job.yaml:\d+: metrics.port"):
         load_job(write_job(tmp_path, "sandbox", _targets()[:1], metrics={"port": -1}))
+
+
+async def test_status_table_json_and_csv_show_verdicts_coverage_and_credits_per_review(
+    tmp_path: Path,
+):
+    """The demo's sandbox ends every feed at 600 reviews: a target said to have 630 comes back
+    short by 30, one under max_pages is capped, a small one complete."""
+    targets: list[dict[str, Any]] = [
+        {"product_id": "1729679758111249337", "region": "MX"},  # 630 said
+        {"product_id": P0, "region": "US", "max_pages": 1},  # 13 said, 10 a page
+        {"product_id": P0, "region": "DE"},
+    ]
+    job = write_job(tmp_path, "sandbox", targets)
+    status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+    assert status == 0, stderr.decode()
+    report = orjson.loads((tmp_path / "out" / "run-report.json").read_bytes())
+    totals = report["totals"]
+    assert report["targets_by_verdict"] == {"complete": 1, "short": 1, "capped": 1, "unknown": 0}
+    assert totals["reviews_missing"] == 30 and 0 < totals["coverage"] < 1
+    assert totals["credits_per_review"] == round(totals["credits_charged"] / totals["reviews"], 3)
+
+    status, shown, _ = await run_crawler("status", "--json", str(job))
+    doc = orjson.loads(shown)
+    assert doc["targets_by_verdict"] == report["targets_by_verdict"]
+    for figure in ("reviews_said", "reviews_missing", "coverage", "credits_per_review"):
+        assert doc["totals"][figure] == totals[figure]
+    status, table_csv, _ = await run_crawler("status", "--csv", str(job))
+    rows = {r["region"]: r for r in csv.DictReader(io.StringIO(table_csv.decode()))}
+    assert {region: (r["verdict"], r["missing"]) for region, r in rows.items()} == {
+        "MX": ("short", "30"),
+        "US": ("capped", "0"),
+        "DE": ("complete", "0"),
+    }
+    status, table, _ = await run_crawler("status", str(job))
+    said = " ".join(table.decode().split())
+    assert "verdicts 1 complete, 1 short, 1 capped" in said
+    assert f"coverage {totals['coverage']:.1%}" in said and "(30 missing)" in said
+    assert f"{totals['credits_per_review']:.2f} credits/review" in said
+    assert "done (short 30)" in said

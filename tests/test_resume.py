@@ -14,6 +14,7 @@ from crawler import StateError, load_job, run_job
 from crawler.output.layout import Layout
 from crawler.output.verify import verify
 from crawler.sandbox import key_fingerprint
+from crawler.state.sqlite import SqliteView
 from tests.conftest import (
     ENV,
     KEY,
@@ -210,18 +211,20 @@ async def test_corrupt_state_exit_status_via_cli(tmp_path, served):
     assert b"state.db" in stderr and b"Traceback" not in stderr
 
 
-async def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path, sandbox):
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_second_signal_stops_at_once_and_stays_resumable(tmp_path, sandbox, stop, status):
+    """SIGTERM (a service manager, kill) takes the same two steps as Ctrl-C."""
     async with sandbox(latency=(0.5, 1.0)) as (url, box):
         api = {"requests_per_second": 100, "shutdown_grace_seconds": 60}
         job = write_job(tmp_path, url, TARGETS, api=api)
         process = await _start(job)
         await until(lambda: requests_to(box) >= 8)  # every walker has a request in flight
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         loop = asyncio.get_running_loop()
         second = loop.time()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, stderr = await process.communicate()
-        assert process.returncode == 130, stderr.decode()
+        assert process.returncode == status, stderr.decode()
         assert loop.time() - second < 5  # not the 60 s grace, nor the 0.5-1 s answers
     async with sandbox() as (url, box):  # the same catalogue, without the slow answers
         write_job(tmp_path, url, TARGETS, api={"requests_per_second": 400})
@@ -242,3 +245,46 @@ async def test_shards_of_someone_else_are_never_touched(tmp_path, served):
         with pytest.raises(StateError, match="holds shards but no job state"):
             await run_job(job, environ=ENV)
     assert foreign.read_text() == "not ours\n"
+
+
+async def test_a_cut_open_shard_is_named_by_verify_and_never_answered_with_fresh(tmp_path, sandbox):
+    """An open shard cut below what was committed (a copy gone wrong, a restore): verify names
+    it, and the run says to put it back; --fresh would delete every committed shard."""
+    async with sandbox(latency=(0.002, 0.01)) as (url, _):
+        output = {"shard_max_records": 40, "compression": "none"}
+        job = write_job(tmp_path, url, TARGETS, api={"requests_per_second": 300}, output=output)
+        out = load_job(job).output.dir
+
+        def committed() -> tuple[Path, int] | None:
+            """The open shard and the length the state committed of it, once over 2,000 (and a
+            seal has written the manifest: verify had one to go by)."""
+            if not (out / "manifest.json").exists():
+                return None
+            try:
+                view = SqliteView.open(Layout(out))
+            except StateError:  # the run is creating it
+                return None
+            if view is None:
+                return None
+            try:
+                name, length = view.job["open_shard"], view.job["shard_bytes"]
+            finally:
+                view.close()
+            return (out / "shards" / name, length) if name and length > 2_000 else None
+
+        process = await _start(job)
+        await until(lambda: committed() is not None or process.returncode is not None)
+        assert process.returncode is None, "the run ended first: nothing was tested"
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    found = committed()
+    assert found is not None
+    shard, length = found
+    with shard.open("r+b") as file:  # cut to below what the state committed
+        file.truncate(length - 1_000)
+    status, stdout, _ = await run_crawler("verify", str(job))
+    assert status != 0 and f"{shard}:".encode() in stdout, stdout.decode()
+    status, _, stderr = await run_crawler("run", "--no-progress", str(job))
+    said = " ".join(stderr.decode().split())
+    assert status == 2 and "cut or replaced since" in said, said
+    assert "--fresh" not in said and "Traceback" not in said

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import io
 import os
+import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +23,15 @@ import orjson
 import pytest
 
 from crawler.screen import Column, figure, lines, plural, table
-from tests.conftest import ENV, PRODUCTS, run_crawler, write_job
+from tests.conftest import (
+    ENV,
+    PRODUCTS,
+    RedisServer,
+    crawler_command,
+    run_crawler,
+    subprocess_env,
+    write_job,
+)
 
 # 11 targets, 2 walkers, 30 credits: the budget stops the run with walks cut short and
 # targets never begun
@@ -166,3 +178,46 @@ async def test_the_library_prints_nothing_on_stdout_unless_asked(tmp_path: Path)
     before, _, after = stderr.decode().partition("-- logging set up --")
     assert before == ""
     assert "run started" in after and "target failed" in after and "target finished" in after
+
+
+def _on_a_terminal(*args: str) -> tuple[int, str]:
+    """``crawler ARGS`` with stdout and stderr on a pseudo-terminal of 80x24: what it drew."""
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in subprocess_env().items() if k != "COLUMNS"}
+    process = subprocess.Popen(
+        crawler_command(*args), env=env, stdin=subprocess.DEVNULL, stdout=side, stderr=side
+    )
+    os.close(side)
+    drawn = []
+    while True:
+        try:
+            data = os.read(main, 1 << 16)
+        except OSError:  # EIO: the process and its terminal are gone
+            break
+        if not data:
+            break
+        drawn.append(data)
+    os.close(main)
+    return process.wait(timeout=60), b"".join(drawn).decode(errors="replace")
+
+
+LIVE = "\x1b[1A"  # the live display moves the cursor up to draw over its lines
+
+
+def test_a_coordinated_worker_on_a_terminal_draws_no_live_display(
+    tmp_path: Path, redis_server: RedisServer
+):
+    """Workers of one job often share a terminal: each drawing over the others' lines made a
+    mess, so a worker prints lines (or none); a one-process run on the same terminal draws."""
+    targets = [{"product_id": p, "regions": ["US", "GB"]} for p in PRODUCTS[:3]]
+    job = write_job(tmp_path, "sandbox", targets, api={"requests_per_second": 150})
+    status, alone = _on_a_terminal("run", str(job))
+    assert status == 0, alone
+    assert LIVE in alone and "run started" in alone  # the test can tell a live display
+    (tmp_path / "w").mkdir()
+    other = write_job(tmp_path / "w", "sandbox", targets, api={"requests_per_second": 150})
+    status, worker = _on_a_terminal("run", "--redis", redis_server.url, str(other))
+    assert status == 0, worker
+    assert "run started" in worker and LIVE not in worker and "\x1b[2K" not in worker
+    assert all(len(line) <= 80 for line in worker.splitlines())

@@ -17,9 +17,20 @@ from crawler.coordination.store import RedisStore
 from crawler.coordination.view import RedisView
 from crawler.errors import LeaseLost, StateError
 from crawler.output.layout import Layout
+from crawler.sources import Source, SourceTarget
 from crawler.state import StateStore
-from crawler.state.events import Commit, Finish, PageCommitted, Status, TargetFailed
-from crawler.state.model import Claimed
+from crawler.state.events import (
+    Commit,
+    Finish,
+    PageCommitted,
+    SeriesShard,
+    ShardOpened,
+    SourcePage,
+    Status,
+    TargetFailed,
+    WriterPosition,
+)
+from crawler.state.model import Claimed, ShardInfo
 from crawler.state.sqlite import SqliteStore, SqliteView
 from crawler.targets import REGION_INDEX, TargetList
 from tests.conftest import RedisServer
@@ -335,3 +346,141 @@ async def test_each_finished_target_keeps_its_verdict_and_a_refresh_says_if_stil
         assert [r["short"] for r in view.refreshes()] == [1]  # the refresh found it still short
     finally:
         view.close()
+
+
+# -- sources: the targets an endpoint's pages find, committed with the page --------------------
+
+SELLERS = tuple(
+    SourceTarget("shop_products", (("region", "US"), ("seller_id", seller)))
+    for seller in ("7001", "7010")
+)
+SHOP = Source("shop_products", "shop_products", SELLERS, "product_id", ())
+SERIES_FILE = "shop_products-w1-000001.jsonl"
+
+
+async def start_sources(store: StateStore, listed: TargetList, *, refresh: bool = False) -> None:
+    await store.sync_targets(listed)
+    await store.sync_sources((SHOP,))
+    await store.begin_run(refresh=refresh, mode="early_stop")
+
+
+def listing(
+    claimed: Claimed, found: list[tuple[str, str]], *, last: bool = False, items: int = 0
+) -> SourcePage:
+    """A page of a seller's listing: ``items`` new item ids, the review targets it names."""
+    change = PageCommitted(
+        claimed.saved.id, claimed.fence, None if last else "4",
+        Status.DONE if last else Status.PENDING, Finish.END if last else None,
+        len(found), items, 0, 2, 0, 0, 0.1, None, None, None,
+    )  # fmt: skip
+    ids = [f"{claimed.saved.id}-{claimed.saved.walk_pages}-{i}" for i in range(items)]
+    change.other_ids = orjson.dumps(ids) if ids else b""
+    return SourcePage(change, "shop_products", found)
+
+
+async def commit_sources(store: StateStore, *pages: SourcePage, opened: bool = False) -> None:
+    batch = Commit(position=store.position, sources=list(pages))
+    if opened:
+        batch.series_shards = [SeriesShard("shop_products", ShardOpened(SERIES_FILE))]
+    records = sum(p.change.new for p in pages if isinstance(p.change, PageCommitted))
+    batch.series_positions = {"shop_products": WriterPosition(100 * records, records)}
+    await store.commit(batch)
+
+
+async def test_a_product_found_twice_or_listed_is_one_target_walked_once(open_store):
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None)))
+    first, second = await store.claim(), await store.claim()
+    assert first is not None and second is not None
+    assert {first.target.key, second.target.key} == {t.key for t in SELLERS}
+    await commit_sources(
+        store,
+        listing(first, [(A, "US"), (B, "US")], items=2),  # A: listed already
+        listing(second, [(B, "US"), (B, "GB")], items=2),  # B:US: found by the first page
+        opened=True,
+    )
+    walks = await claim_all(store)
+    assert sorted(c.target.key for c in walks) == [f"{A}:US", f"{B}:GB", f"{B}:US"]
+    assert store.totals.targets == 3
+    assert await store.series_manifest() == {
+        "shop_products": ([], [ShardInfo(SERIES_FILE, 4, 400)])
+    }
+    await commit_sources(store, listing(first, [], last=True), listing(second, [], last=True))
+    await end(store)
+    await store.close()
+    view = open_store.view()
+    try:
+        (figures,) = view.sources()
+    finally:
+        view.close()
+    assert figures["source"] == "shop_products"
+    assert (figures["targets"], figures["targets_done"], figures["pages"]) == (2, 2, 4)
+    assert (figures["products_found"], figures["items"], figures["credits"]) == (2, 4, 8)
+
+
+async def test_a_source_walk_resumes_from_its_cursor_with_what_it_found(open_store):
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None)))
+    first = await store.claim()
+    assert first is not None
+    await commit_sources(store, listing(first, [(B, "US")], items=1), opened=True)
+    await store.close()  # killed: neither the run ended nor the source's lease given back
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None)))
+    walks = {c.target.key: c.saved for c in await claim_all(store)}
+    assert walks[first.target.key].cursor == "4" and walks[first.target.key].walk_pages == 1
+    assert {k for k in walks if ":" in k and not k.startswith("{")} == {f"{A}:US", f"{B}:US"}
+    assert len(walks) == 4  # both sellers, A listed, B found: nothing lost, nothing twice
+
+
+async def test_a_stale_series_holder_changes_nothing(open_store):
+    store = await open_store()
+    await start_sources(store, targets())
+    first = await store.claim()
+    assert first is not None
+    if isinstance(store, SqliteStore):
+        pytest.skip("one process: nobody takes a source over")
+    await open_store()  # the same worker's name started again: the first one is retired
+    with pytest.raises(LeaseLost):
+        await commit_sources(store, listing(first, [(B, "US")], items=1))
+    other = await open_store(worker="w2")
+    await other.sync_sources((SHOP,))
+    walks = await claim_all(other)
+    assert sorted(c.saved.walk_pages for c in walks) == [0, 0]  # the stale page did not count
+    assert other.totals.targets == 0  # nor did what it found
+
+
+async def test_a_refresh_walks_the_sources_again_and_refreshes_what_they_found(open_store):
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None)))
+    sellers = [await store.claim(), await store.claim()]
+    assert all(c is not None for c in sellers)
+    await commit_sources(
+        store, *(listing(c, [(B, "US")], last=True) for c in sellers if c is not None)
+    )
+    walks = await claim_all(store)
+    await commit(store, *(page(c, last=True, ids=3) for c in walks))
+    await end(store)
+    await store.close()
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None)), refresh=True)
+    again = await claim_all(store)
+    assert sorted(c.target.key for c in again) == sorted(
+        [*(t.key for t in SELLERS), f"{A}:US", f"{B}:US"]
+    )
+    assert {(c.saved.walk, c.saved.cursor, c.saved.walk_pages) for c in again} == {(1, None, 0)}
+
+
+async def test_a_listed_target_a_source_found_too_stays_when_the_file_drops_it(open_store):
+    store = await open_store()
+    await start_sources(store, targets((A, "US", None), (B, "US", None)))
+    first = await store.claim()
+    assert first is not None
+    await commit_sources(store, listing(first, [(A, "US")]))
+    await end(store)
+    await store.close()
+    store = await open_store()
+    await start_sources(store, targets())  # the job file lists neither any more
+    assert store.totals.targets == 1  # A: the source found it; B: dropped
+    walks = [c.target.key for c in await claim_all(store)]
+    assert f"{A}:US" in walks and f"{B}:US" not in walks

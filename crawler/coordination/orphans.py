@@ -26,7 +26,7 @@ import orjson
 from crawler import logs
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
-from crawler.output.layout import Layout, fsync_dir, shard_owner, shard_sequence
+from crawler.output.layout import Layout, fsync_dir, series_sequence, shard_owner, shard_sequence
 from crawler.output.shards import sha256_of
 
 log = logs.get_logger("crawler.coordination")
@@ -53,9 +53,9 @@ async def adopt_orphans(
     cut off) removed; the workers retired."""
     dead: list[str] = await link.script(SILENT)(keys=[prefix + "workers"], args=[stale_ms, prefix])
     retired: list[str] = []
-    files = await asyncio.to_thread(layout.shard_files) if dead else []
     for worker in dead:
-        here = [p for p in files if shard_owner(p.name) == worker]
+        # its reviews shards and its sources' series shards (a worker may have walked only those)
+        here = await asyncio.to_thread(layout.owned_files, worker)
         if not here and shared is None:
             continue  # nothing of it on this disk: another machine's worker to finish
         state = await link.call(partial(link.redis.hgetall, f"{prefix}w:{worker}"))
@@ -89,19 +89,29 @@ async def adopt_orphans(
             await asyncio.to_thread(install, copy, layout.shard(file), layout)
             log.warning("sealed a dead worker's open shard", worker=worker, shard=file)
         known = set(await link.call(partial(link.redis.hkeys, prefix + "shards")))
-        first_unknown = int(state.get("next_shard", "1"))
-        await asyncio.to_thread(_remove_strays, layout, here, known, first_unknown)
+        known |= set(await link.call(partial(link.redis.hkeys, prefix + "sshards")))
+        await asyncio.to_thread(_remove_strays, layout, here, known, state)
         if shared is not None:
-            await shared.drop_strays(worker, known, first_unknown)
+            await shared.drop_strays(worker, known, int(state.get("next_shard", "1")))
         retired.append(worker)
     return retired
 
 
-def _remove_strays(layout: Layout, files: list[Path], known: set[str], first_unknown: int) -> None:
-    """A retired worker's files no commit recorded: past its committed shard numbers, so never
-    listed, and their reviews walked again by whoever took its products over."""
+def _remove_strays(
+    layout: Layout, files: list[Path], known: set[str], state: dict[str, str]
+) -> None:
+    """A retired worker's files no commit recorded: past its committed shard numbers (of its
+    reviews, ``next_shard``; of a series, ``sn:<series>``), so never listed, and their reviews
+    or items walked again by whoever took its products or series over."""
     for path in files:
-        if path.name not in known and shard_sequence(path.name) >= first_unknown:
+        if path.name in known:
+            continue
+        if shard_owner(path.name) is not None:
+            first_unknown, seq = int(state.get("next_shard", "1")), shard_sequence(path.name)
+        else:
+            series = path.name.split("-", 1)[0]
+            first_unknown, seq = int(state.get(f"sn:{series}", "1")), series_sequence(path.name)
+        if seq >= first_unknown:
             path.unlink(missing_ok=True)
             log.warning("removed a dead worker's uncommitted shard", shard=path.name)
     fsync_dir(layout.shards_dir)

@@ -23,10 +23,17 @@ with what it answered the first time. Keys (prefix ``crawler:<job>:``):
     shardorder     zset   file -> the order shards were opened in
     workers        zset   worker -> last heartbeat (ms)
     w:<worker>     hash   inc (incarnation), commit_seq, lease_seq, outstanding (credits leased,
-                          not used), next_shard, open_shard, info
+                          not used), next_shard, open_shard, info; so:<series>, sn:<series>
     runs           list   one summary per worker run, newest first
     refreshes      hash   refresh -> {started_at, mode}
     refresh:<N>    hash   refresh N's figures (``rules.REFRESH_FIGURES``)
+    p:~<series>    hash   a source endpoint's series, leased as a product: e, o, v, and
+                          t:<source>|<fields> (a source target), f:<source>|<fields> (found)
+    series         set    the job's source endpoints
+    iseen:<series> set    item ids of the series committed to some shard
+    found          set    <product>:<REGION> of every target a source named
+    sshards        hash   series file -> {series, worker, seq, records, bytes, sha256}
+    sshardorder    zset   series file -> the order opened
 
 The rate gate's state is per API key, shared by every job: ``crawler:rate:<key fingerprint>``
 (hash), ``crawler:rate:<key fingerprint>:sent`` (list: the last slots handed out) and

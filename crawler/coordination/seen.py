@@ -58,3 +58,51 @@ class ProductSeen:
 
     def close(self) -> None:
         self._sets.clear()
+
+
+class ItemSeen:
+    """An endpoint's series' item ids, as one worker holds them: the series is leased whole
+    (every source target of the endpoint), so an item two of its targets list meets its
+    duplicate in one process. Committed ids come from Redis (``iseen:<series>``) at the claim;
+    new ones are queued until the writer takes them into its commit."""
+
+    loaded = True
+    count = 0  # no seen file in this mode
+    other_bytes = 0
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._pending: list[str] = []
+
+    def hold(self, committed: Iterable[str]) -> None:
+        self._ids = set(committed)
+        self._pending = []
+
+    def drop(self) -> None:
+        self._ids = set()
+
+    def adder(self, product_id: str) -> Callable[[str], bool]:
+        ids, pending = self._ids, self._pending
+
+        def add(item_id: str) -> bool:
+            if item_id in ids:
+                return False
+            ids.add(item_id)
+            pending.append(item_id)
+            return True
+
+        return add
+
+    def take(self) -> tuple[bytes, bytes]:
+        """A page's new ids as a JSON list, committed with the page (``SADD iseen:``)."""
+        taken, self._pending = self._pending, []
+        return b"", orjson.dumps(taken) if taken else b""
+
+    def load(self) -> None:
+        """Nothing to build: the ids come with the series' lease."""
+
+    def write(self, ids: bytes, other: bytes) -> None:
+        """Nothing to write: the ids are committed with the page, in Redis."""
+
+    def close(self) -> None:
+        self._ids = set()

@@ -11,6 +11,7 @@ lengths live here, so a reader is only ever shown committed bytes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import time
@@ -24,15 +25,17 @@ from typing import Any
 import orjson
 
 from crawler import logs
+from crawler.coordination import sources as found_by
 from crawler.coordination.link import Link
 from crawler.coordination.orphans import Shared, adopt_orphans, install, seal_copy
 from crawler.coordination.scripts import APPLY, CLAIM, REGISTER, RENEW
-from crawler.coordination.seen import ProductSeen
+from crawler.coordination.seen import ItemSeen, ProductSeen
 from crawler.coordination.sync import decoded, sync_targets
 from crawler.coordination.writes import Writes, doc_of, flat, parse_doc, totals_from
 from crawler.errors import ConfigError, CoordinationError, LeaseLost, OutputError, StateError
-from crawler.output.layout import Layout, shard_owner, shard_sequence, write_atomically
-from crawler.sources import Source
+from crawler.output.dedup import SeenSet
+from crawler.output.layout import Layout, shard_sequence, write_atomically
+from crawler.sources import Source, SourceTarget
 from crawler.state import rules
 from crawler.state.events import Commit, PageCommitted, ShardOpened, Status, WriterPosition
 from crawler.state.model import Claimed, Ledger, SeriesState, ShardInfo, TargetState, Totals
@@ -91,7 +94,7 @@ class RedisStore:
         self.link = link
         self.worker = worker
         self.seen = ProductSeen()
-        self.found = asyncio.Event()  # sources are not run coordinated yet: never set
+        self.found = asyncio.Event()  # set at each commit of a source page of this worker
         self.totals = Totals()
         self.ledger = Ledger()
         self.refresh = 0
@@ -111,6 +114,11 @@ class RedisStore:
         self._earlier_open: dict[str, Any] | None = None  # the shard its last incarnation had
         self._leases: dict[str, Lease] = {}
         self._live: dict[int, tuple[TargetState, Target, Lease]] = {}
+        # the source targets of the series this worker holds, and their items' seen-sets
+        self._live_sources: dict[int, tuple[TargetState, SourceTarget, Lease]] = {}
+        self._items: dict[str, ItemSeen] = {}
+        self._sources: set[str] = set()  # the job's sources, by name
+        self.series_states: dict[str, SeriesState] = {}  # this worker's series shards
         self._queue: list[Claimed] = []
         self._claiming = asyncio.Lock()
         self._next_id = 1
@@ -171,6 +179,8 @@ class RedisStore:
         await store._register()
         await store._forfeit(store._w)
         await store._seal_my_open_shard()
+        await found_by.seal_mine(store)
+        store.series_states = await found_by.load_series(store)
         await store.refresh_view()
         return store
 
@@ -412,6 +422,14 @@ class RedisStore:
         redis, meta = self.link.redis, self.key("meta")
         saved = await self.link.call(lambda: redis.hget(meta, "targets_list"))
         products = list(dict.fromkeys(p for p, _ in decoded(saved).pairs())) if saved else []
+        # and what sources found, walked again as listed ones are; the sources first of all
+        found = await self.link.call(lambda: redis.smembers(self.key("found")))
+        products = list(dict.fromkeys([*products, *sorted(f.rpartition(":")[0] for f in found)]))
+        series = await self.link.call(lambda: redis.smembers(self.key("series")))
+        if series:
+            writes = Writes()
+            writes.members("LPUSH", self.key("todo"), [found_by.unit(n) for n in sorted(series)])
+            await self.apply(writes)
         for start in range(0, len(products), 10_000):
             writes = Writes()
             writes.members("RPUSH", self.key("todo"), products[start : start + 10_000])
@@ -461,6 +479,7 @@ class RedisStore:
 
     async def _adopt(self) -> None:
         await adopt_orphans(self.link, self._p, self.layout, self._dead_ms, self._shared)
+        await found_by.seal_orphans(self)
 
     async def _silent_with_shards_here(self) -> bool:
         redis = self.link.redis
@@ -488,6 +507,8 @@ class RedisStore:
     # -- targets -------------------------------------------------------------------------------
 
     async def claim(self) -> Claimed | None:
+        if self._drained and self.finding:  # a walk of a series this worker holds may find more
+            self._drained = False
         while not self._queue and not self._drained and not self.retired:
             async with self._claiming:  # one claim at a time: the others find its targets
                 if not self._queue and not self._drained and not self.retired:
@@ -515,6 +536,9 @@ class RedisStore:
         fields = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
         lease = Lease(product_id, epoch, fields.get("v", ""), self.refresh)
         self._leases[product_id] = lease
+        if found_by.is_series(product_id):
+            await self._claim_series(lease, fields)
+            return
         targets = []
         for name, raw in sorted(fields.items()):
             if name.startswith("r:"):
@@ -522,7 +546,8 @@ class RedisStore:
                 self._next_id += 1
                 if not off:
                     targets.append((state, Target(product_id, name[2:], cap)))
-        if not await self._joined(lease, targets):
+        joined = [(state, f"r:{target.region}", target.max_pages) for state, target in targets]
+        if not await self._joined(lease, joined):
             self._forget(lease)
             return
         claimed: list[Claimed] = []
@@ -541,43 +566,93 @@ class RedisStore:
         self.seen.hold(product_id, ids)
         self._queue.extend(claimed)
 
-    async def _joined(self, lease: Lease, targets: list[tuple[TargetState, Target]]) -> bool:
+    async def _claim_series(self, lease: Lease, fields: dict[str, str]) -> None:
+        """An endpoint's series taken: every source target of it this worker walks, and the
+        items its shards hold already (``iseen:<series>``)."""
+        targets = found_by.targets_of(fields, self._sources, self._next_id)
+        self._next_id += len(targets)
+        joined: list[tuple[TargetState, str, int | None]] = [
+            (state, found_by.field_of(target), None) for state, target in targets
+        ]
+        if not await self._joined(lease, joined, counted=False):
+            self._forget(lease)
+            return
+        claimed: list[Claimed] = []
+        for state, target in targets:
+            if rules.walkable(state):
+                lease.targets.add(state.id)
+                self._live_sources[state.id] = (state, target, lease)
+                # a source target walks as a Target does (its fields fill the endpoint's params)
+                claimed.append(Claimed(target, state, int(lease.epoch), lease))  # type: ignore[arg-type]
+        if not claimed:
+            await self._release_product(lease, requeue=False)
+            return
+        series = lease.product_id[len(found_by.MARK) :]
+        key = self.key(f"iseen:{series}")
+        ids = await self.link.call(lambda: self.link.redis.smembers(key))
+        self._items.setdefault(series, ItemSeen()).hold(ids)
+        self._queue.extend(claimed)
+
+    async def _joined(
+        self,
+        lease: Lease,
+        targets: list[tuple[TargetState, str, int | None]],
+        *,
+        counted: bool = True,
+    ) -> bool:
         """The rules one process applies to every target at a run's start, applied here to a
-        product as it is taken (``rules.BUDGET_REOPENED``, and ``rules.refresh_started`` while
-        a refresh is under way); False if the product was lost meanwhile."""
+        product (or a series' source targets: ``counted`` False, in no total) as it is taken
+        (``rules.BUDGET_REOPENED``, and ``rules.refresh_started`` while a refresh is under
+        way); False if it was lost meanwhile."""
         delta, writes = rules.Delta(), Writes()
         starting = [rules.BUDGET_REOPENED]
         if self.refresh:
             starting.append(rules.refresh_started(self.refresh))
-        for state, target in targets:
+        for state, name, cap in targets:
             if any([rules.changed(state, rule, delta) for rule in starting]):
-                doc = doc_of(state, target.max_pages)
-                writes.op("HSET", self.key(f"p:{target.product_id}"), f"r:{target.region}", doc)
+                writes.op("HSET", self.key(f"p:{lease.product_id}"), name, doc_of(state, cap))
         if not writes.ops:
             return True
         writes.check(self.key(f"p:{lease.product_id}"), "e", lease.epoch)
-        self.count(writes, delta)
+        if counted:
+            self.count(writes, delta)
         return (await self.apply(writes))[0] == "ok"
 
     def holds(self, target_id: int) -> bool:
-        held = self._live.get(target_id)
+        held = self._live.get(target_id) or self._live_sources.get(target_id)
         return held is not None and not held[2].lost
 
-    # sources are not run coordinated yet (run_job refuses a coordinated job with sources)
+    # -- sources (``found_by``: the Redis side of them) ---------------------------------------
 
     @property
     def finding(self) -> bool:
-        return False
+        """This worker holds a series whose walk is under way: its commits may queue products."""
+        return any(
+            found_by.is_series(lease.product_id) and not lease.lost and lease.targets
+            for lease in self._leases.values()
+        )
 
     def series(self, name: str) -> SeriesState:
-        return SeriesState(name)
+        return self.series_states.get(name) or SeriesState(name)
+
+    def item_seen(self, name: str) -> SeenSet:
+        """The seen-set a series' writer renders with: the committed ids come with its lease."""
+        return self._items.setdefault(name, ItemSeen())
 
     async def series_manifest(self) -> dict[str, tuple[list[ShardInfo], list[ShardInfo]]]:
-        return {}  # sources are not run coordinated yet
+        return await found_by.series_manifest(self)
 
     async def sync_sources(self, sources: tuple[Source, ...]) -> None:
-        if sources:
-            raise ConfigError("sources: not run in the coordinated mode yet")
+        self._sources = {source.name for source in sources}
+        await found_by.sync_sources(self, sources)
+
+    @property
+    def worker_key(self) -> str:
+        return self._w
+
+    @staticmethod
+    def ids_of(packed: bytes, other: bytes) -> list[str]:
+        return _ids(packed, other)
 
     async def _release_product(self, lease: Lease, *, requeue: bool) -> None:
         if not lease.lost:
@@ -592,8 +667,16 @@ class RedisStore:
         self._leases.pop(lease.product_id, None)
         for local_id in lease.targets:
             self._live.pop(local_id, None)
-        self._queue = [c for c in self._queue if c.target.product_id != lease.product_id]
-        self.seen.drop(lease.product_id)
+            self._live_sources.pop(local_id, None)
+        self._queue = [
+            c
+            for c in self._queue
+            if c.target.product_id != lease.product_id and c.saved.id not in lease.targets
+        ]
+        if found_by.is_series(lease.product_id):
+            self._items.get(lease.product_id[len(found_by.MARK) :], ItemSeen()).drop()
+        else:
+            self.seen.drop(lease.product_id)
 
     async def maintain(self) -> None:
         """Renew every held lease (and this worker's heartbeat) three times a lease: a lease
@@ -680,14 +763,64 @@ class RedisStore:
 
     async def commit(self, batch: Commit) -> list[TargetState]:
         """The batch as ``rules.committed`` decides it, in one script fenced by every lease's
-        epoch; LeaseLost when a product was taken over meanwhile (nothing of it then counts)."""
+        epoch; LeaseLost when a product was taken over meanwhile (nothing of it then counts).
+        Source pages go in the same script: their targets, the items' ids and the products they
+        found (``found_by``); a found target another worker added meanwhile makes the script
+        refuse the batch, which is then decided again (its found targets only: the rules moved
+        the walks once, in memory)."""
         held = {c.target_id: self._live[c.target_id] for c in batch.changes}
         states = {i: state for i, (state, _, _) in held.items()}
         delta = rules.committed(states, batch.changes)
-        credits = delta.credits
-        writes = Writes()
+        live = self._live_sources
+        sourced = {p.change.target_id: live[p.change.target_id] for p in batch.sources}
+        rules.source_committed({i: s for i, (s, _, _) in sourced.items()}, batch.sources)
+        delta.credits += sum(p.change.credits for p in batch.sources)
+        finished = [s for s in states.values() if s.status in rules.FINAL]
+        release = self._released_by(finished)
+        release += [lease for lease in self._sources_released(sourced) if lease not in release]
+        every = [*held.values(), *sourced.values()]
+        leases = list({lease.product_id: lease for _, _, lease in every}.values())
+        for attempt in itertools.count():
+            writes = Writes()
+            found = await self._batch_writes(writes, batch, held, sourced, leases)
+            self.count(writes, delta)
+            if delta.credits:
+                writes.op("HINCRBY", self.key("ledger"), "credits", delta.credits)
+                writes.op("HINCRBY", self._w, "outstanding", -delta.credits)
+            for lease in release:
+                _release(writes, self, lease, requeue=False)
+            answer = await self.apply(writes, chan="commit_seq", seq=self._commit_seq + 1)
+            if answer[0] == "ok":
+                break
+            retried = answer[0] == "stale" and batch.sources and attempt < 50
+            if not retried or not await self._still_held(leases):
+                # the worker stops: what this batch changed in memory is moot
+                raise LeaseLost(_refused(self.worker, answer, len(self._p)))
+            await asyncio.sleep(0.01)  # a found target another worker added: decided again
+        self._commit_seq += 1
+        self.pages_committed += sum(isinstance(c, PageCommitted) for c in batch.changes)
+        self._after_commit(batch, delta.totals, delta.credits, release)
+        if batch.sources or batch.series_shards or batch.series_positions:
+            found_by.series_committed(self.series_states, batch)
+        for status, sums in found.totals.by_status.items():
+            self.totals.by_status[status].merge(sums)
+        if found.totals.targets:  # found targets queued: this worker's walkers claim them too
+            self._drained = False
+        if batch.sources:
+            self.found.set()
+        return finished
+
+    async def _batch_writes(
+        self,
+        writes: Writes,
+        batch: Commit,
+        held: dict[int, tuple[TargetState, Target, Lease]],
+        sourced: dict[int, tuple[TargetState, SourceTarget, Lease]],
+        leases: list[Lease],
+    ) -> rules.Delta:
+        """A batch's checks and writes but its sums; what its found targets add to them."""
         writes.op("ZADD", self.key("workers"), "$now", self.worker)  # a worker that commits lives
-        for _, _, lease in held.values():
+        for lease in leases:
             writes.check(self.key(f"p:{lease.product_id}"), "e", lease.epoch)
         self._shard_writes(writes, batch)
         for state, target, _ in held.values():
@@ -697,21 +830,32 @@ class RedisStore:
                 ids = _ids(change.ids, change.other_ids)
                 product_id = held[change.target_id][1].product_id
                 writes.members("SADD", self.key(f"seen:{product_id}"), ids)
-        self.count(writes, delta)
-        if credits:
-            writes.op("HINCRBY", self.key("ledger"), "credits", credits)
-            writes.op("HINCRBY", self._w, "outstanding", -credits)
-        finished = [s for s in states.values() if s.status in rules.FINAL]
-        release = self._released_by(finished)
-        for lease in release:
-            _release(writes, self, lease, requeue=False)
-        answer = await self.apply(writes, chan="commit_seq", seq=self._commit_seq + 1)
-        if answer[0] != "ok":  # the worker stops: what this batch changed in memory is moot
-            raise LeaseLost(_refused(self.worker, answer, len(self._p)))
-        self._commit_seq += 1
-        self.pages_committed += sum(isinstance(c, PageCommitted) for c in batch.changes)
-        self._after_commit(batch, delta.totals, credits, release)
-        return finished
+        found = await found_by.found_writes(self, writes, batch.sources, sourced)
+        found_by.page_writes(self, writes, sourced)
+        found_by.series_writes(self, writes, batch)
+        self.count(writes, found)
+        return found
+
+    def _sources_released(
+        self, sourced: dict[int, tuple[TargetState, SourceTarget, Lease]]
+    ) -> list[Lease]:
+        done: list[Lease] = []
+        for local_id, (state, _, lease) in sourced.items():
+            if state.status in rules.FINAL:
+                self._live_sources.pop(local_id, None)
+                lease.targets.discard(local_id)
+                if not lease.targets and lease not in done:
+                    done.append(lease)
+        return done
+
+    async def _still_held(self, leases: list[Lease]) -> bool:
+        redis = self.link.redis
+        for lease in leases:
+            key = self.key(f"p:{lease.product_id}")
+            epoch = await self.link.call(partial(redis.hget, key, "e"))
+            if epoch != lease.epoch:
+                return False
+        return True
 
     def _shard_writes(self, writes: Writes, batch: Commit) -> None:
         shards = self.key("shards")
@@ -823,7 +967,7 @@ def _mark(marker: Path, text: bytes) -> None:
 
 
 def _has_files(layout: Layout, worker: str) -> bool:
-    return any(shard_owner(p.name) == worker for p in layout.shard_files())
+    return bool(layout.owned_files(worker))
 
 
 def _info(doc: dict[str, Any]) -> ShardInfo:

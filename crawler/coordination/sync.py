@@ -53,7 +53,7 @@ async def sync_targets(store: RedisStore, targets: TargetList) -> bool:
             fresh = not await link.call(lambda: redis.hexists(meta, "targets"))
             before = decoded(saved) if saved else TargetList()
             for chunk in _chunks(_changes(before, targets)):
-                await _write(store, chunk, fresh=fresh)
+                await _write(store, await _found_kept(store, chunk), fresh=fresh)
                 await holding(keys=[lock], args=[token, _LOCK_MS])
             listed = _encoded(targets)
             done = {"digest": digest, "targets": len(targets), "targets_list": listed}
@@ -77,6 +77,26 @@ def _changes(before: TargetList, after: TargetList) -> dict[str, dict[str, Any]]
     for product_id, region in old:
         changed.setdefault(product_id, {})[region] = _OFF
     return changed
+
+
+async def _found_kept(
+    store: RedisStore, chunk: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """A target the job file drops stays when a source found it too (``found``: as one process
+    keeps a target a source found): the file was not the only one to list it."""
+    dropped = [
+        f"{p}:{r}" for p, regions in chunk.items() for r, cap in regions.items() if cap is _OFF
+    ]
+    if not dropped:
+        return chunk
+    redis = store.link.redis
+    marks = await store.link.call(lambda: redis.smismember(store.key("found"), dropped))
+    kept = {pair for pair, mark in zip(dropped, marks, strict=True) if mark}
+    trimmed = {
+        p: {r: cap for r, cap in regions.items() if f"{p}:{r}" not in kept}
+        for p, regions in chunk.items()
+    }
+    return {p: regions for p, regions in trimmed.items() if regions}
 
 
 def _chunks(changed: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict[str, Any]]]:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from crawler.config import BudgetSettings
+from crawler.coordination.sources import figures, unit
 from crawler.coordination.store import ledger_from, prefix_of
 from crawler.coordination.writes import totals_from
 from crawler.state import Ledger, ShardInfo, TargetState, Totals
@@ -82,7 +83,11 @@ class RedisView:
         return out
 
     def sources(self) -> list[dict[str, Any]]:
-        return []  # sources are not run coordinated yet
+        """Per source: targets, done, failed, pages, products found, items, credits."""
+        rows: dict[str, dict[str, Any]] = {}
+        for name in sorted(self._redis.smembers(self._p + "series")):
+            figures(self._redis.hgetall(f"{self._p}p:{unit(name)}"), rows)
+        return list(rows.values())
 
     def last_run(self) -> dict[str, Any] | None:
         run = self._redis.lindex(self._p + "runs", 0)

@@ -15,8 +15,11 @@ from crawler.errors import OutputError
 # coordinated job (each worker its own series)
 SHARD_PATTERN = re.compile(r"reviews-(?:(?P<worker>.+)-)?(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?")
 SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
-# an endpoint's own series: shop_products-000001.jsonl (an endpoint's name has no '-')
-SERIES_PATTERN = re.compile(r"(?P<series>[a-z][a-z0-9_]*)-(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?")
+# an endpoint's own series: shop_products-000001.jsonl (an endpoint's name has no '-'); a
+# worker's of a coordinated job: shop_products-<worker>-000001.jsonl
+SERIES_PATTERN = re.compile(
+    r"(?P<series>[a-z][a-z0-9_]*)-(?:(?P<worker>.+)-)?(?P<seq>\d{6,})\.jsonl(?:\.gz|\.zst)?"
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,11 @@ class Layout:
     def report(self) -> Path:
         return self.root / "run-report.json"
 
+    def owned_files(self, worker: str) -> list[Path]:
+        """A coordinated worker's files here: its reviews shards and its series' shards."""
+        reviews = [p for p in self.shard_files() if shard_owner(p.name) == worker]
+        return reviews + [p for p in self.series_files(None) if series_owner(p.name) == worker]
+
     def shard_files(self) -> list[Path]:
         if not self.shards_dir.is_dir():
             return []
@@ -131,6 +139,19 @@ def shard_sequence(name: str) -> int:
     found = SHARD_PATTERN.fullmatch(name)
     if found is None:
         raise ValueError(f"{name!r} is not a shard's name")
+    return int(found["seq"])
+
+
+def series_owner(name: str) -> str | None:
+    """The worker whose series file this is; None for a one-process job's."""
+    found = SERIES_PATTERN.fullmatch(name)
+    return None if found is None else found["worker"]
+
+
+def series_sequence(name: str) -> int:
+    found = SERIES_PATTERN.fullmatch(name)
+    if found is None:
+        raise ValueError(f"{name!r} is not a series shard's name")
     return int(found["seq"])
 
 

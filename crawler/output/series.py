@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import orjson
-import structlog
 
+from crawler import logs
 from crawler.api.endpoint import Page
 from crawler.errors import OutputError, StateError
-from crawler.output.dedup import SeenLog
-from crawler.output.layout import SERIES_PATTERN, Layout, shard_name
+from crawler.output.dedup import SeenLog, SeenSet
+from crawler.output.layout import SERIES_PATTERN, Layout, series_owner, shard_name
 from crawler.output.recovery import truncate
 from crawler.output.shards import OpenShard, compressor
 from crawler.sources import Source, SourceTarget, found_targets, product_reader
@@ -39,7 +39,9 @@ from crawler.state.model import SeriesState
 if TYPE_CHECKING:
     from crawler.output.writer import Rendered, Writer
 
-log = structlog.get_logger("crawler.writer")
+# crawler.logs, not structlog: its lines reach the command line's sink (console, JSON log,
+# --log-file), a library caller's stdout gets none, and a run does not import structlog (rich)
+log = logs.get_logger("crawler.writer")
 
 
 @dataclass(slots=True)
@@ -55,14 +57,26 @@ class Series:
     """One endpoint's shard series and its seen-set."""
 
     def __init__(
-        self, layout: Layout, state: SeriesState, *, compression: str, shard_max_records: int
+        self,
+        layout: Layout,
+        state: SeriesState,
+        *,
+        compression: str,
+        shard_max_records: int,
+        seen: SeenSet | None = None,
+        owner: str | None = None,
     ) -> None:
+        """``seen``: the series' seen-set when it is not this folder's seen files (a
+        coordinated worker's, held in Redis); ``owner``: that worker, whose name its files bear."""
         self.name = state.name
         self._layout = layout
-        ids, other = layout.series_seen(self.name)
-        position = state.position
-        self._seen = SeenLog(ids, other, position.seen, position.seen_other)
-        self._seen.load()  # a listing's ids: thousands, not millions
+        if seen is None:
+            ids, other = layout.series_seen(self.name)
+            position = state.position
+            seen = SeenLog(ids, other, position.seen, position.seen_other)
+            seen.load()  # a listing's ids: thousands, not millions
+        self._seen: SeenSet = seen
+        self._prefix = f"{self.name}-{owner}-" if owner else f"{self.name}-"
         self._compression = compression
         self._compress = compressor(compression)
         self._max = shard_max_records
@@ -86,11 +100,12 @@ class Series:
         )
         lines: list[bytes] = []
         dups = missing = 0
+        add = self._seen.adder(self.name)
         for item_id, item in zip(page.ids, page.items, strict=True):
             if item_id is None:
                 missing += 1
                 continue
-            if not self._seen.add(item_id):
+            if not add(item_id):
                 dups += 1
                 continue
             lines.append(b"".join((b'{"item_id":', orjson.dumps(item_id), shared, item, b"}\n")))
@@ -106,7 +121,7 @@ class Series:
         start = 0
         while start < len(lines):
             if self._plan_shard is None or self._plan_records >= self._max:
-                name = shard_name(f"{self.name}-", self._next, self._compression)
+                name = shard_name(self._prefix, self._next, self._compression)
                 self._next += 1
                 self._plan_shard = OpenShard(self._layout.shard(name), ShardInfo(name))
                 self._plan_records = 0
@@ -194,17 +209,18 @@ class SourceSink:
         await self._writer.put_source(SourcePage(change, self._series.name, found), rendered)
 
 
-def recover_series(layout: Layout, state: SeriesState) -> int:
+def recover_series(layout: Layout, state: SeriesState, owner: str | None = None) -> int:
     """A series' crash step: its open shard and seen files cut back to the committed lengths,
-    its shard files no commit recorded removed; the bytes cut."""
+    its shard files no commit recorded removed; the bytes cut. ``owner``: the coordinated
+    worker whose files these are (the others' are theirs; its seen-set is in Redis)."""
     known = {s.file for s in state.sealed} | (
         {state.open_shard.file} if state.open_shard else set()
     )
     for path in layout.series_files(state.name):
-        if path.name in known:
+        if path.name in known or (owner is not None and series_owner(path.name) != owner):
             continue
         match = SERIES_PATTERN.fullmatch(path.name)
-        if match is None or int(match["seq"]) < state.next_shard:
+        if match is None or int(match["seq"]) < state.next_shard or match["worker"] != owner:
             raise StateError(
                 f"{path}: a shard this job's state does not know; move it away or use "
                 "another output.dir"
@@ -216,6 +232,8 @@ def recover_series(layout: Layout, state: SeriesState) -> int:
     cut = 0
     if state.open_shard is not None:
         cut += truncate(layout.shard(state.open_shard.file), state.position.shard_bytes)
+    if owner is not None:
+        return cut
     ids, other = layout.series_seen(state.name)
     cut += truncate(ids, state.position.seen * 8)
     cut += truncate(other, state.position.seen_other)

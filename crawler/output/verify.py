@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from crawler.errors import StateError
 from crawler.output.dedup import SeenIds
 from crawler.output.layout import Layout
 from crawler.output.shards import read_lines, sha256_of
+from crawler.state.sqlite import SqliteView
 
 if TYPE_CHECKING:
     from crawler.output.bucket import Bucket
@@ -75,6 +77,7 @@ async def verify_bucket(bucket: Bucket) -> Verdict:
 
 def verify(layout: Layout) -> Verdict:
     verdict = Verdict()
+    _check_committed_length(layout, verdict)
     try:
         manifest = orjson.loads(layout.manifest.read_bytes())
     except FileNotFoundError:
@@ -91,6 +94,30 @@ def verify(layout: Layout) -> Verdict:
         if f"shards/{path.name}" not in listed:
             verdict.notes.append(f"{path}: not in the manifest (an interrupted run's leftover)")
     return verdict
+
+
+def _check_committed_length(layout: Layout, verdict: Verdict) -> None:
+    """The open shard against the length the state committed (the manifest's is that of the
+    last seal, often 0): a file cut below it is what the next run refuses, so verify says so
+    too, in the same words. A one-process job's state only (a coordinated job's is in Redis)."""
+    try:
+        view = SqliteView.open(layout)
+    except StateError as exc:
+        verdict.notes.append(f"the committed length of the open shard was not checked: {exc}")
+        return
+    if view is None:
+        return
+    try:
+        name, committed = view.job["open_shard"], view.job["shard_bytes"]
+    finally:
+        view.close()
+    path = layout.shard(name) if name else None
+    size = path.stat().st_size if path is not None and path.exists() else 0
+    if path is not None and size < committed:
+        verdict.problems.append(
+            f"{path}: {size:,} bytes, the state committed {committed:,}: the file was cut or "
+            "replaced since; put the original back (a backup, another copy)"
+        )
 
 
 def _check_listing(

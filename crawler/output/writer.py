@@ -302,6 +302,9 @@ class Writer:
         sourced = [work for work in batch if isinstance(work.change, SourcePage)]
         if sourced:
             batch = [work for work in batch if not isinstance(work.change, SourcePage)]
+            # a series this worker no longer holds (coordinated: its lease moved on) is another's
+            held = self._store.holds
+            sourced = [w for w in sourced if held(w.change.change.target_id)]  # type: ignore[union-attr]  # SourcePages only
         # a target this process no longer holds (its lease moved on) is another's to commit
         batch = [work for work in batch if self._store.holds(work.change.target_id)]  # type: ignore[union-attr]  # source pages are out
         lines = [line for work in batch if work.rendered for line in work.rendered.lines]

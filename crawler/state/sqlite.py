@@ -749,7 +749,7 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{layout.old_snapshot}: state saved by an older crawler; finish the job with that "
             "version, or start over with --fresh"
         )
-    created = not path.exists()
+    created = not path.exists() or _never_begun(path)
     if created and layout.coordinated.exists():
         raise StateError(
             f"{layout.root}: holds a coordinated job's shards: its state is in Redis (run it "
@@ -771,12 +771,13 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
-        if created:
-            db.executescript(f"BEGIN; {SCHEMA}; COMMIT;")
+        if created:  # the schema and the job row in one transaction: a kill leaves neither
+            db.executescript(f"BEGIN; {SCHEMA};")
             db.execute(
                 "INSERT INTO job (id, version, output) VALUES (1, ?, ?)",
                 (VERSION, orjson.dumps(output).decode()),
             )
+            db.execute("COMMIT")
         job = _job_row(db)
     except sqlite3.Error as exc:
         raise _error(exc, path) from None
@@ -811,6 +812,31 @@ def _connect(layout: Layout, output: dict[str, Any]) -> sqlite3.Connection:
             f"{changed}); put them back, or use another output.dir, or start over with --fresh"
         )
     return db
+
+
+def _never_begun(path: Path) -> bool:
+    """Whether ``path`` is a state file a kill left during a job's first start: no job row and
+    no target (an empty file, or, from an earlier crawler, the schema without its job row).
+    Such a file holds nothing of the job, so it is begun again rather than called unreadable;
+    it is removed with its WAL, never read as a state."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if names and not {"job", "targets"} <= names:
+                return False  # not a file of ours: left for the error that names it
+            if names and (
+                db.execute("SELECT 1 FROM job").fetchone()
+                or db.execute("SELECT 1 FROM targets LIMIT 1").fetchone()
+            ):
+                return False
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False  # unreadable: the connection that follows says so
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    return True
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:
