@@ -7,6 +7,7 @@ answer without loading the HTTP client or the sandbox.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,21 @@ _LISTED = 20  # targets named at the end of a run; status --all lists them all
 _EPISODES_HINT = 3  # 429 episodes in one run that say the configured rate is too high
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 -- one per way out
+def main(argv: Sequence[str] | None = None) -> int:
+    status = _main(argv)
+    if "obstore" in sys.modules:
+        # obstore's Tokio threads outlive the event loop and may touch the interpreter while
+        # it finalizes: a command that had finished, output and state committed, then aborted
+        # (SIGABRT, SIGBUS) now and then. Everything durable is already fsynced and closed, so
+        # the process ends here, after its output is flushed, without finalizing.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:  # noqa: PLR0911 -- one per way out
     parser = _parser()
     args = parser.parse_args(argv)
     from crawler import logs  # noqa: PLC0415 -- after --help, which needs none of it
