@@ -33,16 +33,7 @@ class ProductSeen:
     def adder(self, product_id: str) -> Callable[[str], bool]:
         # a product given up meanwhile (its lease lost): its page is dropped before any commit,
         # so what this adds goes nowhere
-        ids, pending = self._sets.get(product_id, set()), self._pending
-
-        def add(review_id: str) -> bool:
-            if review_id in ids:
-                return False
-            ids.add(review_id)
-            pending.append(review_id)
-            return True
-
-        return add
+        return _adder(self._sets.get(product_id, set()), self._pending)
 
     def take(self) -> tuple[bytes, bytes]:
         """The ids added since the last take, as a JSON list (the store sends them to Redis;
@@ -82,16 +73,7 @@ class ItemSeen:
         self._ids = set()
 
     def adder(self, product_id: str) -> Callable[[str], bool]:
-        ids, pending = self._ids, self._pending
-
-        def add(item_id: str) -> bool:
-            if item_id in ids:
-                return False
-            ids.add(item_id)
-            pending.append(item_id)
-            return True
-
-        return add
+        return _adder(self._ids, self._pending)
 
     def take(self) -> tuple[bytes, bytes]:
         """A page's new ids as a JSON list, committed with the page (``SADD iseen:``)."""
@@ -106,3 +88,16 @@ class ItemSeen:
 
     def close(self) -> None:
         self._ids = set()
+
+
+def _adder(ids: set[str], pending: list[str]) -> Callable[[str], bool]:
+    """Adds an id not yet in ``ids`` to both, and says whether it was new."""
+
+    def add(one_id: str) -> bool:
+        if one_id in ids:
+            return False
+        ids.add(one_id)
+        pending.append(one_id)
+        return True
+
+    return add
