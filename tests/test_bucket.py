@@ -20,6 +20,7 @@ from crawler.output.bucket import Bucket, BucketUrl
 from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS, BucketPublisher, Segment, part_key
 from crawler.output.shards import read_lines
+from crawler.output.verify import verify_bucket
 from crawler.pacing.retry import RetryPolicy
 from crawler.sandbox import SandboxOptions, serve_in_process
 from crawler.state import ShardInfo
@@ -359,6 +360,19 @@ async def test_a_paused_processs_parts_never_replace_the_committed_ones(tmp_path
     assert await new.committed(name, 36, sha256=sealed, records=2) == committed
     await new.publish([ShardInfo(name, 2, 36, sealed)], [], {})
     assert (await bucket.get(f"shards/{name}") or (b"", None))[0] == committed
+
+
+async def test_verify_refuses_a_manifest_that_lists_a_shard_twice(s3_server):
+    bucket = _bucket(s3_server, _url())
+    data = b'{"review_id":"1"}\n'
+    await bucket.put_new("shards/reviews-000001.jsonl", data)
+    entry = {"file": "shards/reviews-000001.jsonl", "records": 1, "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    doc = {"version": 2, "records": 2, "shards": [entry, entry], "open_shards": []}
+    await bucket.put_new(MANIFEST, orjson.dumps(doc))
+    verdict = await verify_bucket(bucket)
+    assert not verdict.ok
+    assert any("listed twice" in p for p in verdict.problems), verdict.problems
 
 
 async def test_a_worker_started_again_on_a_new_machine_seals_its_shard_from_the_bucket(
