@@ -362,6 +362,24 @@ async def test_a_paused_processs_parts_never_replace_the_committed_ones(tmp_path
     assert (await bucket.get(f"shards/{name}") or (b"", None))[0] == committed
 
 
+async def test_a_sealed_object_of_other_bytes_is_not_taken_as_published(tmp_path, s3_server):
+    """An object already at a sealed shard's key is compared by content, not by size."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    publisher = BucketPublisher(bucket, Layout(tmp_path))
+    name = "reviews-000001.jsonl"
+    data, forged = b'{"review_id":"1"}\n', b'{"review_id":"X"}\n'
+    await bucket.put_new(f"shards/{name}", forged)
+    shard = ShardInfo(name, 1, len(data), hashlib.sha256(data).hexdigest())
+    with pytest.raises(StateError, match="another sha256"):
+        await publisher.publish([shard], [], {})
+    assert await bucket.get(MANIFEST) is None
+    fine = _bucket(s3_server, _url())
+    await fine.put_new(f"shards/{name}", data)  # put before, its manifest not: taken as is
+    await BucketPublisher(fine, Layout(tmp_path)).publish([shard], [], {})
+    assert len(orjson.loads((await fine.get(MANIFEST) or (b"", None))[0])["shards"]) == 1
+
+
 async def test_verify_refuses_a_manifest_that_lists_a_shard_twice(s3_server):
     bucket = _bucket(s3_server, _url())
     data = b'{"review_id":"1"}\n'

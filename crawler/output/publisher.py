@@ -182,8 +182,7 @@ class BucketPublisher:
 
     async def _put_sealed(self, shard: ShardInfo) -> None:
         key = f"shards/{shard.file}"
-        size = await self.bucket.size(key)
-        if size is None:
+        if await self.bucket.size(key) is None:
             data = await asyncio.to_thread(self._local, shard)
             if data is None:  # the parts' one chain with the sealed sha256, or None
                 data = await self.committed(
@@ -192,18 +191,21 @@ class BucketPublisher:
             if data is not None and await self.bucket.put_new(key, data):
                 return
             # a 412, or its parts gone: another worker put it meanwhile (and dropped its parts)
-            size = await self.bucket.size(key)
-            if size is None:
-                raise StateError(
-                    f"{shard.file}: sealed, but its committed bytes are neither in "
-                    f"{self._layout.shard(shard.file)} nor in the parts under "
-                    f"{self.bucket.url}/{PARTS}; the shard cannot be published"
-                )
-        if size != shard.bytes:  # create-only: never replaced, whoever put it
+        found = await self.bucket.get(key)
+        if found is None:
             raise StateError(
-                f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {size} bytes, this "
-                f"job sealed {shard.file} at {shard.bytes}: the prefix holds another job's "
-                "output; point output.dir at another prefix"
+                f"{shard.file}: sealed, but its committed bytes are neither in "
+                f"{self._layout.shard(shard.file)} nor in the parts under "
+                f"{self.bucket.url}/{PARTS}; the shard cannot be published"
+            )
+        # create-only: never replaced, whoever put it; its size alone could match other bytes
+        digest = await asyncio.to_thread(_sha256, found[0])
+        if digest != shard.sha256:
+            raise StateError(
+                f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {len(found[0])} "
+                f"bytes with another sha256 than this job sealed {shard.file} with "
+                f"({shard.bytes} bytes): the prefix holds another job's output; point "
+                "output.dir at another prefix"
             )
 
     def _local(self, shard: ShardInfo) -> bytes | None:
