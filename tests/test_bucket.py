@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from crawler import load_job
-from crawler.errors import ConfigError, StateError
-from crawler.output.bucket import Bucket, BucketUrl
+from crawler.errors import ConfigError, OutputError, StateError
+from crawler.output.bucket import Bucket, BucketUrl, _short
 from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS, BucketPublisher, Segment, part_key
 from crawler.output.shards import read_lines
@@ -497,6 +497,21 @@ async def test_a_bucket_jobs_shards_export_from_the_bucket(tmp_path, sandbox, s3
     assert again["shards"]["exported"] == len(manifest["shards"])
     ledger = await _bucket(s3_server, f"{url}/export").get("_exported.json")
     assert ledger is not None and len(orjson.loads(ledger[0])["shards"]) == len(manifest["shards"])
+
+
+async def test_a_bucket_that_cannot_be_read_is_said_so_whole(tmp_path):
+    """A read that runs out of tries says it could not read, and what to do about a read; a
+    server's long message is cut at a word, marked, never mid-word."""
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", **S3_WRITER}
+    bucket = Bucket.open(BucketUrl.parse(_url()), RetryPolicy(base_seconds=0), env)
+    with pytest.raises(OutputError) as caught:
+        await verify_bucket(bucket)
+    said = str(caught.value)
+    assert "cannot read after" in said and "once the bucket can be read" in said, said
+    assert "takes writes" not in said
+    text = "the server answered with a non-2xx status " * 10
+    kept = _short(Exception(text)).removesuffix(" ...")
+    assert len(kept) <= 200 and text.startswith(kept) and text[len(kept)] == " ", kept
 
 
 def _open_shard_bytes(server: RedisServer, worker: str) -> int:
