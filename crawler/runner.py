@@ -231,10 +231,18 @@ def _publisher(
 async def _run(job: Job, layout: Layout, parts: _Parts, options: _Options) -> RunResult:
     store = parts.store
     if isinstance(parts.publisher, BucketPublisher):
-        # before the folder's own step: an open shard whose file is gone is fetched back first
-        sealed, _ = await store.manifest()
+        # before the folder's own step: an open shard whose file is gone is fetched back first.
+        # The bucket's manifest is read before the state: a shard is sealed in the state before
+        # it is listed, so one another worker lists between the two reads is not foreign
+        listed = await parts.publisher.listed()
+        sealed, opened = await store.manifest()
         await parts.publisher.recover(
-            sealed, store.open_shard, store.position.shard_bytes, owner=parts.owner
+            listed,
+            sealed,
+            opened,
+            store.open_shard,
+            store.position.shard_bytes,
+            owner=parts.owner,
         )
     found = recover(
         layout,

@@ -4,6 +4,7 @@ objects never replaced, a bucket that refuses writes stops the run before a cred
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import uuid
 from pathlib import Path
@@ -14,17 +15,20 @@ import orjson
 import pytest
 
 from crawler import load_job
-from crawler.errors import ConfigError
-from crawler.output.bucket import Bucket, BucketUrl
+from crawler.errors import ConfigError, OutputError, StateError
+from crawler.output.bucket import Bucket, BucketUrl, _short
 from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS, BucketPublisher, Segment, part_key
 from crawler.output.shards import read_lines
+from crawler.output.verify import verify_bucket
 from crawler.pacing.retry import RetryPolicy
 from crawler.sandbox import SandboxOptions, serve_in_process
+from crawler.state import ShardInfo
 from tests.conftest import (
     PRODUCTS,
     S3_READER,
     S3_WRITER,
+    RedisServer,
     S3Server,
     crawler_command,
     expected_ids,
@@ -135,10 +139,14 @@ async def test_sigkill_during_uploads_then_a_rerun_is_exact(tmp_path, sandbox, s
         for enough in (40, 160):
             process = await _start(job, s3_server.env())
             await until(lambda: requests_to(box) >= enough)  # noqa: B023 -- awaited at once
+            # killed while parts are in the bucket: not asserted after the kill, since a
+            # publish may have dropped every listed shard's parts just before it
+            async with asyncio.timeout(30):
+                while not await bucket.list(PARTS):  # noqa: ASYNC110 -- another process's progress
+                    await asyncio.sleep(0.01)
             process.send_signal(signal.SIGKILL)
             await process.communicate()
             assert process.returncode == -signal.SIGKILL
-            assert await bucket.list(PARTS)  # killed with committed parts in the bucket
             if await bucket.get(MANIFEST) is not None:  # what a reader sees meanwhile: sealed
                 await _verify(job, s3_server.env())  # objects only, each whole, no id twice
         status, stderr = await _run(job, s3_server.env())
@@ -294,25 +302,99 @@ def test_work_dir_is_relative_to_the_job_file(tmp_path):
 
 
 async def test_parts_put_again_and_rebuilt_end_to_end(tmp_path, s3_server):
-    """A part put again with the same bytes (an answer lost) is fine; other bytes at its key
-    (a part no commit counted) are replaced; a shard is rebuilt from the parts at or below its
-    committed length only, and not at all when they do not reach it."""
+    """A part put again with the same bytes (an answer lost) is fine; a shard is rebuilt from
+    the parts at or below its committed length only, and not at all when they do not reach
+    it."""
     bucket = _bucket(s3_server, _url())
     publisher = BucketPublisher(bucket, Layout(tmp_path))
     name = "reviews-000001.jsonl"
     first, second = b'{"review_id":"1"}\n', b'{"review_id":"2"}\n'
     await publisher.before_commit([Segment(name, 0, first)])
     await publisher.before_commit([Segment(name, 0, first)])  # the same put, sent again
-    stale = part_key(name, len(first), 2 * len(first))
-    await bucket.put_new(stale, b'{"review_id":"X"}\n')  # a batch whose commit never came
     await publisher.before_commit([Segment(name, len(first), second)])
-    assert (await bucket.get(stale) or (b"", None))[0] == second
-    await bucket.put_new(part_key(name, 2 * len(first), 3 * len(first)), b"uncommitted\n")
+    await publisher.before_commit([Segment(name, 2 * len(first), b"uncommitted\n")])
     assert await publisher.committed(name, 2 * len(first)) == first + second
     assert await publisher.committed(name, len(first)) == first
     assert await publisher.committed(name, len(first) + 1) is None  # no part ends there
     assert await publisher.fetch(name, 2 * len(first))
     assert (tmp_path / "shards" / name).read_bytes() == first + second
+
+
+async def test_a_paused_processs_parts_never_replace_the_committed_ones(tmp_path, s3_server):
+    """A worker's earlier incarnation, only paused, wakes and puts parts of the shard name its
+    new incarnation reuses: under its own token, beside them, never in their place. The shard
+    is rebuilt from the one chain its sha256 or record count allows; two that fit stop the
+    run, never a guess; the start-up clean-up keeps every part below the committed length."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    layout = Layout(tmp_path)
+    old, new = BucketPublisher(bucket, layout), BucketPublisher(bucket, layout)
+    name = "reviews-000002.jsonl"
+    committed = b'{"review_id":"3"}\n{"review_id":"4"}\n'  # the new incarnation's: 2 records
+    stray = b'{"review_id":"' + b"x" * 19 + b'"}\n'  # the paused one's: as long, 1 record
+    assert len(stray) == len(committed) == 36
+    await new.before_commit([Segment(name, 0, committed)])
+    await old.before_commit([Segment(name, 0, stray)])  # no error, nothing replaced
+    await old.before_commit([Segment(name, 0, stray)])
+    assert (await bucket.get(part_key(name, 0, 36, new.token)) or (b"", None))[0] == committed
+    with pytest.raises(StateError, match=rf"{name}: 2 chains of parts under {url}/_parts/"):
+        await new.committed(name, 36)
+    assert await new.committed(name, 36, records=2) == committed
+    sealed = hashlib.sha256(committed).hexdigest()
+    assert await new.committed(name, 36, sha256=sealed, records=2) == committed
+    # the paused one's batches, past the committed length, and of a shard no commit opened
+    await new.before_commit([Segment(name, 36, b'{"review_id":"5"}\n')])
+    await old.before_commit([Segment(name, 18, b'{"review_id":"6"}\n{"review_id":"7"}\n')])
+    await old.before_commit([Segment("reviews-000003.jsonl", 0, stray)])
+    state = ShardInfo(name, 2, 36)
+    await new.recover(set(), [], [state], state, 36, owner=None)
+    assert sorted(k for k, _ in await bucket.list(PARTS)) == sorted(
+        [
+            part_key(name, 0, 36, new.token),
+            part_key(name, 0, 36, old.token),
+            part_key(name, 18, 54, old.token),  # starts below it: kept, ends past it: not read
+        ]
+    )
+    assert (tmp_path / "shards" / name).read_bytes() == committed  # fetched: its file was gone
+    # two chains that fit the record count: only the sealed sha256 tells them apart
+    other = b'{"review_id":"8"}\n{"review_id":"9"}\n'
+    await old.before_commit([Segment(name, 0, other[:18]), Segment(name, 18, other[18:])])
+    with pytest.raises(StateError, match="rather than guess"):
+        await new.committed(name, 36, records=2)
+    assert await new.committed(name, 36, sha256=sealed, records=2) == committed
+    await new.publish([ShardInfo(name, 2, 36, sealed)], [], {})
+    assert (await bucket.get(f"shards/{name}") or (b"", None))[0] == committed
+
+
+async def test_a_sealed_object_of_other_bytes_is_not_taken_as_published(tmp_path, s3_server):
+    """An object already at a sealed shard's key is compared by content, not by size."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    publisher = BucketPublisher(bucket, Layout(tmp_path))
+    name = "reviews-000001.jsonl"
+    data, forged = b'{"review_id":"1"}\n', b'{"review_id":"X"}\n'
+    await bucket.put_new(f"shards/{name}", forged)
+    shard = ShardInfo(name, 1, len(data), hashlib.sha256(data).hexdigest())
+    with pytest.raises(StateError, match="another sha256"):
+        await publisher.publish([shard], [], {})
+    assert await bucket.get(MANIFEST) is None
+    fine = _bucket(s3_server, _url())
+    await fine.put_new(f"shards/{name}", data)  # put before, its manifest not: taken as is
+    await BucketPublisher(fine, Layout(tmp_path)).publish([shard], [], {})
+    assert len(orjson.loads((await fine.get(MANIFEST) or (b"", None))[0])["shards"]) == 1
+
+
+async def test_verify_refuses_a_manifest_that_lists_a_shard_twice(s3_server):
+    bucket = _bucket(s3_server, _url())
+    data = b'{"review_id":"1"}\n'
+    await bucket.put_new("shards/reviews-000001.jsonl", data)
+    entry = {"file": "shards/reviews-000001.jsonl", "records": 1, "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    doc = {"version": 2, "records": 2, "shards": [entry, entry], "open_shards": []}
+    await bucket.put_new(MANIFEST, orjson.dumps(doc))
+    verdict = await verify_bucket(bucket)
+    assert not verdict.ok
+    assert any("listed twice" in p for p in verdict.problems), verdict.problems
 
 
 async def test_a_worker_started_again_on_a_new_machine_seals_its_shard_from_the_bucket(
@@ -419,3 +501,90 @@ async def test_a_bucket_jobs_shards_export_from_the_bucket(tmp_path, sandbox, s3
     assert again["shards"]["exported"] == len(manifest["shards"])
     ledger = await _bucket(s3_server, f"{url}/export").get("_exported.json")
     assert ledger is not None and len(orjson.loads(ledger[0])["shards"]) == len(manifest["shards"])
+
+
+async def test_a_bucket_that_cannot_be_read_is_said_so_whole(tmp_path):
+    """A read that runs out of tries says it could not read, and what to do about a read; a
+    server's long message is cut at a word, marked, never mid-word."""
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", **S3_WRITER}
+    bucket = Bucket.open(BucketUrl.parse(_url()), RetryPolicy(base_seconds=0), env)
+    with pytest.raises(OutputError) as caught:
+        await verify_bucket(bucket)
+    said = str(caught.value)
+    assert "cannot read after" in said and "once the bucket can be read" in said, said
+    assert "takes writes" not in said
+    text = "the server answered with a non-2xx status " * 10
+    kept = _short(Exception(text)).removesuffix(" ...")
+    assert len(kept) <= 200 and text.startswith(kept) and text[len(kept)] == " ", kept
+
+
+def _open_shard_bytes(server: RedisServer, worker: str) -> int:
+    """The committed bytes of ``worker``'s open shard, as Redis has them (0: none)."""
+    import redis  # noqa: PLC0415 -- as the crawler does: only here
+
+    client = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        file = client.hget(f"crawler:job:w:{worker}", "open_shard")
+        record = client.hget("crawler:job:shards", file) if file else None
+        return int(orjson.loads(record)["bytes"]) if record else 0
+    finally:
+        client.close()
+
+
+async def test_a_workers_open_shard_lost_everywhere_stops_its_next_run(
+    tmp_path, s3_server, redis_server
+):
+    """Its files gone and its committed parts too: the worker started again under its name
+    stops with an error naming the shard, rather than seal nothing and end as if whole."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    pairs = [(p, r) for p in MORE[:16] for r in ("US", "DE")]
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (base, _):
+        output = {"dir": url, "shard_max_records": 100_000}  # one shard: the one left open
+        job = coordinated_job(tmp_path, base, redis_server.url, pairs, output=output)
+        env = s3_server.env()
+        first = await _start_worker(job, "w1", env)
+        async with asyncio.timeout(30):
+            while not await asyncio.to_thread(_open_shard_bytes, redis_server, "w1"):  # noqa: ASYNC110 -- another process's progress
+                await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        file = next(p.name for p in Layout(load_job(job).output.dir).shard_files())
+        for path in Layout(load_job(job).output.dir).shard_files():
+            path.unlink()
+        await bucket.delete(*[key for key, _ in await bucket.list(PARTS)])
+        again = await _start_worker(job, "w1", env)
+        _, stderr = await again.communicate()
+    said = stderr.decode()
+    assert again.returncode == 2, said
+    assert f"{file}: the shard an earlier run of worker w1 left open" in said, said
+    assert "cannot be sealed" in said
+
+
+async def test_a_dead_workers_open_shard_lost_everywhere_stops_the_adopter(
+    tmp_path, s3_server, redis_server
+):
+    """A dead worker's files gone and its committed parts too: the worker that would adopt it
+    stops with an error naming the shard, rather than skip it and end as if whole."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    pairs = [(p, r) for p in MORE for r in ("US", "DE")]
+    async with serve_in_process(SandboxOptions(latency=(0.002, 0.01))) as (base, _):
+        output = {"dir": url, "shard_max_records": 100_000}
+        job = coordinated_job(tmp_path, base, redis_server.url, pairs, output=output)
+        env = s3_server.env()
+        running = {w: await _start_worker(job, w, env) for w in ("w1", "w2")}
+        async with asyncio.timeout(30):
+            while not await asyncio.to_thread(_open_shard_bytes, redis_server, "w2"):  # noqa: ASYNC110 -- another process's progress
+                await asyncio.sleep(0.05)
+        running["w2"].send_signal(signal.SIGKILL)
+        await running["w2"].wait()
+        for path in Layout(load_job(job).output.dir).shard_files():
+            if path.name.startswith("reviews-w2-"):
+                path.unlink()
+        await bucket.delete(*[k for k, _ in await bucket.list(PARTS) if "/reviews-w2-" in k])
+        _, stderr = await running["w1"].communicate()
+    said = stderr.decode()
+    assert running["w1"].returncode == 2, said
+    assert "reviews-w2-" in said and "a dead worker's open shard" in said, said
+    assert "cannot be sealed" in said

@@ -26,6 +26,7 @@ import orjson
 from crawler import logs
 from crawler.coordination.link import Link
 from crawler.coordination.scripts import ADOPT, SILENT
+from crawler.errors import StateError
 from crawler.output.layout import Layout, fsync_dir, series_sequence, shard_owner, shard_sequence
 from crawler.output.shards import sha256_of
 
@@ -35,8 +36,9 @@ log = logs.get_logger("crawler.coordination")
 class Shared(Protocol):
     """Every worker's shards in reach of every worker: a bucket (``BucketPublisher``)."""
 
-    async def fetch(self, file: str, length: int) -> bool:
-        """A shard's committed ``length`` bytes into this folder; False if not to be had."""
+    async def fetch(self, file: str, length: int, *, records: int | None = None) -> bool:
+        """A shard's committed ``length`` bytes (``records`` lines) into this folder; False if
+        not to be had."""
         ...
 
     async def drop_strays(self, owner: str, known: set[str], first_unknown: int) -> None:
@@ -63,12 +65,11 @@ async def adopt_orphans(
         record, copy, doc = "", None, None
         if file:
             record = await link.call(partial(link.redis.hget, prefix + "shards", file))
-            if not layout.shard(file).exists() and (
-                shared is None
-                or not record
-                or not await shared.fetch(file, orjson.loads(record)["bytes"])
-            ):
-                continue  # its open shard is on another machine's disk
+            if not layout.shard(file).exists():
+                if shared is None or not record:
+                    continue  # its open shard is on another machine's disk
+                if not await _fetched(link, prefix, shared, file, record):
+                    continue  # sealed by another worker meanwhile, or committed to again
             try:  # off the event loop: a shard can be large, and the leases must be renewed
                 copy, doc = await asyncio.to_thread(
                     seal_copy, layout.shard(file), orjson.loads(record)
@@ -95,6 +96,23 @@ async def adopt_orphans(
             await shared.drop_strays(worker, known, int(state.get("next_shard", "1")))
         retired.append(worker)
     return retired
+
+
+async def _fetched(link: Link, prefix: str, shared: Shared, file: str, record: str) -> bool:
+    """A dead worker's open shard fetched from the bucket; False when its record changed
+    meanwhile (another worker sealed it and dropped its parts, or it came back and committed).
+    Its committed parts not to be had otherwise stop this worker: skipping the shard would
+    leave its committed reviews out of the output, silently."""
+    doc = orjson.loads(record)
+    if await shared.fetch(file, doc["bytes"], records=doc["records"]):
+        return True
+    if await link.call(partial(link.redis.hget, prefix + "shards", file)) != record:
+        return False
+    raise StateError(
+        f"{file}: a dead worker's open shard ({doc['records']:,} reviews, {doc['bytes']:,} "
+        "bytes committed) is not whole in the bucket's parts; it cannot be sealed, and going "
+        "on would leave its reviews out"
+    )
 
 
 def _remove_strays(

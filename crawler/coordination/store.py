@@ -289,10 +289,15 @@ class RedisStore:
             doc is not None
             and self._shared is not None
             and not self.layout.shard(doc["file"]).exists()
+            and not await self._shared.fetch(doc["file"], doc["bytes"], records=doc["records"])
         ):
-            await self._shared.fetch(
-                doc["file"], doc["bytes"]
-            )  # its machine, or its files, are gone
+            # its machine, or its files, are gone, and so are its committed parts: going on
+            # would leave its committed reviews out of the output, silently
+            raise StateError(
+                f"{doc['file']}: the shard an earlier run of worker {self.worker} left open "
+                f"({doc['records']:,} reviews, {doc['bytes']:,} bytes committed) is neither in "
+                f"{self.layout.shards_dir} nor whole in the bucket's parts; it cannot be sealed"
+            )
         if doc is None or not self.layout.shard(doc["file"]).exists():
             return  # none, or on another machine's disk: that machine's to finish
         path = self.layout.shard(doc["file"])
@@ -476,6 +481,17 @@ class RedisStore:
             if self.link.settled(self._lease_ms / 1000):
                 await self._adopt()
             await asyncio.sleep(self._lease_ms / 3000)
+        if (
+            self._shared is not None
+            and loop.time() >= deadline
+            and await self._silent_with_shards_here()
+        ):
+            # not an error (it may yet come back), but its shard is not listed until a worker
+            # seals it: say so rather than end as if the output were whole
+            log.warning(
+                "a silent worker's open shard is still unsealed; run a worker again to seal "
+                "it and list it in the manifest"
+            )
 
     async def _adopt(self) -> None:
         await adopt_orphans(self.link, self._p, self.layout, self._dead_ms, self._shared)

@@ -38,6 +38,8 @@ _FROM_ENV = {
     "AWS_REGION": "region",
 }
 _RESUME = "the state is saved: run the same command again once the bucket takes writes"
+# crawler verify and export only read: "takes writes" would send their users the wrong way
+_RESUME_READ = "run the same command again once the bucket can be read (a run's state is saved)"
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class Bucket:
                 if delay is None:
                     raise OutputError(
                         f"{self.url.key(key)} in s3://{self.url.bucket}: cannot {verb} after "
-                        f"{tries.attempts} tries ({_short(exc)}); {_RESUME}"
+                        f"{tries.attempts} tries ({_short(exc)}); {_resume(verb)}"
                     ) from None
                 await asyncio.sleep(delay)
 
@@ -239,7 +241,11 @@ class Bucket:
             why = f"the bucket is full ({code or status}): free space or raise the quota"
         else:
             why = f"refused ({_short(exc)})"
-        return f"{where}: cannot {verb}: {why}; {_RESUME}"
+        return f"{where}: cannot {verb}: {why}; {_resume(verb)}"
+
+
+def _resume(verb: str) -> str:
+    return _RESUME_READ if verb in ("read", "list") else _RESUME
 
 
 def _status(exc: Exception) -> tuple[int | None, str | None]:
@@ -273,4 +279,7 @@ def _short(exc: Exception) -> str:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     first = re.sub(r"\s*:\s*<\?xml.*", "", first)
     said = f"{status} {code}" if status and code else first
-    return said[:200]
+    if len(said) <= 200:
+        return said
+    # cut at a word, marked: "non-2xx sta" read as the whole of what the server said
+    return said[:200].rsplit(" ", 1)[0] + " ..."

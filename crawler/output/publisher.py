@@ -5,8 +5,9 @@ In a bucket (``output.dir: s3://...``) the shards are still written and fsynced 
 working folder first; then, for each batch:
 
 1. each segment a batch adds to a shard is put as a part object, create-only:
-   ``_parts/<shard>/<start>-<end>`` (byte offsets in the shard), before the state records the
-   commit; so whatever the state counts is in the bucket, whatever machine is lost;
+   ``_parts/<shard>/<start>-<end>.<token>`` (byte offsets in the shard; the token is drawn
+   afresh by each process start, so no two processes ever write one key), before the state
+   records the commit; so whatever the state counts is in the bucket, whatever machine is lost;
 2. once the state has recorded a seal, the whole shard is put create-only as
    ``shards/<shard>`` (from the local file, or from its parts when the file is gone), checked
    against the sha256 the state recorded;
@@ -15,10 +16,13 @@ working folder first; then, for each batch:
    again on a 412. Entries are only ever added, so two writers cannot undo each other;
 4. the parts of a listed shard are deleted.
 
-A reader of the manifest reads sealed objects only: an open shard is not listed. Parts past the
-committed length (a batch whose commit a crash cut off) are deleted at the next start, before any
-new part is put, so the parts at or below a shard's committed length are exactly its committed
-batches, end to end.
+A reader of the manifest reads sealed objects only: an open shard is not listed. Parts that
+start at or past the committed length (a batch whose commit a crash cut off) are deleted at the
+next start, before any new part is put; parts at or below it never are while the state records
+the shard. A paused process of an earlier incarnation may still put parts (under its own token)
+that overlap the committed ones: a shard is rebuilt from the one chain of parts from 0 to its
+committed length that its sha256 (sealed) or record count (open) allows, and a run stops, never
+guesses, when that leaves more than one or none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,14 +48,19 @@ from crawler.output.layout import (
     shard_sequence,
     write_atomically,
 )
-from crawler.output.shards import write_manifest
+from crawler.output.shards import inflate, write_manifest
 from crawler.state import ShardInfo
 
 log = logs.get_logger("crawler.writer")
 
 MANIFEST = "manifest.json"
 PARTS = "_parts/"
-_PART = re.compile(r"_parts/(?P<file>[^/]+)/(?P<start>\d{15})-(?P<end>\d{15})")
+_PART = re.compile(
+    r"_parts/(?P<file>[^/]+)/(?P<start>\d{15})-(?P<end>\d{15})\.(?P<token>[0-9a-f]{16})"
+)
+# chains of parts from 0 to a committed length looked at before giving up: a shard's parts are
+# one chain, plus at most a few a paused process put beside them
+_MAX_CHAINS = 64
 
 Listing = tuple[list[ShardInfo], list[ShardInfo]]
 
@@ -90,8 +100,8 @@ class FolderPublisher:
         await asyncio.to_thread(write_manifest, self._layout, sealed, open_shards, series)
 
 
-def part_key(file: str, start: int, end: int) -> str:
-    return f"{PARTS}{file}/{start:015d}-{end:015d}"
+def part_key(file: str, start: int, end: int, token: str) -> str:
+    return f"{PARTS}{file}/{start:015d}-{end:015d}.{token}"
 
 
 class BucketPublisher:
@@ -100,13 +110,24 @@ class BucketPublisher:
     def __init__(self, bucket: Bucket, layout: Layout) -> None:
         self.bucket = bucket
         self._layout = layout
+        # this process's own part keys: another process (a paused earlier incarnation of this
+        # worker, writing a shard name this one reuses) can never replace or delete them
+        self.token = secrets.token_hex(8)
 
     async def check_writable(self) -> None:
-        """One object put and deleted before the first request: a bucket that refuses writes
-        stops the run before a credit is spent."""
+        """One object put (twice) and deleted before the first request: a bucket that refuses
+        writes, or that ignores If-None-Match (its create-only puts would replace sealed
+        objects and parts), stops the run before a credit is spent."""
         probe = f"_probe/{uuid.uuid4().hex}"
         await self.bucket.put_new(probe, b"")
+        replaced = await self.bucket.put_new(probe, b"")
         await self.bucket.delete(probe)
+        if replaced:
+            raise OutputError(
+                f"{self.bucket.url}: the server does not honour If-None-Match: * (a create-only "
+                "put of an existing object was not refused with 412), and the output relies on "
+                "it never to replace a committed object; use an S3-compatible server that does"
+            )
 
     async def before_commit(self, segments: list[Segment]) -> None:
         async with asyncio.TaskGroup() as group:
@@ -114,20 +135,19 @@ class BucketPublisher:
                 group.create_task(self._put_part(segment))
 
     async def _put_part(self, segment: Segment) -> None:
-        key = part_key(segment.file, segment.start, segment.start + len(segment.data))
-        for _ in range(3):
-            if await self.bucket.put_new(key, segment.data):
-                return
-            found = await self.bucket.get(key)
-            if found is not None and found[0] == segment.data:
-                return  # put before, its answer lost (a retry), or before a crash: the same bytes
-            if found is not None:
-                # it starts at or past the committed length: a part no commit counted (a
-                # paused process's), never read; this batch's bytes take its place
-                await self.bucket.delete(key)
+        end = segment.start + len(segment.data)
+        key = part_key(segment.file, segment.start, end, self.token)
+        if await self.bucket.put_new(key, segment.data):
+            return
+        found = await self.bucket.get(key)
+        if found is not None and found[0] == segment.data:
+            return  # put before, its answer lost (a retry): the same bytes
+        # the key is this process's own: other bytes there are never replaced (whatever put
+        # them, a commit may count them), and the batch is not recorded
         raise OutputError(
-            f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: another process keeps "
-            "putting other bytes there; is a second run of this job writing to the same prefix?"
+            f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: holds other bytes "
+            "than this process put there; is a second run of this job writing to the same "
+            "prefix?"
         )
 
     async def publish(
@@ -162,27 +182,30 @@ class BucketPublisher:
 
     async def _put_sealed(self, shard: ShardInfo) -> None:
         key = f"shards/{shard.file}"
-        size = await self.bucket.size(key)
-        if size is None:
+        if await self.bucket.size(key) is None:
             data = await asyncio.to_thread(self._local, shard)
-            if data is None:
-                data = await self.committed(shard.file, shard.bytes)
-            checked = data is not None and hashlib.sha256(data).hexdigest() == shard.sha256
-            if checked and data is not None and await self.bucket.put_new(key, data):
+            if data is None:  # the parts' one chain with the sealed sha256, or None
+                data = await self.committed(
+                    shard.file, shard.bytes, sha256=shard.sha256, records=shard.records
+                )
+            if data is not None and await self.bucket.put_new(key, data):
                 return
             # a 412, or its parts gone: another worker put it meanwhile (and dropped its parts)
-            size = await self.bucket.size(key)
-            if size is None:
-                raise StateError(
-                    f"{shard.file}: sealed, but its committed bytes are neither in "
-                    f"{self._layout.shard(shard.file)} nor in the parts under "
-                    f"{self.bucket.url}/{PARTS}; the shard cannot be published"
-                )
-        if size != shard.bytes:  # create-only: never replaced, whoever put it
+        found = await self.bucket.get(key)
+        if found is None:
             raise StateError(
-                f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {size} bytes, this "
-                f"job sealed {shard.file} at {shard.bytes}: the prefix holds another job's "
-                "output; point output.dir at another prefix"
+                f"{shard.file}: sealed, but its committed bytes are neither in "
+                f"{self._layout.shard(shard.file)} nor in the parts under "
+                f"{self.bucket.url}/{PARTS}; the shard cannot be published"
+            )
+        # create-only: never replaced, whoever put it; its size alone could match other bytes
+        digest = await asyncio.to_thread(_sha256, found[0])
+        if digest != shard.sha256:
+            raise StateError(
+                f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {len(found[0])} "
+                f"bytes with another sha256 than this job sealed {shard.file} with "
+                f"({shard.bytes} bytes): the prefix holds another job's output; point "
+                "output.dir at another prefix"
             )
 
     def _local(self, shard: ShardInfo) -> bytes | None:
@@ -191,33 +214,65 @@ class BucketPublisher:
             data = path.read_bytes()
         except OSError:
             return None
-        return data if hashlib.sha256(data).hexdigest() == shard.sha256 else None
+        return data if _sha256(data) == shard.sha256 else None
 
-    async def committed(self, file: str, length: int) -> bytes | None:
-        """A shard's first ``length`` bytes from its parts, end to end; None if they do not
-        reach it exactly."""
+    async def committed(
+        self,
+        file: str,
+        length: int,
+        *,
+        sha256: str | None = None,
+        records: int | None = None,
+    ) -> bytes | None:
+        """A shard's first ``length`` bytes from its parts, end to end; None if no chain of
+        parts reaches it exactly. Parts of several processes may overlap (a paused earlier
+        incarnation's beside the committed ones): the chains are told apart by ``sha256`` (a
+        sealed shard's) and ``records`` (the committed count); if more than one remains, the
+        run stops rather than guess (``StateError``)."""
         spans: dict[int, list[tuple[int, str]]] = {}
-        for key, _ in await self.bucket.list(f"{PARTS}{file}/"):
+        for key, size in await self.bucket.list(f"{PARTS}{file}/"):
             part = _PART.fullmatch(key)
-            if part is not None and int(part["end"]) <= length:
-                spans.setdefault(int(part["start"]), []).append((int(part["end"]), key))
-        chunks, at = [], 0
-        while at < length:
-            options = spans.get(at, [])
-            if len(options) != 1:
-                return None
-            end, key = options[0]
-            found = await self.bucket.get(key)
-            if found is None or len(found[0]) != end - at:
-                return None
-            chunks.append(found[0])
-            at = end
-        return b"".join(chunks)
+            if part is None:
+                continue
+            start, end = int(part["start"]), int(part["end"])
+            if end <= length and end > start and size == end - start:
+                spans.setdefault(start, []).append((end, key))
+        chains = _chains(spans, length)
+        if chains is None:
+            raise StateError(self._ambiguous(file, length, f"more than {_MAX_CHAINS}"))
+        bodies: dict[str, bytes] = {}
+        found: list[bytes] = []
+        for chain in chains:
+            for key in chain:
+                if key not in bodies:
+                    got = await self.bucket.get(key)
+                    bodies[key] = got[0] if got is not None else b""
+            data = b"".join(bodies[key] for key in chain)
+            if len(data) != length:
+                continue  # a part deleted meanwhile (its shard listed by another worker)
+            if (sha256 is not None or records is not None) and not await asyncio.to_thread(
+                _fits, file, data, sha256, records
+            ):
+                continue
+            found.append(data)
+        if len(set(found)) > 1:
+            raise StateError(self._ambiguous(file, length, str(len(found))))
+        return found[0] if found else None
 
-    async def fetch(self, file: str, length: int) -> bool:
+    def _ambiguous(self, file: str, length: int, chains: str) -> str:
+        return (
+            f"{file}: {chains} chains of parts under {self.bucket.url}/{PARTS}{file}/ reach its "
+            f"committed {length:,} bytes and fit what the state recorded; which one it "
+            "committed cannot be told, so the run stops rather than guess: keep those parts "
+            "and report this"
+        )
+
+    async def fetch(
+        self, file: str, length: int, *, sha256: str | None = None, records: int | None = None
+    ) -> bool:
         """A shard's committed part written to the local folder from its parts (its machine
         is gone, or its file was removed); False when the parts do not hold it."""
-        data = await self.committed(file, length)
+        data = await self.committed(file, length, sha256=sha256, records=records)
         if data is None:
             return False
         await asyncio.to_thread(self._write_shard, file, data)
@@ -250,7 +305,9 @@ class BucketPublisher:
 
     async def recover(
         self,
+        listed: set[str],
         sealed: list[ShardInfo],
+        opened: list[ShardInfo],
         open_shard: ShardInfo | None,
         committed: int,
         *,
@@ -258,8 +315,10 @@ class BucketPublisher:
     ) -> None:
         """Before anything is put: parts no commit counted are deleted, parts of a listed
         shard too, and an open shard whose local file is gone or short is fetched back.
-        ``sealed``: every sealed shard of the job; ``owner``: this worker's series only."""
-        listed = await self.listed()
+        ``listed``: the manifest's shards, read before the state (a shard is sealed in the
+        state before it is listed, so none listed meanwhile looks foreign); ``sealed`` and
+        ``opened``: every shard of the job the state records, with its committed length;
+        ``owner``: this worker's series only."""
         known = {s.file for s in sealed}
         if stranger := sorted(listed - known):
             raise StateError(
@@ -267,24 +326,31 @@ class BucketPublisher:
                 f"does not have ({stranger[0]}...): another job's output, or this job's local "
                 "state (output.work_dir) is gone; point output.dir at another prefix"
             )
+        lengths = {s.file: s.bytes for s in (*sealed, *opened)}
+        if open_shard is not None:
+            lengths[open_shard.file] = max(committed, lengths.get(open_shard.file, 0))
         stale: list[str] = []
         for key, _ in await self.bucket.list(PARTS):
             part = _PART.fullmatch(key)
             if part is None:
                 continue
-            file, end = part["file"], int(part["end"])
+            file, start = part["file"], int(part["start"])
             if file in listed:
                 stale.append(key)  # a crash between the manifest and the clean-up
-            elif file in known or shard_owner(file) != owner or not SHARD_PATTERN.fullmatch(file):
-                continue  # sealed, not yet listed (the next publish uses it), or another's
-            elif open_shard is None or file != open_shard.file or end > committed:
-                stale.append(key)  # no commit counted it
+            elif shard_owner(file) != owner or not SHARD_PATTERN.fullmatch(file):
+                continue  # another worker's: its batches in flight are none of ours
+            elif file not in lengths or start >= lengths[file]:
+                # no commit opened its shard, or counted it; parts at or below a recorded
+                # committed length are never deleted: they may be the only copy of it
+                stale.append(key)
         await self.bucket.delete(*stale)
         if open_shard is None or committed == 0:
             return
         path = self._layout.shard(open_shard.file)
         size = path.stat().st_size if path.exists() else 0
-        if size < committed and not await self.fetch(open_shard.file, committed):
+        if size < committed and not await self.fetch(
+            open_shard.file, committed, records=open_shard.records
+        ):
             raise StateError(
                 f"{path}: {size:,} bytes, the state committed {committed:,}, and the parts "
                 f"under {self.bucket.url}/{PARTS}{open_shard.file}/ do not hold them"
@@ -301,6 +367,38 @@ class BucketPublisher:
         ]
         await self.bucket.delete(*removed)
         return len(removed)
+
+
+def _chains(spans: dict[int, list[tuple[int, str]]], length: int) -> list[list[str]] | None:
+    """Every chain of parts from 0 ending exactly at ``length`` (keys in order); None when
+    there are more than ``_MAX_CHAINS``."""
+    chains: list[list[str]] = []
+    stack: list[tuple[int, list[str]]] = [(0, [])]
+    while stack:
+        at, keys = stack.pop()
+        if at == length:
+            chains.append(keys)
+            if len(chains) > _MAX_CHAINS:
+                return None
+            continue
+        stack += [(end, [*keys, key]) for end, key in spans.get(at, [])]
+    return chains
+
+
+def _fits(file: str, data: bytes, sha256: str | None, records: int | None) -> bool:
+    """Whether a chain's bytes are what the state recorded: its sha256, its record count."""
+    if sha256 is not None and _sha256(data) != sha256:
+        return False
+    if records is None:
+        return True
+    try:
+        return inflate(file, data).count(b"\n") == records
+    except Exception:  # gzip, zlib or zstd errors: a chain of mixed members, not the shard
+        return False
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _entry(shard: ShardInfo) -> dict[str, Any]:

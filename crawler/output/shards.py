@@ -38,11 +38,7 @@ def read_lines(path: Path, limit: int | None = None) -> Iterator[bytes]:
     if limit is not None:
         with path.open("rb") as raw:
             data = raw.read(limit)
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(data)
-        elif path.name.endswith(".zst"):
-            data = b"".join(_zstd_frames(data))
-        yield from io.BytesIO(data)
+        yield from io.BytesIO(inflate(path.name, data))
     elif path.name.endswith(".gz"):
         with gzip.open(path, "rb") as stream:
             yield from stream
@@ -60,6 +56,15 @@ def read_lines(path: Path, limit: int | None = None) -> Iterator[bytes]:
     else:
         with path.open("rb") as stream:
             yield from stream
+
+
+def inflate(name: str, data: bytes) -> bytes:
+    """A shard's bytes (whole members or frames) as its lines, whatever its compression."""
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    if name.endswith(".zst"):
+        return b"".join(_zstd_frames(data))
+    return data
 
 
 def _zstd_frames(data: bytes) -> Iterator[bytes]:

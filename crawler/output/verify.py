@@ -4,6 +4,7 @@ id in its own series) appears twice."""
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +46,15 @@ async def verify_bucket(bucket: Bucket) -> Verdict:
         verdict.problems.append(f"{where}/{MANIFEST}: missing (has the job run?)")
         return verdict
     try:
-        entries = {entry["file"]: entry for entry in orjson.loads(found[0])["shards"]}
+        listed = [(entry["file"], entry) for entry in orjson.loads(found[0])["shards"]]
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         verdict.problems.append(f"{where}/{MANIFEST}: not a manifest ({exc})")
         return verdict
+    entries = dict(listed)
+    counts = Counter(name for name, _ in listed)
+    for name in sorted(name for name, count in counts.items() if count > 1):
+        # a reader following the manifest would read that object's reviews twice
+        verdict.problems.append(f"{where}/{MANIFEST}: {name} listed twice or more")
     seen = SeenIds()
     with tempfile.TemporaryDirectory(prefix="crawler-verify-") as tmp:
         for name, entry in entries.items():
