@@ -94,6 +94,10 @@ class Budget:
             granted = await asyncio.shield(taking)
         except asyncio.CancelledError:
             self._cut_short.add(taking)
+            # a lease that fails after its walker is gone (the store unreachable) ends the run
+            # through the store's other callers; its error read here is not printed at exit as
+            # "Task exception was never retrieved" with a traceback
+            taking.add_done_callback(_read_error)
             raise
         if granted < cost:
             raise BudgetExhausted(
@@ -112,3 +116,8 @@ class Budget:
         if self._left:
             left, self._left = self._left, 0
             await self._store.give_back(left)
+
+
+def _read_error(task: asyncio.Future[int]) -> None:
+    if not task.cancelled():
+        task.exception()
