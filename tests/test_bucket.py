@@ -593,3 +593,40 @@ async def test_a_dead_workers_open_shard_lost_everywhere_stops_the_adopter(
     assert running["w1"].returncode == 2, said
     assert "reviews-w2-" in said and "a dead worker's open shard" in said, said
     assert "cannot be sealed" in said
+
+
+async def test_a_profiles_keys_are_read_and_its_secret_never_shown(tmp_path, s3_server):
+    """AWS_PROFILE alone: its keys from the shared credentials file, as the AWS tools read
+    them; a profile without keys is refused, naming the files and what to do, and no secret."""
+    (tmp_path / "credentials").write_text(
+        "[other]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n"
+        f"[harvests]\naws_access_key_id = {S3_WRITER['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {S3_WRITER['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    (tmp_path / "config").write_text("[profile sso]\nsso_session = corp\n")
+    files = {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "config"),
+    }
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_PROFILE": "harvests", **files}
+    bucket = Bucket.open(BucketUrl.parse(_url()), RetryPolicy(base_seconds=0), env)
+    assert await bucket.put_new("profile-probe", b"x")
+    assert (await bucket.get("profile-probe") or (b"", None))[0] == b"x"
+    with pytest.raises(ConfigError, match="export-credentials --profile sso") as refused:
+        Bucket.open(BucketUrl.parse(_url()), RetryPolicy(), {**env, "AWS_PROFILE": "sso"})
+    assert "writer-secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "allowed"),
+    [("http://127.0.0.1:9000", True), ("http://localhost:9000", True),
+     ("https://s3.example.com", True), ("http://minio.internal:9000", False),
+     ("http://10.0.0.5:9000", False), ("ftp://127.0.0.1", False)],
+)  # fmt: skip
+def test_a_host_not_this_machines_is_reached_over_https_only(endpoint, allowed):
+    env = {"AWS_ENDPOINT_URL": endpoint, **S3_WRITER}
+    if allowed:
+        Bucket.open(BucketUrl.parse("s3://harvests/p"), RetryPolicy(), env)
+    else:
+        with pytest.raises(ConfigError, match="over https only"):
+            Bucket.open(BucketUrl.parse("s3://harvests/p"), RetryPolicy(), env)

@@ -12,6 +12,8 @@ raises ``OutputError`` at once: the run stops (exit 7) and the state keeps what 
 from __future__ import annotations
 
 import asyncio
+import configparser
+import ipaddress
 import os
 import re
 import time
@@ -19,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from crawler.errors import ConfigError, OutputError
 
@@ -88,13 +91,14 @@ class Bucket:
 
         env = os.environ if environ is None else environ
         if env.get("AWS_PROFILE") and not env.get("AWS_ACCESS_KEY_ID"):
-            raise ConfigError(
-                f"output.dir: {url}: AWS_PROFILE is set, and profiles are not read; export the "
-                "profile's credentials first: eval \"$(aws configure export-credentials "
-                f'--profile {env["AWS_PROFILE"]} --format env)"'
-            )
+            env = {**env, **_profile(url, env)}
         config: dict[str, Any] = {}
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint and not _secure_enough(endpoint):
+            raise ConfigError(
+                f"output.dir: {url}: AWS_ENDPOINT_URL {endpoint!r}: a host that is not this "
+                "machine's is reached over https only (credentials and reviews cross the network)"
+            )
         if endpoint:
             config["endpoint"] = endpoint
         for name, setting in _FROM_ENV.items():  # the given environment's, not the process's
@@ -283,3 +287,62 @@ def _short(exc: Exception) -> str:
         return said
     # cut at a word, marked: "non-2xx sta" read as the whole of what the server said
     return said[:200].rsplit(" ", 1)[0] + " ..."
+
+
+def _secure_enough(endpoint: str) -> bool:
+    """https anywhere; plain http only to a loopback address (a local test server)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _profile(url: BucketUrl, env: Mapping[str, str]) -> dict[str, str]:
+    """A named profile's static keys and region, as the AWS tools keep them in
+    ``~/.aws/credentials`` and ``~/.aws/config`` (or the files AWS_SHARED_CREDENTIALS_FILE and
+    AWS_CONFIG_FILE name). Profiles that sign in another way (SSO, an assumed role, a process)
+    are exported to variables first: the AWS CLI does that, and it is not done twice here."""
+    name = env["AWS_PROFILE"]
+    home = Path(env.get("HOME") or Path.home())
+    files = (
+        (Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws/credentials"), name),
+        (Path(env.get("AWS_CONFIG_FILE") or home / ".aws/config"),
+         name if name == "default" else f"profile {name}"),
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    for path, section in files:
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read it: {type(exc).__name__}") from None
+        if parser.has_section(section):
+            for key, variable in _PROFILE_KEYS.items():
+                if parser.get(section, key, fallback="") and variable not in found:
+                    found[variable] = parser.get(section, key)
+    if "AWS_ACCESS_KEY_ID" not in found or "AWS_SECRET_ACCESS_KEY" not in found:
+        raise ConfigError(
+            f"output.dir: {url}: AWS_PROFILE {name!r} has no access keys in "
+            f"{files[0][0]} or {files[1][0]}; for a profile that signs in another way, export "
+            'its credentials first: eval "$(aws configure export-credentials --profile '
+            f'{name} --format env)"'
+        )
+    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        found.pop("AWS_REGION", None)  # the environment's region comes first, as for the CLI
+    return found
+
+
+_PROFILE_KEYS = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "region": "AWS_REGION",
+}
