@@ -630,3 +630,28 @@ def test_a_host_not_this_machines_is_reached_over_https_only(endpoint, allowed):
     else:
         with pytest.raises(ConfigError, match="over https only"):
             Bucket.open(BucketUrl.parse("s3://harvests/p"), RetryPolicy(), env)
+
+
+async def test_a_refresh_into_a_bucket_writes_new_objects_only(tmp_path, sandbox, s3_server):
+    """The harvest's objects stay as they were, byte for byte; the refresh's new reviews go
+    into new sealed objects, and the manifest lists both, every review once."""
+    url = _url()
+    output: dict[str, Any] = {"dir": url, "compression": "zstd", "shard_max_records": 300}
+    bucket = _bucket(s3_server, url)
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS, output=output)
+        assert (await _run(job, s3_server.env()))[0] == 0
+        manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
+        before = {e["file"]: await bucket.get(e["file"]) for e in manifest["shards"]}
+        box.grow()
+        status, stderr = await _run(job, s3_server.env(), "--refresh")
+        assert status == 0, stderr
+        wanted = expected_ids(box, PAIRS)
+    manifest = orjson.loads((await bucket.get(MANIFEST) or (b"", None))[0])
+    files = [e["file"] for e in manifest["shards"]]
+    assert files[: len(before)] == list(before) and len(files) > len(before)
+    for key, found in before.items():  # never replaced: the same bytes, the same ETag
+        assert found is not None and await bucket.get(key) == found
+    ids = await _bucket_ids(bucket, tmp_path)
+    assert len(ids) == len(set(ids)) and set(ids) == wanted
+    await _verify(job, s3_server.env())
