@@ -75,6 +75,10 @@ class Segment:
 
 
 class Publisher(Protocol):
+    # whether a batch's bytes go anywhere before the commit: a folder's are where they belong
+    # once fsynced, so its writer makes no task per batch for them
+    puts_parts: bool
+
     async def before_commit(self, segments: list[Segment]) -> None:
         """Called with a batch's segments once they are fsynced, before the state counts them."""
 
@@ -86,6 +90,8 @@ class Publisher(Protocol):
 
 class FolderPublisher:
     """The local folder: the shard files are the output; the manifest is renamed in."""
+
+    puts_parts = False
 
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
@@ -106,6 +112,8 @@ def part_key(file: str, start: int, end: int, token: str) -> str:
 
 class BucketPublisher:
     """A bucket: parts before each commit, sealed objects and the manifest after."""
+
+    puts_parts = True
 
     def __init__(self, bucket: Bucket, layout: Layout) -> None:
         self.bucket = bucket

@@ -233,7 +233,7 @@ class Writer:
         """Write each batch, put it where it is published, record it. The next batch is written
         while this one is being put (a bucket's round trip off the critical path); batches are
         recorded in order, each only once its own bytes are published."""
-        written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None]] | None]
+        written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None] | None] | None]
         written = asyncio.Queue(maxsize=1)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._record_loop(written))
@@ -246,16 +246,21 @@ class Writer:
                     batch.sources, batch.series_shards = prepared.sources, series
                     batch.series_positions = {n: s.position() for n, s in self._series.items()}
                 # a bucket: the batch's bytes in it before the state counts them
-                upload = group.create_task(self._publisher.before_commit(segments))
+                upload = (
+                    group.create_task(self._publisher.before_commit(segments))
+                    if self._publisher.puts_parts
+                    else None
+                )
                 await written.put((prepared, batch, upload))
             await written.put(None)
 
     async def _record_loop(
-        self, written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None]] | None]
+        self, written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None] | None] | None]
     ) -> None:
         while (item := await written.get()) is not None:
             prepared, batch, upload = item
-            await upload
+            if upload is not None:
+                await upload
             finished = await self._store.commit(batch)
             self._count(prepared.changes)
             if any(isinstance(e, ShardSealed) for e in batch.shards):
