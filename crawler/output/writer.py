@@ -87,6 +87,10 @@ class _Prepared:
     series: dict[str, SeriesPlan] = field(default_factory=dict)
 
 
+# a batch written and on its way to the bucket, to be recorded once its upload is done
+_Written = tuple[_Prepared, Commit, asyncio.Task[None]]
+
+
 class Writer:
     """Owns the output: ``render`` a page, ``put`` it; ``run`` commits until ``close``."""
 
@@ -230,13 +234,16 @@ class Writer:
                 return
 
     async def _commit_loop(self) -> None:
-        """Write each batch, put it where it is published, record it. The next batch is written
-        while this one is being put (a bucket's round trip off the critical path); batches are
-        recorded in order, each only once its own bytes are published."""
-        written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None] | None] | None]
-        written = asyncio.Queue(maxsize=1)
+        """Write each batch, put it where it is published, record it. Into a bucket, the next
+        batch is written while this one is being put (its round trip off the critical path);
+        batches are recorded in order, each only once its own bytes are published. Into a
+        folder, each batch is recorded as soon as it is written: nothing to wait for, and a
+        second stage only cost the event loop a task switch per batch."""
+        written: asyncio.Queue[_Written | None] = asyncio.Queue(maxsize=1)
+        pipelined = self._publisher.puts_parts
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._record_loop(written))
+            if pipelined:
+                group.create_task(self._record_loop(written))
             while (prepared := await self._prepared.get()) is not None:
                 events, series, segments = await asyncio.to_thread(self._write_files, prepared)
                 # the positions as this batch left the files: the next one may be written
@@ -245,29 +252,28 @@ class Writer:
                 if prepared.sources or series:
                     batch.sources, batch.series_shards = prepared.sources, series
                     batch.series_positions = {n: s.position() for n, s in self._series.items()}
-                # a bucket: the batch's bytes in it before the state counts them
-                upload = (
-                    group.create_task(self._publisher.before_commit(segments))
-                    if self._publisher.puts_parts
-                    else None
-                )
+                if not pipelined:
+                    await self._record(prepared, batch)
+                    continue
+                # the batch's bytes in the bucket before the state counts them
+                upload = group.create_task(self._publisher.before_commit(segments))
                 await written.put((prepared, batch, upload))
             await written.put(None)
 
-    async def _record_loop(
-        self, written: asyncio.Queue[tuple[_Prepared, Commit, asyncio.Task[None] | None] | None]
-    ) -> None:
+    async def _record_loop(self, written: asyncio.Queue[_Written | None]) -> None:
         while (item := await written.get()) is not None:
             prepared, batch, upload = item
-            if upload is not None:
-                await upload
-            finished = await self._store.commit(batch)
-            self._count(prepared.changes)
-            if any(isinstance(e, ShardSealed) for e in batch.shards):
-                await self._write_manifest()
-            for state in finished:
-                if state.status is Status.DONE:  # failures were told as they happened
-                    _log_finished(prepared.targets[state.id], state)
+            await upload
+            await self._record(prepared, batch)
+
+    async def _record(self, prepared: _Prepared, batch: Commit) -> None:
+        finished = await self._store.commit(batch)
+        self._count(prepared.changes)
+        if any(isinstance(e, ShardSealed) for e in batch.shards):
+            await self._write_manifest()
+        for state in finished:
+            if state.status is Status.DONE:  # failures were told as they happened
+                _log_finished(prepared.targets[state.id], state)
 
     def _count(self, changes: list[PageCommitted | TargetFailed]) -> None:
         committed = self.committed
