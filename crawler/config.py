@@ -109,7 +109,7 @@ class ApiSettings(_Model):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"'{url}' is not an http(s) URL (or the word 'sandbox')")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise ValueError(
                 f"'{url}' must use https: the API key must not cross a network in clear"
             )
@@ -612,7 +612,7 @@ def _check_region(value: str) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

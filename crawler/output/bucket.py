@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import configparser
-import ipaddress
 import os
 import re
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from crawler.config import is_loopback
 from crawler.errors import ConfigError, OutputError
 
 if TYPE_CHECKING:  # the job file's checks parse a URL here, before retry.py can be imported
@@ -294,15 +294,7 @@ def _secure_enough(endpoint: str) -> bool:
     parts = urlsplit(endpoint)
     if parts.scheme == "https":
         return True
-    host = parts.hostname or ""
-    if parts.scheme != "http":
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return parts.scheme == "http" and is_loopback(parts.hostname or "")
 
 
 def _profile(url: BucketUrl, env: Mapping[str, str]) -> dict[str, str]:
