@@ -208,6 +208,19 @@ def test_a_bad_bucket_url_is_a_job_file_error(tmp_path, url):
     assert "s3://" in str(caught.value)
 
 
+def _committed_open_shard(server: RedisServer, worker: str, job: str = "job") -> str:
+    """``worker``'s open shard when a commit has counted some of its bytes, else ''."""
+    import redis  # noqa: PLC0415 -- as the crawler does: only here
+
+    client: Any = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        shard = client.hget(f"crawler:{job}:w:{worker}", "open_shard") or ""
+        record = client.hget(f"crawler:{job}:shards", shard) if shard else None
+        return shard if record and orjson.loads(record)["bytes"] > 0 else ""
+    finally:
+        client.close()
+
+
 async def test_three_workers_into_one_bucket_one_lost_with_its_files(
     tmp_path, s3_server, redis_server
 ):
@@ -219,17 +232,19 @@ async def test_three_workers_into_one_bucket_one_lost_with_its_files(
     options = SandboxOptions(latency=(0.002, 0.01))
     pairs = [(p, r) for p in MORE for r in ("US", "DE")]
     async with serve_in_process(options) as (base, box):
-        job = coordinated_job(
-            tmp_path, base, redis_server.url, pairs, output={"dir": url, "compression": "gzip"}
-        )
+        # shards big enough never to be sealed in this run: w2 is killed with an open one, not
+        # between a seal and its next shard's first commit (then there is nothing to fetch)
+        output = {"dir": url, "compression": "gzip", "shard_max_records": 100_000}
+        job = coordinated_job(tmp_path, base, redis_server.url, pairs, output=output)
         env = s3_server.env()
         running = {w: await _start_worker(job, w, env) for w in ("w1", "w2", "w3")}
         await until_requests(box, 150)
-        async with asyncio.timeout(30):  # killed once some of its batches are in the bucket
-            while not [k for k, _ in await bucket.list(PARTS) if "/reviews-w2-" in k]:  # noqa: ASYNC110 -- another process's progress
+        async with asyncio.timeout(30):  # killed once some of its batches are committed
+            while not (open_shard := _committed_open_shard(redis_server, "w2")):  # noqa: ASYNC110 -- another process's progress
                 await asyncio.sleep(0.05)
         running["w2"].send_signal(signal.SIGKILL)
         await running["w2"].wait()
+        assert [k for k, _ in await bucket.list(PARTS) if f"/{open_shard}/" in k]
         work = Layout(load_job(job).output.dir)
         lost = [p for p in work.shard_files() if p.name.startswith("reviews-w2-")]
         assert lost
