@@ -208,6 +208,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 # one that may only read (a bucket that refuses writes, as a 403 from AWS looks)
 S3_WRITER = {"AWS_ACCESS_KEY_ID": "crawler-writer", "AWS_SECRET_ACCESS_KEY": "writer-secret-s3"}
 S3_READER = {"AWS_ACCESS_KEY_ID": "crawler-reader", "AWS_SECRET_ACCESS_KEY": "reader-secret-s3"}
+# one that may write into buckets but not create one (so a missing bucket stays missing)
+S3_NO_ADMIN = {"AWS_ACCESS_KEY_ID": "crawler-plain", "AWS_SECRET_ACCESS_KEY": "plain-secret-s3"}
 
 
 @dataclass
@@ -233,6 +235,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                                         "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}],
          "actions": actions}
         for name, keys, actions in (("writer", S3_WRITER, ["Admin", "Read", "Write", "List"]),
+                                    ("plain", S3_NO_ADMIN, ["Read", "Write", "List"]),
                                     ("reader", S3_READER, ["Read", "List"]))
     ]  # fmt: skip
     (folder / "s3.json").write_text(orjson.dumps({"identities": identities}).decode())

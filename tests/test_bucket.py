@@ -26,6 +26,7 @@ from crawler.sandbox import SandboxOptions, serve_in_process
 from crawler.state import ShardInfo
 from tests.conftest import (
     PRODUCTS,
+    S3_NO_ADMIN,
     S3_READER,
     S3_WRITER,
     RedisServer,
@@ -198,6 +199,19 @@ async def test_a_bucket_that_refuses_writes_stops_the_run_with_exit_7(tmp_path, 
     assert "crawler-tests" in lines[0] and "Traceback" not in stderr
     for secret in (S3_READER["AWS_SECRET_ACCESS_KEY"], S3_WRITER["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in stderr
+
+
+async def test_a_missing_bucket_stops_the_run_with_exit_7(tmp_path, sandbox, s3_server):
+    """Credentials that may write but not create a bucket: SeaweedFS answers 403 (AWS would
+    answer NoSuchBucket); either way one line naming the bucket, and not one credit spent."""
+    async with sandbox() as (base, box):
+        job = write_job(tmp_path, base, TARGETS, output={"dir": "s3://no-such-bucket/x"})
+        status, stderr = await _run(job, s3_server.env(S3_NO_ADMIN))
+        assert requests_to(box) == 0
+    assert status == 7, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("crawler: s3://no-such-bucket/x/") and "bucket exists" in line, line
+    assert S3_NO_ADMIN["AWS_SECRET_ACCESS_KEY"] not in stderr
 
 
 @pytest.mark.parametrize("url", ["s3://Bad_Bucket/x", "s3://ok-bucket/a//b"])

@@ -237,7 +237,8 @@ class Bucket:
         elif status == 403 or type(exc).__name__ in ("PermissionDeniedError",):
             why = (
                 "access denied (403): give these credentials s3:PutObject, s3:GetObject, "
-                "s3:ListBucket and s3:DeleteObject on it, or check the quota"
+                "s3:ListBucket and s3:DeleteObject on it, check the quota, or check that the "
+                "bucket exists (some S3-compatible servers answer 403 for a missing one)"
             )
         elif type(exc).__name__ == "UnauthenticatedError" or status == 401:
             why = "the credentials were refused: check AWS_ACCESS_KEY_ID and its secret"
