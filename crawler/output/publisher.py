@@ -14,7 +14,7 @@ working folder first; then, for each batch:
 3. the manifest ``manifest.json`` is replaced by compare-and-swap (If-Match on its ETag; create
    with If-None-Match when there is none): read, add the newly sealed shards, write, and read
    again on a 412. Entries are only ever added, so two writers cannot undo each other;
-4. the parts of a listed shard are deleted.
+4. the parts of the listed shards are deleted (those a killed writer left too).
 
 A reader of the manifest reads sealed objects only: an open shard is not listed. Parts that
 start at or past the committed length (a batch whose commit a crash cut off) are deleted at the
@@ -175,12 +175,19 @@ class BucketPublisher:
             data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
             if await self.bucket.put_if(MANIFEST, data, found[1] if found else None) is not None:
                 break  # else another writer replaced it meanwhile: read it again
-        for shard in fresh:
-            await self._drop_parts(shard.file)
+        await self._drop_listed_parts(
+            {entry["file"].removeprefix("shards/") for entry in doc["shards"]}
+        )
 
-    async def _drop_parts(self, file: str) -> None:
-        """A listed shard's parts: its sealed object holds their bytes now."""
-        await self.bucket.delete(*(key for key, _ in await self.bucket.list(f"{PARTS}{file}/")))
+    async def _drop_listed_parts(self, listed: set[str]) -> None:
+        """The parts of every listed shard, not only of the shards this writer just listed: a
+        writer killed between its manifest and its deletes leaves them to the next one. Their
+        sealed objects hold their bytes, and no part of a sealed shard is put again; the
+        parts left are only the open shards', a few per worker, so one listing is cheap."""
+        parts = await self.bucket.list(PARTS)
+        await self.bucket.delete(
+            *(key for key, _ in parts if (part := _PART.fullmatch(key)) and part["file"] in listed)
+        )
 
     async def listed(self) -> set[str]:
         """The shard files the bucket's manifest lists."""
