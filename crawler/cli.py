@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 # exit statuses, as README lists them (runner.py has the same numbers for the library)
 EXIT_USAGE, EXIT_OUTPUT, EXIT_COORDINATION, EXIT_INTERRUPTED = 2, 7, 8, 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
-_LISTED = 20  # targets named at the end of a run; status --all lists them all
-_EPISODES_HINT = 3  # 429 episodes in one run that say the configured rate is too high
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,8 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_export)
 
     sandbox = commands.add_parser("sandbox", help="serve the API emulator")
-    _sandbox_arguments(sandbox)
-    sandbox.set_defaults(handler=_sandbox)
+    from crawler.sandbox_cli import add_arguments, serve_sandbox  # noqa: PLC0415 -- argparse only
+
+    add_arguments(sandbox)
+    sandbox.set_defaults(handler=serve_sandbox)
     return parser
 
 
@@ -241,78 +241,10 @@ def _run(args: argparse.Namespace) -> int:
             worker=args.worker,
         )
     )
-    _print_outcome(result.report, result.exit_status)
+    from crawler.show import print_outcome  # noqa: PLC0415
+
+    print_outcome(result.report, result.exit_status)
     return result.exit_status
-
-
-def _print_outcome(doc: dict[str, Any], status: int) -> None:
-    """The run's closing lines on stderr, each within the terminal's width."""
-    from crawler.screen import cut, lines, plural, prose, width_of  # noqa: PLC0415
-    from crawler.show import status_counts  # noqa: PLC0415
-
-    width = width_of(sys.stderr)
-    totals = doc["totals"]
-    # a worker of a coordinated job counts the credits other workers hold leased and have not
-    # accounted for yet: they may or may not be spent by the time they stop
-    run = doc.get("run", {})
-    coordinated = run.get("worker") is not None
-    bound = "at most " if coordinated and totals["credits_charged"] > totals["credits"] else ""
-    parts = [
-        *status_counts(doc),
-        f"{plural(totals['reviews'], 'review')} in {plural(totals['shards'], 'shard')}",
-        f"{bound}{totals['credits_charged']:,} of {totals['max_credits']:,} credits",
-        f"exit {status}",
-    ]
-    say = _lines_to_stderr
-    say(lines(parts, width, lead=f"{plural(doc['targets_total'], 'target')}: "))
-    failed = [row for row in doc["attention"] if row["status"] == "failed"]
-    for row in failed[:_LISTED]:  # one line each: the whole reason is in `crawler status --json`
-        say([cut(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", width)])
-    more = doc["targets_by_status"].get("failed", 0) - len(failed[:_LISTED])
-    if more > 0:
-        say([f"  ... and {more:,} more failed (crawler status)"])
-    by_status = doc["targets_by_status"]
-    spent = by_status.get("not_started") and totals["budget_spent"]
-    if by_status.get("stopped_budget") or spent:
-        say(
-            prose(
-                "stopped at the credit budget: raise budget.max_credits (or "
-                "max_credits_per_target) and run again to carry on",
-                width,
-                lead="  ",
-            )
-        )
-    if run.get("rate_limit_episodes", 0) >= _EPISODES_HINT:
-        from crawler.pacing.slowdown import HOLD_SECONDS  # noqa: PLC0415 -- only for this hint
-
-        text = (
-            f"the API answered 429 (rate limited) {plural(run['rate_limited'], 'time')}, in "
-            f"{plural(run['rate_limit_episodes'], 'episode')}: it allows less than "
-            "api.requests_per_second; a lower setting would waste fewer requests and go faster"
-        )
-        if run.get("rate_held") is not None:
-            text += (
-                f" (about {run['rate_held']:g} requests/s held for {HOLD_SECONDS:g} s without one)"
-            )
-        say(prose(text, width, lead="  "))
-    short = doc.get("targets_by_verdict", {}).get("short")
-    if short:  # a feed that ended below its count: done, but not all of it
-        say(
-            prose(
-                f"{plural(short, 'target')} short of the count the API gave: "
-                f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
-                width,
-                lead="  ",
-            )
-        )
-    stopped = run.get("stop_message")
-    if stopped:
-        say(prose(str(stopped), width, lead="  stopped: "))
-
-
-def _lines_to_stderr(text_lines: list[str]) -> None:
-    for line in text_lines:
-        print(line, file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -325,7 +257,9 @@ def _plan(args: argparse.Namespace) -> int:
         job.api_key()
         result = asyncio.run(run_job(job, max_pages=1, refresh=args.refresh, handle_signals=True))
         if result.exit_status not in (0, 1):
-            _print_outcome(result.report, result.exit_status)
+            from crawler.show import print_outcome  # noqa: PLC0415
+
+            print_outcome(result.report, result.exit_status)
             return result.exit_status
     shown = _show(job, args, title="plan")
     from crawler.errors import ConfigError  # noqa: PLC0415
@@ -498,127 +432,3 @@ def _export(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")
     return 0 if summary.ok else 1
-
-
-def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8700, help="0: any free port")
-    sandbox.add_argument("--page-size", type=int, default=10)
-    sandbox.add_argument(
-        "--keys", default=None, help="comma-separated keys accepted (default any sk_...)"
-    )
-    sandbox.add_argument("--forbidden-keys", default="", help="keys answered with 403")
-    sandbox.add_argument("--credits", type=int, default=None, help="balance of each key")
-    sandbox.add_argument("--charge-failures", action="store_true")
-    sandbox.add_argument("--rate", type=float, default=None, help="requests/s allowed per key")
-    sandbox.add_argument(
-        "--burst",
-        type=float,
-        default=None,
-        help="requests a key may send at once (default: max(2, rate/10))",
-    )
-    sandbox.add_argument("--fault-rate", type=float, default=0.0)
-    sandbox.add_argument("--faults", default=None)
-    sandbox.add_argument("--slow-seconds", type=float, default=2.0)
-    sandbox.add_argument("--latency-ms", default="0-0", help="e.g. 50-300")
-    sandbox.add_argument("--seed", type=int, default=0)
-    sandbox.add_argument(
-        "--endless", default="", help="comma-separated product ids whose feed never ends"
-    )
-    sandbox.add_argument(
-        "--stuck", default="", help="comma-separated product ids whose page 2 repeats its cursor"
-    )
-    sandbox.add_argument(
-        "--cycling", default="", help="comma-separated product ids whose page 3 points to page 2"
-    )
-    sandbox.add_argument(
-        "--generation", type=int, default=0, help="start the catalogue at this generation"
-    )
-    sandbox.add_argument(
-        "--shrink", action="store_true", help="each generation also removes a few reviews"
-    )
-    sandbox.add_argument(
-        "--throttle-after",
-        type=int,
-        default=None,
-        help="past a key's Nth request, answer 429 for --throttle-seconds",
-    )
-    sandbox.add_argument("--throttle-seconds", type=float, default=2.0)
-    sandbox.add_argument(
-        "--maintenance-seconds",
-        type=float,
-        default=0.0,
-        help="answer 503 with a Retry-After for this long from the start",
-    )
-    sandbox.add_argument(
-        "--retry-after", default=None, help="every 429 carries exactly this Retry-After value"
-    )
-    sandbox.add_argument(
-        "--answer-status",
-        type=int,
-        default=None,
-        help="the reviews endpoint answers only this status, without JSON (a wrong base_url)",
-    )
-    sandbox.add_argument(
-        "--feed-cap",
-        type=int,
-        default=None,
-        help="every feed ends after N reviews while its review_count says all (real feeds stop "
-        "at about 5,000 per sort order)",
-    )
-
-
-def _sandbox(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 -- see the module docstring
-    import contextlib  # noqa: PLC0415
-
-    from crawler.sandbox import FAULT_KINDS, SandboxOptions, serve  # noqa: PLC0415
-
-    low, _, high = args.latency_ms.partition("-")
-    faults = FAULT_KINDS if args.faults is None else tuple(k for k in args.faults.split(",") if k)
-    options = SandboxOptions(
-        page_size=args.page_size,
-        keys=frozenset(args.keys.split(",")) if args.keys else None,
-        forbidden_keys=frozenset(k for k in args.forbidden_keys.split(",") if k),
-        credits=args.credits,
-        charge_failures=args.charge_failures,
-        rate=args.rate,
-        burst=args.burst,
-        fault_rate=args.fault_rate,
-        faults=faults,
-        slow_seconds=args.slow_seconds,
-        latency=(float(low) / 1000, float(high or low) / 1000),
-        seed=args.seed,
-        endless=frozenset(p for p in args.endless.split(",") if p),
-        stuck=frozenset(p for p in args.stuck.split(",") if p),
-        cycling=frozenset(p for p in args.cycling.split(",") if p),
-        generation=args.generation,
-        shrink=args.shrink,
-        throttle_after=args.throttle_after,
-        throttle_seconds=args.throttle_seconds,
-        retry_after=args.retry_after,
-        answer_status=args.answer_status,
-        maintenance_seconds=args.maintenance_seconds,
-        feed_cap=args.feed_cap,
-    )
-    problem = options.problem()
-    if problem:
-        print(f"crawler sandbox: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-
-    async def serve_forever() -> None:
-        async with serve(options, args.host, args.port) as (base_url, _):
-            print(f"sandbox listening on {base_url}", flush=True)
-            await asyncio.Event().wait()
-
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_forever())
-    except OSError as exc:  # the port taken, or not ours to bind: not an output problem
-        print(
-            f"crawler sandbox: cannot listen on {args.host}:{args.port}: "
-            f"{exc.strerror or exc}; choose another --port (0: any free one)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    return 0

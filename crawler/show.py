@@ -1,5 +1,5 @@
-"""``status`` and ``plan`` for people: the summary first, then what needs attention, a screenful,
-every line within the terminal's width (80 when it is not one)."""
+"""``status``, ``plan`` and a run's closing lines for people: the summary first, then what needs
+attention, a screenful, every line within the terminal's width (80 when it is not one)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from crawler.config import Job
-from crawler.screen import Column, figure, lines, plural, prose, table, width_of, with_priority
+from crawler.screen import (
+    Column,
+    cut,
+    figure,
+    lines,
+    plural,
+    prose,
+    table,
+    width_of,
+    with_priority,
+)
 
 _LEAD = "         "  # the width of the labels below: continuation lines line up under them
 
@@ -196,3 +206,76 @@ def _duration(seconds: int) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# the run's closing lines: targets named at its end (status --all lists them all), and the
+# 429 episodes in one run that say the configured rate is too high
+_LISTED = 20
+_EPISODES_HINT = 3
+
+
+def print_outcome(doc: dict[str, Any], status: int) -> None:
+    """The run's closing lines on stderr, each within the terminal's width."""
+    width = width_of(sys.stderr)
+    totals = doc["totals"]
+    # a worker of a coordinated job counts the credits other workers hold leased and have not
+    # accounted for yet: they may or may not be spent by the time they stop
+    run = doc.get("run", {})
+    coordinated = run.get("worker") is not None
+    bound = "at most " if coordinated and totals["credits_charged"] > totals["credits"] else ""
+    parts = [
+        *status_counts(doc),
+        f"{plural(totals['reviews'], 'review')} in {plural(totals['shards'], 'shard')}",
+        f"{bound}{totals['credits_charged']:,} of {totals['max_credits']:,} credits",
+        f"exit {status}",
+    ]
+    say = _lines_to_stderr
+    say(lines(parts, width, lead=f"{plural(doc['targets_total'], 'target')}: "))
+    failed = [row for row in doc["attention"] if row["status"] == "failed"]
+    for row in failed[:_LISTED]:  # one line each: the whole reason is in `crawler status --json`
+        say([cut(f"  {row['product_id']} {row['region']}: failed: {row['reason']}", width)])
+    more = doc["targets_by_status"].get("failed", 0) - len(failed[:_LISTED])
+    if more > 0:
+        say([f"  ... and {more:,} more failed (crawler status)"])
+    by_status = doc["targets_by_status"]
+    spent = by_status.get("not_started") and totals["budget_spent"]
+    if by_status.get("stopped_budget") or spent:
+        say(
+            prose(
+                "stopped at the credit budget: raise budget.max_credits (or "
+                "max_credits_per_target) and run again to carry on",
+                width,
+                lead="  ",
+            )
+        )
+    if run.get("rate_limit_episodes", 0) >= _EPISODES_HINT:
+        from crawler.pacing.slowdown import HOLD_SECONDS  # noqa: PLC0415 -- only for this hint
+
+        text = (
+            f"the API answered 429 (rate limited) {plural(run['rate_limited'], 'time')}, in "
+            f"{plural(run['rate_limit_episodes'], 'episode')}: it allows less than "
+            "api.requests_per_second; a lower setting would waste fewer requests and go faster"
+        )
+        if run.get("rate_held") is not None:
+            text += (
+                f" (about {run['rate_held']:g} requests/s held for {HOLD_SECONDS:g} s without one)"
+            )
+        say(prose(text, width, lead="  "))
+    short = doc.get("targets_by_verdict", {}).get("short")
+    if short:  # a feed that ended below its count: done, but not all of it
+        say(
+            prose(
+                f"{plural(short, 'target')} short of the count the API gave: "
+                f"{totals['reviews_missing']:,} reviews missing (crawler status lists them)",
+                width,
+                lead="  ",
+            )
+        )
+    stopped = run.get("stop_message")
+    if stopped:
+        say(prose(str(stopped), width, lead="  stopped: "))
+
+
+def _lines_to_stderr(text_lines: list[str]) -> None:
+    for line in text_lines:
+        print(line, file=sys.stderr)
