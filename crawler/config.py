@@ -30,7 +30,8 @@ from crawler.settings import (
 )
 from crawler.settings_errors import describe, located
 from crawler.sources import Source, UnknownField, read_source
-from crawler.targets import REGION_INDEX, Collector, TargetList, read_targets_file
+from crawler.targets import REGION_INDEX, Collector, TargetList
+from crawler.targets_file import read_targets_file
 
 # what the rest of the code and a library user import from here
 __all__ = [
