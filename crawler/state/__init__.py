@@ -1,5 +1,6 @@
 """A job's saved state: the data (``model``), the rules that change it (``rules``), the store seam
-(``store``) and the one-process store (``sqlite``); the Redis store is ``crawler.coordination``."""
+(``store``) and the one-process store (``sqlite``, composed of the SQLite modules beside it);
+the Redis store is ``crawler.coordination``."""
 
 from crawler.state.model import (
     COLUMNS,
