@@ -344,8 +344,10 @@ class BucketPublisher:
         state before it is listed, so none listed meanwhile looks foreign); ``sealed`` and
         ``opened``: every shard of the job the state records, with its committed length;
         ``owner``: this worker's series only; ``series``: the source endpoints' shards as the
-        state lists them (``series_manifest``), recovered as the reviews' are (one process)."""
-        series = series or {}
+        state lists them (``series_manifest``), recovered as the reviews' are; None: a worker
+        of a coordinated job, whose series are not in a bucket."""
+        # one process: its series' parts are its own, whether or not a commit made the series
+        with_series, series = series is not None, series or {}
         known = {s.file for s in sealed} | {s.file for done, _ in series.values() for s in done}
         if stranger := sorted(listed - known):
             raise StateError(
@@ -369,7 +371,7 @@ class BucketPublisher:
             file, start = part["file"], int(part["start"])
             if file in listed:
                 stale.append(key)  # a crash between the manifest and the clean-up
-            elif not _ours(file, owner, series=bool(series)):
+            elif not _ours(file, owner, series=with_series):
                 continue  # another worker's: its batches in flight are none of ours
             elif file not in lengths or start >= lengths[file]:
                 # no commit opened its shard, or counted it; parts at or below a recorded
