@@ -16,7 +16,9 @@ working folder first; then, for each batch:
    again on a 412. Entries are only ever added, so two writers cannot undo each other;
 4. the parts of the listed shards are deleted (those a killed writer left too).
 
-A reader of the manifest reads sealed objects only: an open shard is not listed. Parts that
+A one-process job's source series (``shop_products-000001.jsonl``) go the same way, listed
+under the manifest's ``series`` by name. A reader of the manifest reads sealed objects only: an
+open shard is not listed. Parts that
 start at or past the committed length (a batch whose commit a crash cut off) are deleted at the
 next start, before any new part is put; parts at or below it never are while the state records
 the shard. A paused process of an earlier incarnation may still put parts (under its own token)
