@@ -20,10 +20,10 @@ A one-process job's source series (``shop_products-000001.jsonl``) go the same w
 under the manifest's ``series`` by name. A reader of the manifest reads sealed objects only: an
 open shard is not listed. Parts that start at or past the committed length (a batch whose commit
 a crash cut off) are deleted at the next start, before any new part is put; parts at or below it
-never are while the state records the shard. A paused process of an earlier incarnation may still put parts (under its own token)
-that overlap the committed ones: a shard is rebuilt from the one chain of parts from 0 to its
-committed length that its sha256 (sealed) or record count (open) allows, and a run stops, never
-guesses, when that leaves more than one or none.
+never are while the state records the shard. A paused process of an earlier incarnation may
+still put parts (under its own token) that overlap the committed ones: a shard is rebuilt from
+the one chain of parts from 0 to its committed length that its sha256 (sealed) or record count
+(open) allows, and a run stops, never guesses, when that leaves more than one or none.
 """
 
 from __future__ import annotations
