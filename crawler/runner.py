@@ -72,9 +72,10 @@ async def run_job(
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
-    if job.sources and job.output.bucket is not None:
+    if job.sources and job.output.bucket is not None and job.coordination is not None:
         raise ConfigError(
-            f"{job.path}: sources: not written to a bucket yet; give output.dir a folder"
+            f"{job.path}: sources: a coordinated job does not write them to a bucket yet; "
+            "give output.dir a folder, or run the job as one process (no coordination)"
         )
     layout = Layout(job.output.dir)
     output = {
@@ -140,6 +141,8 @@ async def _run(job: Job, layout: Layout, parts: Parts, options: _Options) -> Run
             store.open_shard,
             store.position.shard_bytes,
             owner=parts.owner,
+            # one process only: run_job refuses a coordinated job's sources with a bucket
+            series=await store.series_manifest() if parts.owner is None else None,
         )
     found = recover(
         layout,
@@ -307,7 +310,7 @@ async def _finish(
     await store.end_run(info, budget_stopped=budget_stopped)
     if isinstance(parts.publisher, BucketPublisher):
         # a dead worker's shard sealed at the end is listed now (a folder lists open shards)
-        await parts.publisher.publish(*await store.manifest(), {})
+        await parts.publisher.publish(*await store.manifest(), await store.series_manifest())
     # after the run is recorded: a coordinated job's figures are then the job's as Redis has them
     log.info("run finished", **progress.summary(figures(run)), stop_reason=run.door.reason)
     run_info = {"started_at": started, "refresh": store.refresh, **info}

@@ -4,8 +4,10 @@ objects never replaced, a bucket that refuses writes stops the run before a cred
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import signal
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
+import yaml
 
 from crawler import load_job
 from crawler.errors import ConfigError, OutputError, StateError
@@ -22,7 +25,8 @@ from crawler.output.publisher import MANIFEST, PARTS, BucketPublisher, Segment, 
 from crawler.output.shards import read_lines
 from crawler.output.verify import verify_bucket
 from crawler.pacing.retry import RetryPolicy
-from crawler.sandbox import SandboxOptions, serve_in_process
+from crawler.sandbox import Sandbox, SandboxOptions, serve_in_process
+from crawler.sandbox.listings import ANALYTICS, SHOP_PRODUCTS
 from crawler.state import ShardInfo
 from tests.conftest import (
     PRODUCTS,
@@ -41,6 +45,7 @@ from tests.conftest import (
 )
 from tests.test_coordination import expected, until_requests
 from tests.test_coordination import write_job as coordinated_job
+from tests.test_sources import ENDPOINTS
 
 MORE = [str(1729679758111249333 + i) for i in range(24)]
 TARGETS = [{"product_id": p, "regions": ["US", "GB", "DE"]} for p in PRODUCTS]
@@ -681,3 +686,168 @@ async def test_a_refresh_into_a_bucket_writes_new_objects_only(tmp_path, sandbox
     ids = await _bucket_ids(bucket, tmp_path)
     assert len(ids) == len(set(ids)) and set(ids) == wanted
     await _verify(job, s3_server.env())
+
+
+# sellers and a category whose products have few reviews: the series' shards seal several times
+# (5 items a shard) without the reviews' making hundreds of objects
+SELLERS = ["7100", "7157", "7094", "7143", "7108", "7061", "7130", "7036", "7195"]
+CATEGORY = "621"
+
+
+def _sources_job(folder: Path, base: str, url: str, **api: Any) -> Path:
+    (folder / "sellers.csv").write_text(
+        "seller_id,region\n" + "".join(f"{s},US\n" for s in SELLERS)
+    )
+    job = write_job(
+        folder,
+        base,
+        [],
+        api={"requests_per_second": 300, "concurrency": 6, **api},
+        output={"dir": url, "compression": "gzip", "shard_max_records": 5},
+        endpoints=ENDPOINTS,
+        sources=[
+            {"endpoint": "shop_products", "targets_file": "sellers.csv"},
+            {"endpoint": "category_top", "targets": [{"category_id": CATEGORY, "region": "US"}]},
+        ],
+    )
+    return job
+
+
+def _listed_items(box: Sandbox) -> dict[str, set[str]]:
+    """Each series' item ids, as the sandbox's lists hold them now."""
+    shop = {p for s in SELLERS for p in box.listed(SHOP_PRODUCTS, "US", seller_id=s)}
+    return {
+        "shop_products": shop,
+        "category_top": set(box.listed(ANALYTICS, "US", category_id=CATEGORY)),
+    }
+
+
+async def _listed_records(
+    bucket: Bucket, tmp: Path, listing: dict[str, Any], key: str
+) -> list[str]:
+    """The ids of the records in the objects a manifest's listing names, duplicates kept."""
+    ids: list[str] = []
+    for entry in listing["shards"]:
+        shard = await bucket.get(entry["file"])
+        assert shard is not None, entry
+        path = tmp / Path(entry["file"]).name
+        path.write_bytes(shard[0])
+        ids += [orjson.loads(line)[key] for line in read_lines(path)]
+        path.unlink()
+    return ids
+
+
+async def _check_sources_bucket(bucket: Bucket, tmp: Path, box: Sandbox) -> dict[str, Any]:
+    """The bucket as a reader sees it: every expected review once in the listed review objects,
+    every listed item once in each series' listed objects, sealed objects only, no part left."""
+    found = await bucket.get(MANIFEST)
+    assert found is not None
+    manifest = orjson.loads(found[0])
+    items = _listed_items(box)
+    products = items["shop_products"] | items["category_top"]
+    ids = await _listed_records(bucket, tmp, manifest, "review_id")
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(
+        box, [(p, "US") for p in products]
+    )
+    assert set(manifest["series"]) == set(items)
+    for name, wanted in items.items():
+        listing = manifest["series"][name]
+        got = await _listed_records(bucket, tmp, listing, "item_id")
+        assert len(got) == len(set(got)) and set(got) == wanted, name
+        assert listing["records"] == len(got) and listing["open_shards"] == []
+        assert all(e["file"].startswith(f"shards/{name}-") for e in listing["shards"])
+    assert await bucket.list(PARTS) == []
+    return dict(manifest)
+
+
+async def test_a_sources_job_into_a_bucket_holds_every_item_and_review_once(
+    tmp_path, sandbox, s3_server
+):
+    """Run, then --refresh (new objects only, the first run's untouched), then --fresh (the
+    job's objects, series' too, removed and written again): exact each time."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    async with sandbox() as (base, box):
+        job = _sources_job(tmp_path, base, url)
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 0, stderr
+        manifest = await _check_sources_bucket(bucket, tmp_path, box)
+        shop = manifest["series"]["shop_products"]["shards"]
+        assert len(shop) == -(-len(_listed_items(box)["shop_products"]) // 5) >= 3
+        said = await _verify(job, s3_server.env())  # a folder's count: reviews and items
+        records = manifest["records"] + sum(s["records"] for s in manifest["series"].values())
+        assert said.endswith(f"{records:,} reviews: ok\n"), said
+        work = Layout(load_job(job).output.dir)
+        assert work.series_files("shop_products") and not work.manifest.exists()
+        before = {
+            e["file"]: await bucket.get(e["file"])
+            for listing in (manifest, *manifest["series"].values())
+            for e in listing["shards"]
+        }
+        box.grow()
+        status, stderr = await _run(job, s3_server.env(), "--refresh")
+        assert status == 0, stderr
+        manifest = await _check_sources_bucket(bucket, tmp_path, box)
+        for key, found in before.items():  # never replaced: the same bytes, the same ETag
+            assert found is not None and await bucket.get(key) == found
+        files = [e["file"] for e in manifest["series"]["shop_products"]["shards"]]
+        assert len(files) > len(shop)  # a grown listing's new product: a new object
+        status, stderr = await _run(job, s3_server.env(), "--fresh")
+        assert status == 0, stderr
+        await _check_sources_bucket(bucket, tmp_path, box)
+    await _verify(job, s3_server.env())
+
+
+def _open_series_committed(work: Layout) -> int:
+    """The series whose open shard has committed bytes (fetched back once its file is gone)."""
+    with contextlib.closing(sqlite3.connect(work.state_db)) as db:
+        (count,) = db.execute(
+            "SELECT count(*) FROM series WHERE open_shard IS NOT NULL AND shard_bytes > 0"
+        ).fetchone()
+    return int(count)
+
+
+async def test_sigkill_of_a_sources_job_then_a_rerun_is_exact(tmp_path, sandbox, s3_server):
+    """Killed once a series' parts are in the bucket, then again in the reviews' stage; after
+    each kill every series shard file of the working folder is deleted: an open one is fetched
+    back from its parts, a sealed one not yet listed is put from them."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    fetched = 0
+    async with sandbox(latency=(0.005, 0.02)) as (base, box):
+        job = _sources_job(tmp_path, base, url, requests_per_second=150)
+        work = Layout(load_job(job).output.dir)
+        for more in (1, 40):  # a request: the run has put its probe (SeaweedFS makes the bucket)
+            enough = requests_to(box) + more
+            process = await _start(job, s3_server.env())
+            await until(lambda: requests_to(box) >= enough)  # noqa: B023 -- awaited at once
+            async with asyncio.timeout(30):
+                while not any(  # noqa: ASYNC110 -- another process's progress
+                    key.startswith(f"{PARTS}shop_products-") for key, _ in await bucket.list(PARTS)
+                ):
+                    await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            await process.communicate()
+            assert process.returncode == -signal.SIGKILL
+            fetched += _open_series_committed(work)
+            for path in work.series_files(None):
+                path.unlink()
+            if await bucket.get(MANIFEST) is not None:  # what a reader sees meanwhile
+                await _verify(job, s3_server.env())
+        assert fetched  # some open series shard had to come back from the bucket
+        status, stderr = await _run(job, s3_server.env())
+        assert status == 0, stderr
+        await _check_sources_bucket(bucket, tmp_path, box)
+    await _verify(job, s3_server.env())
+
+
+async def test_a_coordinated_sources_job_into_a_bucket_is_refused(tmp_path, sandbox, s3_server):
+    async with sandbox() as (base, _):
+        job = _sources_job(tmp_path, base, _url())
+        doc = yaml.safe_load(job.read_text())
+        doc["coordination"] = {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+        job.write_text(yaml.safe_dump(doc, sort_keys=False))
+        status, stderr = await _run(job, s3_server.env())
+    assert status == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "a coordinated job does not write them to a bucket yet" in stderr

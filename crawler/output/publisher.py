@@ -16,13 +16,14 @@ working folder first; then, for each batch:
    again on a 412. Entries are only ever added, so two writers cannot undo each other;
 4. the parts of the listed shards are deleted (those a killed writer left too).
 
-A reader of the manifest reads sealed objects only: an open shard is not listed. Parts that
-start at or past the committed length (a batch whose commit a crash cut off) are deleted at the
-next start, before any new part is put; parts at or below it never are while the state records
-the shard. A paused process of an earlier incarnation may still put parts (under its own token)
-that overlap the committed ones: a shard is rebuilt from the one chain of parts from 0 to its
-committed length that its sha256 (sealed) or record count (open) allows, and a run stops, never
-guesses, when that leaves more than one or none.
+A one-process job's source series (``shop_products-000001.jsonl``) go the same way, listed
+under the manifest's ``series`` by name. A reader of the manifest reads sealed objects only: an
+open shard is not listed. Parts that start at or past the committed length (a batch whose commit
+a crash cut off) are deleted at the next start, before any new part is put; parts at or below it
+never are while the state records the shard. A paused process of an earlier incarnation may
+still put parts (under its own token) that overlap the committed ones: a shard is rebuilt from
+the one chain of parts from 0 to its committed length that its sha256 (sealed) or record count
+(open) allows, and a run stops, never guesses, when that leaves more than one or none.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
@@ -42,8 +43,10 @@ from crawler import logs
 from crawler.errors import OutputError, StateError
 from crawler.output.bucket import Bucket
 from crawler.output.layout import (
+    SERIES_PATTERN,
     SHARD_PATTERN,
     Layout,
+    series_owner,
     shard_owner,
     shard_sequence,
     write_atomically,
@@ -161,23 +164,31 @@ class BucketPublisher:
     async def publish(
         self, sealed: list[ShardInfo], open_shards: list[ShardInfo], series: Mapping[str, Listing]
     ) -> None:
+        """``series``: each source endpoint's own shards, listed under ``series`` by name as in
+        a folder's manifest (sealed ones only, as the reviews')."""
         while True:
             found = await self.bucket.get(MANIFEST)
             doc = _parse(found[0] if found else None, self.bucket)
-            listed = {entry["file"] for entry in doc["shards"]}
-            fresh = [s for s in sealed if f"shards/{s.file}" not in listed]
-            if found is not None and not fresh:
+            listings = [(doc, sealed)]
+            if any(shards for shards, _ in series.values()):
+                named = doc.setdefault("series", {})
+                listings += [
+                    (named.setdefault(name, _listing()), shards)
+                    for name, (shards, _) in sorted(series.items())
+                    if shards
+                ]
+            fresh = [(listing, _unlisted(listing, shards)) for listing, shards in listings]
+            if found is not None and not any(shards for _, shards in fresh):
                 return
-            for shard in fresh:
-                await self._put_sealed(shard)
-            doc["shards"] += [_entry(s) for s in fresh]
-            doc["records"] = sum(entry["records"] for entry in doc["shards"])
+            for listing, shards in fresh:
+                for shard in shards:
+                    await self._put_sealed(shard)
+                listing["shards"] += [_entry(s) for s in shards]
+                listing["records"] = sum(entry["records"] for entry in listing["shards"])
             data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
             if await self.bucket.put_if(MANIFEST, data, found[1] if found else None) is not None:
                 break  # else another writer replaced it meanwhile: read it again
-        await self._drop_listed_parts(
-            {entry["file"].removeprefix("shards/") for entry in doc["shards"]}
-        )
+        await self._drop_listed_parts(_listed_files(doc))
 
     async def _drop_listed_parts(self, listed: set[str]) -> None:
         """The parts of every listed shard, not only of the shards this writer just listed: a
@@ -190,10 +201,9 @@ class BucketPublisher:
         )
 
     async def listed(self) -> set[str]:
-        """The shard files the bucket's manifest lists."""
+        """The shard files the bucket's manifest lists, the series' too."""
         found = await self.bucket.get(MANIFEST)
-        doc = _parse(found[0] if found else None, self.bucket)
-        return {entry["file"].removeprefix("shards/") for entry in doc["shards"]}
+        return _listed_files(_parse(found[0] if found else None, self.bucket))
 
     async def _put_sealed(self, shard: ShardInfo) -> None:
         key = f"shards/{shard.file}"
@@ -327,14 +337,19 @@ class BucketPublisher:
         committed: int,
         *,
         owner: str | None,
+        series: Mapping[str, Listing] | None = None,
     ) -> None:
         """Before anything is put: parts no commit counted are deleted, parts of a listed
         shard too, and an open shard whose local file is gone or short is fetched back.
         ``listed``: the manifest's shards, read before the state (a shard is sealed in the
         state before it is listed, so none listed meanwhile looks foreign); ``sealed`` and
         ``opened``: every shard of the job the state records, with its committed length;
-        ``owner``: this worker's series only."""
-        known = {s.file for s in sealed}
+        ``owner``: this worker's series only; ``series``: the source endpoints' shards as the
+        state lists them (``series_manifest``), recovered as the reviews' are; None: a worker
+        of a coordinated job, whose series are not in a bucket."""
+        # one process: its series' parts are its own, whether or not a commit made the series
+        with_series, series = series is not None, series or {}
+        known = {s.file for s in sealed} | {s.file for done, _ in series.values() for s in done}
         if stranger := sorted(listed - known):
             raise StateError(
                 f"{self.bucket.url}/{MANIFEST}: lists {len(stranger)} shards this job's state "
@@ -342,8 +357,13 @@ class BucketPublisher:
                 "state (output.work_dir) is gone; point output.dir at another prefix"
             )
         lengths = {s.file: s.bytes for s in (*sealed, *opened)}
+        tails: list[ShardInfo] = []  # open shards as committed: length and records
+        for done, open_series in series.values():
+            lengths |= {s.file: s.bytes for s in (*done, *open_series)}
+            tails += open_series
         if open_shard is not None:
             lengths[open_shard.file] = max(committed, lengths.get(open_shard.file, 0))
+            tails.append(replace(open_shard, bytes=committed))
         stale: list[str] = []
         for key, _ in await self.bucket.list(PARTS):
             part = _PART.fullmatch(key)
@@ -352,36 +372,52 @@ class BucketPublisher:
             file, start = part["file"], int(part["start"])
             if file in listed:
                 stale.append(key)  # a crash between the manifest and the clean-up
-            elif shard_owner(file) != owner or not SHARD_PATTERN.fullmatch(file):
+            elif not _ours(file, owner, series=with_series):
                 continue  # another worker's: its batches in flight are none of ours
             elif file not in lengths or start >= lengths[file]:
                 # no commit opened its shard, or counted it; parts at or below a recorded
                 # committed length are never deleted: they may be the only copy of it
                 stale.append(key)
         await self.bucket.delete(*stale)
-        if open_shard is None or committed == 0:
+        for shard in tails:
+            await self._fetch_if_short(shard)
+
+    async def _fetch_if_short(self, shard: ShardInfo) -> None:
+        """An open shard's committed part (``shard.bytes``) fetched back from its parts when
+        its local file is gone or short."""
+        if shard.bytes == 0:
             return
-        path = self._layout.shard(open_shard.file)
+        path = self._layout.shard(shard.file)
         size = path.stat().st_size if path.exists() else 0
-        if size < committed and not await self.fetch(
-            open_shard.file, committed, records=open_shard.records
+        if size < shard.bytes and not await self.fetch(
+            shard.file, shard.bytes, records=shard.records
         ):
             raise StateError(
-                f"{path}: {size:,} bytes, the state committed {committed:,}, and the parts "
-                f"under {self.bucket.url}/{PARTS}{open_shard.file}/ do not hold them"
+                f"{path}: {size:,} bytes, the state committed {shard.bytes:,}, and the parts "
+                f"under {self.bucket.url}/{PARTS}{shard.file}/ do not hold them"
             )
 
     async def remove_job_objects(self) -> int:
-        """--fresh: the job's objects under the prefix (manifest, shards, parts), nothing else."""
+        """--fresh: the job's objects under the prefix (manifest, shards and series shards,
+        parts), nothing else."""
         removed = [
             key
             for key, _ in await self.bucket.list("")
             if key == MANIFEST
             or key.startswith((PARTS, "_probe/"))
-            or (key.startswith("shards/") and SHARD_PATTERN.fullmatch(key.removeprefix("shards/")))
+            # the reviews' shards and the source endpoints' (SERIES_PATTERN matches both)
+            or (key.startswith("shards/") and SERIES_PATTERN.fullmatch(key.removeprefix("shards/")))
         ]
         await self.bucket.delete(*removed)
         return len(removed)
+
+
+def _ours(file: str, owner: str | None, *, series: bool) -> bool:
+    """Whether a part's shard is this worker's to recover: its reviews shards, and (``series``)
+    its source endpoints' shards."""
+    if SHARD_PATTERN.fullmatch(file):
+        return shard_owner(file) == owner
+    return series and SERIES_PATTERN.fullmatch(file) is not None and series_owner(file) == owner
 
 
 def _chains(spans: dict[int, list[tuple[int, str]]], length: int) -> list[list[str]] | None:
@@ -416,6 +452,21 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _listing() -> dict[str, Any]:
+    return {"records": 0, "shards": [], "open_shards": []}
+
+
+def _unlisted(listing: dict[str, Any], sealed: list[ShardInfo]) -> list[ShardInfo]:
+    listed = {entry["file"] for entry in listing["shards"]}
+    return [s for s in sealed if f"shards/{s.file}" not in listed]
+
+
+def _listed_files(doc: dict[str, Any]) -> set[str]:
+    """Every shard file a manifest lists: the reviews', and each series'."""
+    listings = [doc, *doc.get("series", {}).values()]
+    return {entry["file"].removeprefix("shards/") for one in listings for entry in one["shards"]}
+
+
 def _entry(shard: ShardInfo) -> dict[str, Any]:
     return {
         "file": f"shards/{shard.file}",
@@ -427,12 +478,15 @@ def _entry(shard: ShardInfo) -> dict[str, Any]:
 
 def _parse(data: bytes | None, bucket: Bucket) -> dict[str, Any]:
     if data is None:
-        return {"version": 2, "records": 0, "shards": [], "open_shards": []}
+        return {"version": 2, **_listing()}
     try:
         doc = orjson.loads(data)
-        if not isinstance(doc, dict) or not isinstance(doc.get("shards"), list):
-            raise ValueError("no shards list")
-    except (orjson.JSONDecodeError, ValueError) as exc:
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        for one in [doc, *doc.get("series", {}).values()]:
+            if not isinstance(one, dict) or not isinstance(one.get("shards"), list):
+                raise ValueError("no shards list")
+    except (orjson.JSONDecodeError, ValueError, AttributeError) as exc:  # series: not a dict
         raise StateError(
             f"{bucket.url}/{MANIFEST}: not a manifest ({exc}); point output.dir at another prefix"
         ) from None

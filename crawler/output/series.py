@@ -21,6 +21,7 @@ from crawler.api.endpoint import Page
 from crawler.errors import OutputError, StateError
 from crawler.output.dedup import SeenLog, SeenSet
 from crawler.output.layout import SERIES_PATTERN, Layout, series_owner, shard_name
+from crawler.output.publisher import Segment
 from crawler.output.recovery import truncate
 from crawler.output.shards import OpenShard, compressor
 from crawler.sources import Source, SourceTarget, found_targets, product_reader
@@ -131,21 +132,25 @@ class Series:
             self._plan_records += len(segment)
             start += len(segment)
 
-    def write(self, plan: SeriesPlan) -> list[SeriesShard]:
-        """Off the loop: the segments and ids written and fsynced; full shards sealed."""
+    def write(self, plan: SeriesPlan) -> tuple[list[SeriesShard], list[Segment]]:
+        """Off the loop: the segments and ids written and fsynced; full shards sealed. Returns
+        the shard events, and the segments written, for the publisher."""
         events: list[SeriesShard] = []
+        segments: list[Segment] = []
         for op in plan.ops:
             if isinstance(op, ShardOpened):
                 events.append(SeriesShard(self.name, op))
                 continue
             shard, lines = op
             self._shard = shard
-            shard.append(self._compress(b"".join(lines)), len(lines))
+            data = self._compress(b"".join(lines))
+            segments.append(Segment(shard.info.file, shard.bytes, data))
+            shard.append(data, len(lines))
             if shard.records >= self._max:
                 events.append(SeriesShard(self.name, shard.seal()))
                 self._shard = None
         self._seen.write(b"".join(plan.ids), b"".join(plan.other_ids))
-        return events
+        return events, segments
 
     def position(self) -> WriterPosition:
         shard = self._shard

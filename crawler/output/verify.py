@@ -36,7 +36,8 @@ class Verdict:
 async def verify_bucket(bucket: Bucket) -> Verdict:
     """A bucket checked as a folder is: every object its manifest lists, as listed (records,
     bytes, sha256), fetched into a temporary folder one at a time, no review id twice across
-    them; objects it does not list, and parts of open shards, are noted."""
+    them (nor an item id across a series' objects); objects it does not list, and parts of
+    open shards, are noted."""
     from crawler.output.publisher import MANIFEST, PARTS  # noqa: PLC0415 -- a bucket's only
 
     where = str(bucket.url)
@@ -46,32 +47,37 @@ async def verify_bucket(bucket: Bucket) -> Verdict:
         verdict.problems.append(f"{where}/{MANIFEST}: missing (has the job run?)")
         return verdict
     try:
-        listed = [(entry["file"], entry) for entry in orjson.loads(found[0])["shards"]]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        doc = orjson.loads(found[0])
+        # the reviews' objects, then each source endpoint's series (its items by item_id)
+        listings = [("review_id", doc["shards"])] + [
+            ("item_id", series["shards"]) for _, series in sorted(doc.get("series", {}).items())
+        ]
+        listed = [(entry["file"], entry) for _, shards in listings for entry in shards]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         verdict.problems.append(f"{where}/{MANIFEST}: not a manifest ({exc})")
         return verdict
-    entries = dict(listed)
     counts = Counter(name for name, _ in listed)
     for name in sorted(name for name, count in counts.items() if count > 1):
-        # a reader following the manifest would read that object's reviews twice
+        # a reader following the manifest would read that object's records twice
         verdict.problems.append(f"{where}/{MANIFEST}: {name} listed twice or more")
-    seen = SeenIds()
     with tempfile.TemporaryDirectory(prefix="crawler-verify-") as tmp:
-        for name, entry in entries.items():
-            shard = await bucket.get(name)
-            if shard is None:
-                verdict.problems.append(f"{where}/{name}: listed in the manifest but missing")
-                continue
-            path = Path(tmp) / name.replace("/", "_")
-            path.write_bytes(shard[0])  # one shard on disk at a time
-            problems = len(verdict.problems)
-            _check_shard(path, entry, seen, verdict, key="review_id")
-            verdict.problems[problems:] = [
-                p.replace(str(path), f"{where}/{name}") for p in verdict.problems[problems:]
-            ]
-            path.unlink()
+        for key, shards in listings:
+            seen = SeenIds()
+            for name, entry in {entry["file"]: entry for entry in shards}.items():
+                shard = await bucket.get(name)
+                if shard is None:
+                    verdict.problems.append(f"{where}/{name}: listed in the manifest but missing")
+                    continue
+                path = Path(tmp) / name.replace("/", "_")
+                path.write_bytes(shard[0])  # one shard on disk at a time
+                problems = len(verdict.problems)
+                _check_shard(path, entry, seen, verdict, key=key)
+                verdict.problems[problems:] = [
+                    p.replace(str(path), f"{where}/{name}") for p in verdict.problems[problems:]
+                ]
+                path.unlink()
     for key, _ in await bucket.list("shards/"):
-        if key not in entries:
+        if key not in counts:
             verdict.notes.append(f"{where}/{key}: not in the manifest")
     for shard_file in sorted({key.split("/")[1] for key, _ in await bucket.list(PARTS)}):
         verdict.notes.append(

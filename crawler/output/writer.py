@@ -269,7 +269,12 @@ class Writer:
     async def _record(self, prepared: _Prepared, batch: Commit) -> None:
         finished = await self._store.commit(batch)
         self._count(prepared.changes)
-        if any(isinstance(e, ShardSealed) for e in batch.shards):
+        if any(isinstance(e, ShardSealed) for e in batch.shards) or (
+            # a bucket lists a sealed series shard at once, so its parts go; a folder's manifest
+            # lists it with the next reviews' seal or at the end, as it always has
+            self._publisher.puts_parts
+            and any(isinstance(e.event, ShardSealed) for e in batch.series_shards)
+        ):
             await self._write_manifest()
         for state in finished:
             if state.status is Status.DONE:  # failures were told as they happened
@@ -364,9 +369,13 @@ class Writer:
         Returns the shard events in the order they happened (each seal before the next open),
         and the segments written, for the publisher.
         """
-        series = [e for n, plan in prepared.series.items() for e in self._series[n].write(plan)]
-        events: list[ShardOpened | ShardSealed] = []
+        series: list[SeriesShard] = []
         segments: list[Segment] = []
+        for name, plan in prepared.series.items():
+            written, added = self._series[name].write(plan)
+            series += written
+            segments += added
+        events: list[ShardOpened | ShardSealed] = []
         for op in prepared.ops:
             if isinstance(op, ShardOpened):
                 events.append(op)
