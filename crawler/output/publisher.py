@@ -29,8 +29,6 @@ the one chain of parts from 0 to its committed length that its sha256 (sealed) o
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -42,6 +40,7 @@ import orjson
 from crawler import logs
 from crawler.errors import OutputError, StateError
 from crawler.output.bucket import Bucket
+from crawler.output.chains import PART, PARTS, committed_bytes, part_key, sha256_of
 from crawler.output.layout import (
     SERIES_PATTERN,
     SHARD_PATTERN,
@@ -51,20 +50,22 @@ from crawler.output.layout import (
     shard_sequence,
     write_atomically,
 )
-from crawler.output.shards import inflate, write_manifest
+from crawler.output.shards import write_manifest
 from crawler.state import ShardInfo
+
+__all__ = [
+    "MANIFEST",
+    "PARTS",
+    "BucketPublisher",
+    "FolderPublisher",
+    "Publisher",
+    "Segment",
+    "part_key",
+]
 
 log = logs.get_logger("crawler.writer")
 
 MANIFEST = "manifest.json"
-PARTS = "_parts/"
-_PART = re.compile(
-    r"_parts/(?P<file>[^/]+)/(?P<start>\d{15})-(?P<end>\d{15})\.(?P<token>[0-9a-f]{16})"
-)
-# chains of parts from 0 to a committed length looked at before giving up: a shard's parts are
-# one chain, plus at most a few a paused process put beside them
-_MAX_CHAINS = 64
-
 Listing = tuple[list[ShardInfo], list[ShardInfo]]
 
 
@@ -107,10 +108,6 @@ class FolderPublisher:
     ) -> None:
         # off the loop: its fsyncs must not hold up walkers, heartbeats and lease renewals
         await asyncio.to_thread(write_manifest, self._layout, sealed, open_shards, series)
-
-
-def part_key(file: str, start: int, end: int, token: str) -> str:
-    return f"{PARTS}{file}/{start:015d}-{end:015d}.{token}"
 
 
 class BucketPublisher:
@@ -197,7 +194,7 @@ class BucketPublisher:
         parts left are only the open shards', a few per worker, so one listing is cheap."""
         parts = await self.bucket.list(PARTS)
         await self.bucket.delete(
-            *(key for key, _ in parts if (part := _PART.fullmatch(key)) and part["file"] in listed)
+            *(key for key, _ in parts if (part := PART.fullmatch(key)) and part["file"] in listed)
         )
 
     async def listed(self) -> set[str]:
@@ -224,7 +221,7 @@ class BucketPublisher:
                 f"{self.bucket.url}/{PARTS}; the shard cannot be published"
             )
         # create-only: never replaced, whoever put it; its size alone could match other bytes
-        digest = await asyncio.to_thread(_sha256, found[0])
+        digest = await asyncio.to_thread(sha256_of, found[0])
         if digest != shard.sha256:
             raise StateError(
                 f"s3://{self.bucket.url.bucket}/{self.bucket.url.key(key)}: {len(found[0])} "
@@ -239,58 +236,13 @@ class BucketPublisher:
             data = path.read_bytes()
         except OSError:
             return None
-        return data if _sha256(data) == shard.sha256 else None
+        return data if sha256_of(data) == shard.sha256 else None
 
     async def committed(
-        self,
-        file: str,
-        length: int,
-        *,
-        sha256: str | None = None,
-        records: int | None = None,
+        self, file: str, length: int, *, sha256: str | None = None, records: int | None = None
     ) -> bytes | None:
-        """A shard's first ``length`` bytes from its parts, end to end; None if no chain of
-        parts reaches it exactly. Parts of several processes may overlap (a paused earlier
-        incarnation's beside the committed ones): the chains are told apart by ``sha256`` (a
-        sealed shard's) and ``records`` (the committed count); if more than one remains, the
-        run stops rather than guess (``StateError``)."""
-        spans: dict[int, list[tuple[int, str]]] = {}
-        for key, size in await self.bucket.list(f"{PARTS}{file}/"):
-            part = _PART.fullmatch(key)
-            if part is None:
-                continue
-            start, end = int(part["start"]), int(part["end"])
-            if end <= length and end > start and size == end - start:
-                spans.setdefault(start, []).append((end, key))
-        chains = _chains(spans, length)
-        if chains is None:
-            raise StateError(self._ambiguous(file, length, f"more than {_MAX_CHAINS}"))
-        bodies: dict[str, bytes] = {}
-        found: list[bytes] = []
-        for chain in chains:
-            for key in chain:
-                if key not in bodies:
-                    got = await self.bucket.get(key)
-                    bodies[key] = got[0] if got is not None else b""
-            data = b"".join(bodies[key] for key in chain)
-            if len(data) != length:
-                continue  # a part deleted meanwhile (its shard listed by another worker)
-            if (sha256 is not None or records is not None) and not await asyncio.to_thread(
-                _fits, file, data, sha256, records
-            ):
-                continue
-            found.append(data)
-        if len(set(found)) > 1:
-            raise StateError(self._ambiguous(file, length, str(len(found))))
-        return found[0] if found else None
-
-    def _ambiguous(self, file: str, length: int, chains: str) -> str:
-        return (
-            f"{file}: {chains} chains of parts under {self.bucket.url}/{PARTS}{file}/ reach its "
-            f"committed {length:,} bytes and fit what the state recorded; which one it "
-            "committed cannot be told, so the run stops rather than guess: keep those parts "
-            "and report this"
-        )
+        """A shard's first ``length`` bytes from its parts (``chains.committed_bytes``)."""
+        return await committed_bytes(self.bucket, file, length, sha256=sha256, records=records)
 
     async def fetch(
         self, file: str, length: int, *, sha256: str | None = None, records: int | None = None
@@ -310,7 +262,7 @@ class BucketPublisher:
         products over."""
         stale = []
         for key, _ in await self.bucket.list(PARTS):
-            part = _PART.fullmatch(key)
+            part = PART.fullmatch(key)
             file = part["file"] if part else ""
             if (
                 SHARD_PATTERN.fullmatch(file)
@@ -366,7 +318,7 @@ class BucketPublisher:
             tails.append(replace(open_shard, bytes=committed))
         stale: list[str] = []
         for key, _ in await self.bucket.list(PARTS):
-            part = _PART.fullmatch(key)
+            part = PART.fullmatch(key)
             if part is None:
                 continue
             file, start = part["file"], int(part["start"])
@@ -418,38 +370,6 @@ def _ours(file: str, owner: str | None, *, series: bool) -> bool:
     if SHARD_PATTERN.fullmatch(file):
         return shard_owner(file) == owner
     return series and SERIES_PATTERN.fullmatch(file) is not None and series_owner(file) == owner
-
-
-def _chains(spans: dict[int, list[tuple[int, str]]], length: int) -> list[list[str]] | None:
-    """Every chain of parts from 0 ending exactly at ``length`` (keys in order); None when
-    there are more than ``_MAX_CHAINS``."""
-    chains: list[list[str]] = []
-    stack: list[tuple[int, list[str]]] = [(0, [])]
-    while stack:
-        at, keys = stack.pop()
-        if at == length:
-            chains.append(keys)
-            if len(chains) > _MAX_CHAINS:
-                return None
-            continue
-        stack += [(end, [*keys, key]) for end, key in spans.get(at, [])]
-    return chains
-
-
-def _fits(file: str, data: bytes, sha256: str | None, records: int | None) -> bool:
-    """Whether a chain's bytes are what the state recorded: its sha256, its record count."""
-    if sha256 is not None and _sha256(data) != sha256:
-        return False
-    if records is None:
-        return True
-    try:
-        return inflate(file, data).count(b"\n") == records
-    except Exception:  # gzip, zlib or zstd errors: a chain of mixed members, not the shard
-        return False
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _listing() -> dict[str, Any]:
