@@ -18,7 +18,6 @@ from crawler.config import Job
 from crawler.errors import (
     AuthError,
     ComeBackLater,
-    ConfigError,
     OutputError,
     RunStopped,
     WrongEndpoint,
@@ -72,11 +71,6 @@ async def run_job(
     written, CoordinationError when Redis is gone too long; every other stop is in the result.
     """
     api_key = job.api_key(environ)
-    if job.sources and job.output.bucket is not None and job.coordination is not None:
-        raise ConfigError(
-            f"{job.path}: sources: a coordinated job does not write them to a bucket yet; "
-            "give output.dir a folder, or run the job as one process (no coordination)"
-        )
     layout = Layout(job.output.dir)
     output = {
         "shard_max_records": job.output.shard_max_records,
@@ -141,8 +135,8 @@ async def _run(job: Job, layout: Layout, parts: Parts, options: _Options) -> Run
             store.open_shard,
             store.position.shard_bytes,
             owner=parts.owner,
-            # one process only: run_job refuses a coordinated job's sources with a bucket
-            series=await store.series_manifest() if parts.owner is None else None,
+            # every worker's series shards: this worker's own are recovered, as its reviews'
+            series=await store.series_manifest(),
         )
     found = recover(
         layout,

@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,8 +42,11 @@ class Shared(Protocol):
         not to be had."""
         ...
 
-    async def drop_strays(self, owner: str, known: set[str], first_unknown: int) -> None:
-        """``owner``'s parts of shards no commit recorded (numbered ``first_unknown`` on)."""
+    async def drop_strays(
+        self, owner: str, known: set[str], first_unknown: int, series: Mapping[str, int]
+    ) -> None:
+        """``owner``'s parts of shards no commit recorded (its reviews' numbered
+        ``first_unknown`` on, a series' ``series[<name>]`` on)."""
         ...
 
 
@@ -68,7 +72,7 @@ async def adopt_orphans(
             if not layout.shard(file).exists():
                 if shared is None or not record:
                     continue  # its open shard is on another machine's disk
-                if not await _fetched(link, prefix, shared, file, record):
+                if not await fetched(link, prefix + "shards", shared, file, record):
                     continue  # sealed by another worker meanwhile, or committed to again
             try:  # off the event loop: a shard can be large, and the leases must be renewed
                 copy, doc = await asyncio.to_thread(
@@ -93,25 +97,27 @@ async def adopt_orphans(
         known |= set(await link.call(partial(link.redis.hkeys, prefix + "sshards")))
         await asyncio.to_thread(_remove_strays, layout, here, known, state)
         if shared is not None:
-            await shared.drop_strays(worker, known, int(state.get("next_shard", "1")))
+            opened = {f[3:]: int(v) for f, v in state.items() if f.startswith("sn:")}
+            await shared.drop_strays(worker, known, int(state.get("next_shard", "1")), opened)
         retired.append(worker)
     return retired
 
 
-async def _fetched(link: Link, prefix: str, shared: Shared, file: str, record: str) -> bool:
-    """A dead worker's open shard fetched from the bucket; False when its record changed
+async def fetched(link: Link, shards: str, shared: Shared, file: str, record: str) -> bool:
+    """An open shard whose file is not here (a dead worker's, a reviews or a series shard,
+    recorded in the hash ``shards``) fetched from the bucket; False when its record changed
     meanwhile (another worker sealed it and dropped its parts, or it came back and committed).
     Its committed parts not to be had otherwise stop this worker: skipping the shard would
-    leave its committed reviews out of the output, silently."""
+    leave its committed records out of the output, silently."""
     doc = orjson.loads(record)
     if await shared.fetch(file, doc["bytes"], records=doc["records"]):
         return True
-    if await link.call(partial(link.redis.hget, prefix + "shards", file)) != record:
+    if await link.call(partial(link.redis.hget, shards, file)) != record:
         return False
     raise StateError(
-        f"{file}: a dead worker's open shard ({doc['records']:,} reviews, {doc['bytes']:,} "
+        f"{file}: a dead worker's open shard ({doc['records']:,} records, {doc['bytes']:,} "
         "bytes committed) is not whole in the bucket's parts; it cannot be sealed, and going "
-        "on would leave its reviews out"
+        "on would leave its records out"
     )
 
 

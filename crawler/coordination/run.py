@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from crawler import logs
+from crawler.coordination import sealing
 from crawler.coordination import sources as found_by
 from crawler.coordination.leases import release_product
 from crawler.coordination.orphans import adopt_orphans
@@ -183,7 +184,7 @@ async def _seal_orphans_here(store: RedisStore) -> None:
 
 async def _adopt(store: RedisStore) -> None:
     await adopt_orphans(store.link, store._p, store.layout, store._dead_ms, store._shared)
-    await found_by.seal_orphans(store)
+    await sealing.seal_orphans(store)
 
 
 async def _silent_with_shards_here(store: RedisStore) -> bool:
@@ -196,18 +197,23 @@ async def _silent_with_shards_here(store: RedisStore) -> bool:
     for worker, beat in beats:
         if worker == store.worker or now - beat < store._lease_ms / 2:
             continue
-        ended = await store.link.call(partial(redis.hget, store.key(f"w:{worker}"), "ended"))
-        if ended == "1":
+        state = await store.link.call(partial(redis.hgetall, store.key(f"w:{worker}")))
+        if store._shared is not None and _open_in_reach(state):
+            return True  # a bucket: its open shards are in reach, wherever it ran
+        if state.get("ended") == "1":
             continue
-        if store._shared is not None:  # a bucket: its open shard is in reach, wherever it ran
-            shard = await store.link.call(
-                partial(redis.hget, store.key(f"w:{worker}"), "open_shard")
-            )
-            if shard:
-                return True
         if await asyncio.to_thread(_has_files, store.layout, worker):
             return True
     return False
+
+
+def _open_in_reach(state: dict[str, str]) -> bool:
+    """A silent worker's open shard, or a retired one's open series shard (sealed after its
+    adoption: ``sealing.seal_orphans``)."""
+    alive = state.get("ended") != "1"
+    return (alive and bool(state.get("open_shard"))) or any(
+        value for field, value in state.items() if field.startswith("so:")
+    )
 
 
 def _has_files(layout: Layout, worker: str) -> bool:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from crawler import logs
-from crawler.coordination.orphans import install, seal_copy
 from crawler.coordination.writes import Writes, doc_of, parse_doc
 from crawler.output.layout import series_sequence
 from crawler.sources import Source, SourceTarget
@@ -297,66 +295,6 @@ async def series_manifest(
 
 def _info(doc: dict[str, Any]) -> ShardInfo:
     return ShardInfo(doc["file"], doc["records"], doc["bytes"], doc["sha256"])
-
-
-# -- sealing: a series shard an earlier incarnation or a dead worker left open -----------------
-
-
-async def seal_mine(store: RedisStore) -> None:
-    """A new incarnation never appends to a series file an earlier one had open (it may be only
-    paused): each is sealed at its committed length, as the reviews' open shard is."""
-    redis = store.link.redis
-    mine = await store.link.call(lambda: redis.hgetall(store.worker_key))
-    for field, file in sorted(mine.items()):
-        if field.startswith("so:") and file:
-            await _seal(store, store.worker, field[3:], file, fenced=True)
-
-
-async def seal_orphans(store: RedisStore) -> None:
-    """The open series shards of workers retired for dead (``ended`` by an adoption), whose
-    files are here, sealed at their committed lengths; their uncommitted new files removed."""
-    redis = store.link.redis
-    docs = await store.link.call(lambda: redis.hgetall(store.key("sshards")))
-    for file, raw in sorted(docs.items()):
-        doc = orjson.loads(raw)
-        worker = doc["worker"]
-        if doc["sha256"] is not None or worker == store.worker:
-            continue
-        state = await store.link.call(partial(redis.hgetall, store.key(f"w:{worker}")))
-        if state.get("ended") != "1" or state.get(f"so:{doc['series']}") != file:
-            continue  # alive (or back: it seals its own), or sealed already
-        await _seal(store, worker, doc["series"], file, fenced=False, inc=state.get("inc"))
-
-
-async def _seal(
-    store: RedisStore, worker: str, series: str, file: str, *, fenced: bool, inc: str | None = None
-) -> None:
-    redis, shards = store.link.redis, store.key("sshards")
-    record = await store.link.call(lambda: redis.hget(shards, file))
-    path = store.layout.shard(file)
-    if record is None or not await asyncio.to_thread(path.exists):
-        return  # on another machine's disk: that machine's to seal
-    doc = orjson.loads(record)
-    owner = store.key(f"w:{worker}")
-    writes = Writes()
-    writes.check(shards, file, record)  # nothing committed to it since it was read
-    writes.check(owner, f"so:{series}", file)
-    if inc is not None:
-        writes.check(owner, "inc", inc)  # not started again meanwhile
-    writes.op("HSET", owner, f"so:{series}", "")
-    if doc["records"] == 0:  # opened, nothing committed: nothing to keep (the file first)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        writes.op("HDEL", shards, file)
-        writes.op("ZREM", store.key("sshardorder"), file)
-        await store.apply(writes, fenced=fenced)
-        return
-    copy, sealed = await asyncio.to_thread(seal_copy, path, doc)
-    writes.op("HSET", shards, file, orjson.dumps(sealed).decode())
-    if (await store.apply(writes, fenced=fenced))[0] != "ok":
-        await asyncio.to_thread(copy.unlink, missing_ok=True)
-        return
-    await asyncio.to_thread(install, copy, path, store.layout)
-    log.info("sealed a series shard left open", shard=file, worker=worker)
 
 
 # -- status -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from crawler.coordination import commits, credit, leases, opening, run
+from crawler.coordination import commits, credit, leases, opening, run, sealing
 from crawler.coordination import sources as found_by
 from crawler.coordination.leases import Lease
 from crawler.coordination.link import Link
@@ -157,7 +157,7 @@ class RedisStore:
         await opening.register_worker(store)
         await credit.forfeit(store, store._w)
         await opening.seal_my_open_shard(store)
-        await found_by.seal_mine(store)
+        await sealing.seal_mine(store)
         store.series_states = await found_by.load_series(store)
         await store.refresh_view()
         return store

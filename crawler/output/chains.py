@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections.abc import Mapping
 
 from crawler.errors import StateError
 from crawler.output.bucket import Bucket
+from crawler.output.layout import SERIES_PATTERN, SHARD_PATTERN
 from crawler.output.shards import inflate
 
 PARTS = "_parts/"
@@ -29,6 +31,24 @@ MAX_CHAINS = 64
 
 def part_key(file: str, start: int, end: int, token: str) -> str:
     return f"{PARTS}{file}/{start:015d}-{end:015d}.{token}"
+
+
+def is_stray(
+    file: str, owner: str, known: set[str], first_unknown: int, series: Mapping[str, int]
+) -> bool:
+    """Whether a part's shard is one of ``owner``'s that no commit recorded: not ``known``,
+    and numbered past what its commits opened (its reviews shards from ``first_unknown``, a
+    series' from ``series[<name>]``, from 1 when it opened none of that series)."""
+    if file in known:
+        return False
+    if (review := SHARD_PATTERN.fullmatch(file)) is not None:
+        return review["worker"] == owner and int(review["seq"]) >= first_unknown
+    found = SERIES_PATTERN.fullmatch(file)
+    return (
+        found is not None
+        and found["worker"] == owner
+        and int(found["seq"]) >= series.get(found["series"], 1)
+    )
 
 
 async def committed_bytes(

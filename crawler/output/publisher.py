@@ -16,8 +16,9 @@ working folder first; then, for each batch:
    again on a 412. Entries are only ever added, so two writers cannot undo each other;
 4. the parts of the listed shards are deleted (those a killed writer left too).
 
-A one-process job's source series (``shop_products-000001.jsonl``) go the same way, listed
-under the manifest's ``series`` by name. A reader of the manifest reads sealed objects only: an
+A job's source series (``shop_products-000001.jsonl``; a coordinated worker's
+``shop_products-<worker>-000001.jsonl``) go the same way, listed under the manifest's ``series``
+by name. A reader of the manifest reads sealed objects only: an
 open shard is not listed. Parts that start at or past the committed length (a batch whose commit
 a crash cut off) are deleted at the next start, before any new part is put; parts at or below it
 never are while the state records the shard. A paused process of an earlier incarnation may
@@ -40,14 +41,13 @@ import orjson
 from crawler import logs
 from crawler.errors import OutputError, StateError
 from crawler.output.bucket import Bucket
-from crawler.output.chains import PART, PARTS, committed_bytes, part_key, sha256_of
+from crawler.output.chains import PART, PARTS, committed_bytes, is_stray, part_key, sha256_of
 from crawler.output.layout import (
     SERIES_PATTERN,
     SHARD_PATTERN,
     Layout,
     series_owner,
     shard_owner,
-    shard_sequence,
     write_atomically,
 )
 from crawler.output.shards import write_manifest
@@ -256,21 +256,18 @@ class BucketPublisher:
         log.warning("fetched a shard's committed part from the bucket", shard=file, bytes=length)
         return True
 
-    async def drop_strays(self, owner: str, known: set[str], first_unknown: int) -> None:
+    async def drop_strays(
+        self, owner: str, known: set[str], first_unknown: int, series: Mapping[str, int]
+    ) -> None:
         """A retired worker's parts of shards no commit recorded (a batch's new shard whose
-        commit a kill cut off): never listed, their reviews walked again by whoever took its
-        products over."""
-        stale = []
-        for key, _ in await self.bucket.list(PARTS):
-            part = PART.fullmatch(key)
-            file = part["file"] if part else ""
-            if (
-                SHARD_PATTERN.fullmatch(file)
-                and shard_owner(file) == owner
-                and file not in known
-                and shard_sequence(file) >= first_unknown
-            ):
-                stale.append(key)
+        commit a kill cut off), its reviews' and its series' (``chains.is_stray``): never
+        listed, their reviews or items walked again by whoever took its work over."""
+        stale = [
+            key
+            for key, _ in await self.bucket.list(PARTS)
+            if (part := PART.fullmatch(key))
+            and is_stray(part["file"], owner, known, first_unknown, series)
+        ]
         await self.bucket.delete(*stale)
 
     def _write_shard(self, file: str, data: bytes) -> None:
@@ -297,9 +294,8 @@ class BucketPublisher:
         state before it is listed, so none listed meanwhile looks foreign); ``sealed`` and
         ``opened``: every shard of the job the state records, with its committed length;
         ``owner``: this worker's series only; ``series``: the source endpoints' shards as the
-        state lists them (``series_manifest``), recovered as the reviews' are; None: a worker
-        of a coordinated job, whose series are not in a bucket."""
-        # one process: its series' parts are its own, whether or not a commit made the series
+        state lists them (``series_manifest``, every worker's), this worker's recovered as its
+        reviews' are; None: the reviews' alone."""
         with_series, series = series is not None, series or {}
         known = {s.file for s in sealed} | {s.file for done, _ in series.values() for s in done}
         if stranger := sorted(listed - known):
@@ -312,7 +308,8 @@ class BucketPublisher:
         tails: list[ShardInfo] = []  # open shards as committed: length and records
         for done, open_series in series.values():
             lengths |= {s.file: s.bytes for s in (*done, *open_series)}
-            tails += open_series
+            # a coordinated worker's own (another's open shard is its own to finish)
+            tails += [s for s in open_series if series_owner(s.file) == owner]
         if open_shard is not None:
             lengths[open_shard.file] = max(committed, lengths.get(open_shard.file, 0))
             tails.append(replace(open_shard, bytes=committed))
