@@ -841,13 +841,106 @@ async def test_sigkill_of_a_sources_job_then_a_rerun_is_exact(tmp_path, sandbox,
     await _verify(job, s3_server.env())
 
 
-async def test_a_coordinated_sources_job_into_a_bucket_is_refused(tmp_path, sandbox, s3_server):
-    async with sandbox() as (base, _):
-        job = _sources_job(tmp_path, base, _url())
-        doc = yaml.safe_load(job.read_text())
-        doc["coordination"] = {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}
-        job.write_text(yaml.safe_dump(doc, sort_keys=False))
-        status, stderr = await _run(job, s3_server.env())
-    assert status == 2, stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
-    assert "a coordinated job does not write them to a bucket yet" in stderr
+def _coordinated_sources_job(folder: Path, base: str, url: str, redis_url: str) -> Path:
+    """``_sources_job`` worked by several processes through Redis."""
+    job = _sources_job(folder, base, url, concurrency=4)
+    doc = yaml.safe_load(job.read_text())
+    doc["coordination"] = {"redis_url": redis_url, "lease_seconds": 2, "unavailable_seconds": 30}
+    job.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return job
+
+
+def _committed_open_series(server: RedisServer, worker: str | None = None) -> tuple[str, str]:
+    """A worker's open series shard whose committed part some commit counted: (worker, file),
+    or ('', '') while there is none (``worker``: that worker's only)."""
+    import redis  # noqa: PLC0415 -- as the crawler does: only here
+
+    client: Any = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        for file, raw in sorted(client.hgetall("crawler:job:sshards").items()):
+            doc = orjson.loads(raw)
+            owner = doc["worker"]
+            if doc["sha256"] is not None or not doc["bytes"] or worker not in (None, owner):
+                continue
+            if client.hget(f"crawler:job:w:{owner}", f"so:{doc['series']}") == file:
+                return owner, file
+        return "", ""
+    finally:
+        client.close()
+
+
+async def _until_committed_open_series(
+    server: RedisServer, worker: str | None = None
+) -> tuple[str, str]:
+    async with asyncio.timeout(60):
+        while not (found := await asyncio.to_thread(_committed_open_series, server, worker))[0]:  # noqa: ASYNC110 -- another process's progress
+            await asyncio.sleep(0.01)
+    return found
+
+
+async def test_three_workers_of_a_sources_job_into_one_bucket_one_lost_with_its_files(
+    tmp_path, sandbox, s3_server, redis_server
+):
+    """A coordinated sources job: a worker SIGKILLed while its series shard is open with
+    committed items, and its machine's files gone; the others fetch that shard's committed part
+    from the bucket, seal it, walk on; every item and every review once, nothing left open."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    env = s3_server.env()
+    async with sandbox(latency=(0.005, 0.02)) as (base, box):
+        job = _coordinated_sources_job(tmp_path, base, url, redis_server.url)
+        running = {w: await _start_worker(job, w, env) for w in ("w1", "w2", "w3")}
+        victim, open_file = await _until_committed_open_series(redis_server)
+        running[victim].send_signal(signal.SIGKILL)
+        await running[victim].wait()
+        assert running[victim].returncode == -signal.SIGKILL, "it had ended already"
+        assert [k for k, _ in await bucket.list(PARTS) if f"/{open_file}/" in k]
+        work = Layout(load_job(job).output.dir)
+        lost = await asyncio.to_thread(work.owned_files, victim)
+        assert work.shard(open_file) in lost
+        for path in lost:  # its machine is gone: nothing of it on any disk
+            path.unlink()
+        said = ""
+        for worker, process in running.items():
+            if worker != victim:
+                _, stderr = await asyncio.wait_for(process.communicate(), 120)
+                assert process.returncode == 0, stderr.decode()
+                said += stderr.decode()
+        # its open series shard came from the bucket (its file was gone), then was sealed
+        fetched = [line for line in said.splitlines() if "fetched a shard's committed" in line]
+        assert any(open_file in line for line in fetched), said
+        manifest = await _check_sources_bucket(bucket, tmp_path, box)
+    listed = {e["file"] for one in manifest["series"].values() for e in one["shards"]}
+    assert f"shards/{open_file}" in listed
+    await _verify(job, env)
+
+
+async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_from_the_bucket(
+    tmp_path, sandbox, s3_server, redis_server
+):
+    """A coordinated sources job's only worker killed with an open series shard, its files
+    gone, started again under its name: it fetches that shard from the bucket and seals it,
+    drops the parts no commit counted, and the job ends exact."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    env = s3_server.env()
+    async with sandbox(latency=(0.005, 0.02)) as (base, box):
+        job = _coordinated_sources_job(tmp_path, base, url, redis_server.url)
+        first = await _start_worker(job, "w1", env)
+        _, open_file = await _until_committed_open_series(redis_server, "w1")
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        assert first.returncode == -signal.SIGKILL, "it had ended already"
+        work = Layout(load_job(job).output.dir)
+        for path in [*work.shard_files(), *work.series_files(None)]:
+            path.unlink()
+        again = await _start_worker(job, "w1", env)
+        _, stderr = await asyncio.wait_for(again.communicate(), 120)
+        said = stderr.decode()
+        assert again.returncode == 0, said
+        fetched = [line for line in said.splitlines() if "fetched a shard's committed" in line]
+        assert any(open_file in line for line in fetched), said
+        manifest = await _check_sources_bucket(bucket, tmp_path, box)
+    listed = {e["file"] for one in manifest["series"].values() for e in one["shards"]}
+    assert f"shards/{open_file}" in listed
+    await _verify(job, env)
