@@ -20,6 +20,7 @@ import yaml
 from crawler import load_job
 from crawler.errors import ConfigError, OutputError, StateError
 from crawler.output.bucket import Bucket, BucketUrl, _short
+from crawler.output.chains import is_stray
 from crawler.output.layout import Layout
 from crawler.output.publisher import MANIFEST, PARTS, BucketPublisher, Segment, part_key
 from crawler.output.shards import read_lines
@@ -944,3 +945,22 @@ async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_
     listed = {e["file"] for one in manifest["series"].values() for e in one["shards"]}
     assert f"shards/{open_file}" in listed
     await _verify(job, env)
+
+
+def test_a_retired_workers_stray_parts_are_its_shards_no_commit_opened():
+    """``drop_strays``' choice: the worker's own shards, reviews' or a series', unknown to the
+    state and numbered past what its commits opened; a series it opened none of, from 1."""
+    known = {"reviews-w2-000003.jsonl", "shop_products-w2-000002.jsonl"}
+    opened = {"shop_products": 3}
+
+    def stray(file: str) -> bool:
+        return is_stray(file, "w2", known, 4, opened)
+
+    assert stray("reviews-w2-000004.jsonl.gz") and stray("shop_products-w2-000003.jsonl")
+    assert stray("category_top-w2-000001.jsonl")  # no commit opened any of that series
+    assert not stray("reviews-w2-000003.jsonl")  # known
+    assert not stray("shop_products-w2-000002.jsonl")  # known
+    assert not stray("reviews-w2-000002.jsonl")  # committed, then sealed and listed
+    assert not stray("shop_products-w2-000001.jsonl")  # likewise
+    assert not stray("reviews-w1-000009.jsonl") and not stray("shop_products-w1-000009.jsonl")
+    assert not stray("shop_products-000009.jsonl")  # a one-process job's
