@@ -103,7 +103,14 @@ async def adopt_orphans(
     return retired
 
 
-async def fetched(link: Link, shards: str, shared: Shared, file: str, record: str) -> bool:
+async def fetched(  # noqa: PLR0917 -- the shard, its record, and where both are
+    link: Link,
+    shards: str,
+    shared: Shared,
+    file: str,
+    record: str,
+    whose: str = "a dead worker's open shard",
+) -> bool:
     """An open shard whose file is not here (a dead worker's, a reviews or a series shard,
     recorded in the hash ``shards``) fetched from the bucket; False when its record changed
     meanwhile (another worker sealed it and dropped its parts, or it came back and committed).
@@ -115,7 +122,7 @@ async def fetched(link: Link, shards: str, shared: Shared, file: str, record: st
     if await link.call(partial(link.redis.hget, shards, file)) != record:
         return False
     raise StateError(
-        f"{file}: a dead worker's open shard ({doc['records']:,} records, {doc['bytes']:,} "
+        f"{file}: {whose} ({doc['records']:,} records, {doc['bytes']:,} "
         "bytes committed) is not whole in the bucket's parts; it cannot be sealed, and going "
         "on would leave its records out"
     )

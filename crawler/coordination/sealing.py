@@ -61,7 +61,14 @@ async def _seal(
         return
     doc = orjson.loads(record)
     path = store.layout.shard(file)
-    if not await asyncio.to_thread(path.exists) and not await _in_reach(store, file, record, doc):
+    whose = (
+        f"the series shard an earlier run of worker {worker} left open"
+        if fenced
+        else "a dead worker's open series shard"
+    )
+    if not await asyncio.to_thread(path.exists) and not await _in_reach(
+        store, file, record, doc, whose
+    ):
         return  # on another machine's disk: that machine's to seal
     owner = store.key(f"w:{worker}")
     writes = Writes()
@@ -85,7 +92,9 @@ async def _seal(
     log.info("sealed a series shard left open", shard=file, worker=worker)
 
 
-async def _in_reach(store: RedisStore, file: str, record: str, doc: dict[str, Any]) -> bool:
+async def _in_reach(
+    store: RedisStore, file: str, record: str, doc: dict[str, Any], whose: str
+) -> bool:
     """A shard whose file is not here, made so with a bucket: its committed part fetched from
     its parts (nothing to fetch when nothing was committed to it); False without a bucket, or
     when its record changed meanwhile (``orphans.fetched``, which stops the run when the parts
@@ -95,4 +104,4 @@ async def _in_reach(store: RedisStore, file: str, record: str, doc: dict[str, An
         return False
     if doc["records"] == 0:
         return True
-    return await fetched(store.link, store.key("sshards"), shared, file, record)
+    return await fetched(store.link, store.key("sshards"), shared, file, record, whose)
