@@ -947,6 +947,35 @@ async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_
     await _verify(job, env)
 
 
+async def test_a_dead_workers_open_series_shard_lost_everywhere_stops_the_adopter(
+    tmp_path, sandbox, s3_server, redis_server
+):
+    """A dead worker's series files gone and the parts of its series too: the worker that
+    would seal its open series shard stops with an error naming it, rather than skip it."""
+    url = _url()
+    bucket = _bucket(s3_server, url)
+    env = s3_server.env()
+    async with sandbox(latency=(0.005, 0.02)) as (base, _):
+        job = _coordinated_sources_job(tmp_path, base, url, redis_server.url)
+        running = {w: await _start_worker(job, w, env) for w in ("w1", "w2")}
+        victim, open_file = await _until_committed_open_series(redis_server)
+        running[victim].send_signal(signal.SIGKILL)
+        await running[victim].wait()
+        assert running[victim].returncode == -signal.SIGKILL, "it had ended already"
+        for path in Layout(load_job(job).output.dir).owned_files(victim):
+            path.unlink()
+        series = open_file.split("-")[0]
+        await bucket.delete(
+            *[k for k, _ in await bucket.list(PARTS) if f"/{series}-{victim}-" in k]
+        )
+        (other,) = (p for w, p in running.items() if w != victim)
+        _, stderr = await asyncio.wait_for(other.communicate(), 120)
+    said = stderr.decode()
+    assert other.returncode == 2, said
+    assert f"{open_file}: a dead worker's open series shard" in said, said
+    assert "cannot be sealed" in said
+
+
 def test_a_retired_workers_stray_parts_are_its_shards_no_commit_opened():
     """``drop_strays``' choice: the worker's own shards, reviews' or a series', unknown to the
     state and numbered past what its commits opened; a series it opened none of, from 1."""
