@@ -852,8 +852,11 @@ def _coordinated_sources_job(folder: Path, base: str, url: str, redis_url: str) 
 
 
 def _committed_open_series(server: RedisServer, worker: str | None = None) -> tuple[str, str]:
-    """A worker's open series shard whose committed part some commit counted: (worker, file),
-    or ('', '') while there is none (``worker``: that worker's only)."""
+    """A worker's open ``category_top`` shard whose committed part some commit counted:
+    (worker, file), or ('', '') while there is none (``worker``: that worker's only). Its 3
+    items fit one shard (5 records): open with them until its worker's run ends, so it is
+    still open when the worker is killed a moment later (a ``shop_products`` shard could fill
+    and be sealed meanwhile)."""
     import redis  # noqa: PLC0415 -- as the crawler does: only here
 
     client: Any = redis.Redis(port=server.port, decode_responses=True)
@@ -862,6 +865,8 @@ def _committed_open_series(server: RedisServer, worker: str | None = None) -> tu
             doc = orjson.loads(raw)
             owner = doc["worker"]
             if doc["sha256"] is not None or not doc["bytes"] or worker not in (None, owner):
+                continue
+            if doc["series"] != "category_top":
                 continue
             if client.hget(f"crawler:job:w:{owner}", f"so:{doc['series']}") == file:
                 return owner, file
@@ -895,6 +900,7 @@ async def test_three_workers_of_a_sources_job_into_one_bucket_one_lost_with_its_
         running[victim].send_signal(signal.SIGKILL)
         await running[victim].wait()
         assert running[victim].returncode == -signal.SIGKILL, "it had ended already"
+        assert _committed_open_series(redis_server, victim) == (victim, open_file)
         assert [k for k, _ in await bucket.list(PARTS) if f"/{open_file}/" in k]
         work = Layout(load_job(job).output.dir)
         lost = await asyncio.to_thread(work.owned_files, victim)
@@ -932,6 +938,7 @@ async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_
         first.send_signal(signal.SIGKILL)
         await first.wait()
         assert first.returncode == -signal.SIGKILL, "it had ended already"
+        assert _committed_open_series(redis_server, "w1") == ("w1", open_file)
         work = Layout(load_job(job).output.dir)
         for path in [*work.shard_files(), *work.series_files(None)]:
             path.unlink()
@@ -962,6 +969,7 @@ async def test_a_dead_workers_open_series_shard_lost_everywhere_stops_the_adopte
         running[victim].send_signal(signal.SIGKILL)
         await running[victim].wait()
         assert running[victim].returncode == -signal.SIGKILL, "it had ended already"
+        assert _committed_open_series(redis_server, victim) == (victim, open_file)
         for path in Layout(load_job(job).output.dir).owned_files(victim):
             path.unlink()
         series = open_file.split("-")[0]
