@@ -183,8 +183,11 @@ async def _seal_orphans_here(store: RedisStore) -> None:
 
 
 async def _adopt(store: RedisStore) -> None:
-    await adopt_orphans(store.link, store._p, store.layout, store._dead_ms, store._shared)
-    await sealing.seal_orphans(store)
+    """Dead workers' shards sealed here; never by two tasks of this process at once (the
+    heartbeat's and the end's): both would fetch one shard, into one temporary file."""
+    async with store._adopting:
+        await adopt_orphans(store.link, store._p, store.layout, store._dead_ms, store._shared)
+        await sealing.seal_orphans(store)
 
 
 async def _silent_with_shards_here(store: RedisStore) -> bool:

@@ -99,6 +99,8 @@ class RedisStore:
         self.series_states: dict[str, SeriesState] = {}  # this worker's series shards
         self._queue: list[Claimed] = []
         self._claiming = asyncio.Lock()
+        # one adoption at a time: the heartbeat's and the end's would fetch one shard twice
+        self._adopting = asyncio.Lock()
         self._next_id = 1
         self._drained = False
         self.retired = False
