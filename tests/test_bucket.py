@@ -914,12 +914,20 @@ async def test_three_workers_of_a_sources_job_into_one_bucket_one_lost_with_its_
                 assert process.returncode == 0, stderr.decode()
                 said += stderr.decode()
         # its open series shard came from the bucket (its file was gone), then was sealed
-        fetched = [line for line in said.splitlines() if "fetched a shard's committed" in line]
-        assert any(open_file in line for line in fetched), said
-        manifest = await _check_sources_bucket(bucket, tmp_path, box)
+        await _fetched_and_listed(said, open_file, bucket, tmp_path, box)
+    await _verify(job, env)
+
+
+async def _fetched_and_listed(
+    said: str, open_file: str, bucket: Bucket, tmp: Path, box: Sandbox
+) -> None:
+    """``open_file`` fetched from its parts (as the log says), sealed and listed under the
+    manifest's series; the bucket exact (``_check_sources_bucket``)."""
+    fetched = [line for line in said.splitlines() if "fetched a shard's committed" in line]
+    assert any(open_file in line for line in fetched), said
+    manifest = await _check_sources_bucket(bucket, tmp, box)
     listed = {e["file"] for one in manifest["series"].values() for e in one["shards"]}
     assert f"shards/{open_file}" in listed
-    await _verify(job, env)
 
 
 async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_from_the_bucket(
@@ -946,11 +954,7 @@ async def test_a_sources_worker_started_again_on_a_new_machine_seals_its_series_
         _, stderr = await asyncio.wait_for(again.communicate(), 120)
         said = stderr.decode()
         assert again.returncode == 0, said
-        fetched = [line for line in said.splitlines() if "fetched a shard's committed" in line]
-        assert any(open_file in line for line in fetched), said
-        manifest = await _check_sources_bucket(bucket, tmp_path, box)
-    listed = {e["file"] for one in manifest["series"].values() for e in one["shards"]}
-    assert f"shards/{open_file}" in listed
+        await _fetched_and_listed(said, open_file, bucket, tmp_path, box)
     await _verify(job, env)
 
 
